@@ -1,0 +1,274 @@
+"""The command line. Thin: each command parses options, calls one library function, prints the result.
+
+Library errors (KaggleRunnerError) become one-line messages and a non-zero exit; nothing here decides
+anything a test would need to reach through the CLI.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from kaggle_runner import __version__
+from kaggle_runner.errors import KaggleRunnerError, NotImplementedYet
+
+DEFAULT_CONFIG = "kaggle-runner.toml"
+
+
+def handle_errors(fn):
+    """Turn library errors into `Error: <one line>` and exit 1; Ctrl-C into a short note and exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KaggleRunnerError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted. The run's state is saved; `kaggle-runner watch RUN` picks it up.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def config_option(fn):
+    return click.option("-c", "--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+                        type=click.Path(dir_okay=False), help="The run configuration (TOML).")(fn)
+
+
+def set_option(fn):
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help="Override one configuration key, e.g. --set epochs=5 (repeatable).")(fn)
+
+
+def workspace_option(fn):
+    return click.option("--workspace", type=click.Path(file_okay=False), default=".kaggle-runner",
+                        show_default=True, envvar="KAGGLE_RUNNER_WORKSPACE",
+                        help="Where runs are recorded (SQLite) and the local emulator keeps its data.")(fn)
+
+
+def endpoint_options(fn):
+    fn = click.option("--endpoint", envvar="KAGGLE_RUNNER_API_ENDPOINT", metavar="URL",
+                      help="Talk to this Kaggle API host instead of api.kaggle.com (e.g. an emulator).")(fn)
+    return click.option("--local", is_flag=True,
+                        help="Use the local Kaggle emulator (started in the background on first use): "
+                             "no Kaggle account, kernels run on this machine's CPU.")(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kaggle-runner")
+def cli() -> None:
+    """Train small GPT models on Kaggle's free GPUs from your laptop.
+
+    kaggle-runner renders a self-contained training kernel, pushes it to Kaggle, follows it, and when
+    a session ends before training does, resumes it in a new session from the last checkpoint, until
+    the model is trained. Start with `kaggle-runner init --preset tiny` and
+    `kaggle-runner launch --local`.
+    """
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(["tiny", "seed"]), default="seed", show_default=True,
+              help="tiny: trains on a CPU in a minute; seed: the seed notebook's model on WikiText-103.")
+@click.option("-o", "--output", default=DEFAULT_CONFIG, show_default=True, type=click.Path(dir_okay=False),
+              help="Where to write the configuration.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@handle_errors
+def init(preset: str, output: str, force: bool) -> None:
+    """Write a commented kaggle-runner.toml from a preset."""
+    from kaggle_runner.workspace import write_preset
+
+    path = write_preset(preset, Path(output), force=force)
+    click.echo(f"Wrote {path} (preset {preset}). Next: kaggle-runner launch -c {path}"
+               + (" --local" if preset == "tiny" else ""))
+
+
+@cli.command()
+@config_option
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="The kernel folder to write (code file + kernel-metadata.json).")
+@click.option("--username", default=None, help="Kaggle user that owns the kernel [default: from credentials].")
+@set_option
+@handle_errors
+def render(config_path: str, out_dir: str, username: str | None, overrides: tuple[str, ...]) -> None:
+    """Validate the configuration and write the kernel folder, ready for `kaggle kernels push`."""
+    from kaggle_runner.workspace import render_to_folder
+
+    rendered = render_to_folder(config_path, out_dir, overrides, username)
+    click.echo(f"Wrote {rendered.code_file} and {rendered.metadata_file} (kernel {rendered.metadata['id']}).")
+
+
+@cli.command()
+@config_option
+@click.option("--name", help="A name for the run [default: the slug and a timestamp].")
+@set_option
+@click.option("--detach", is_flag=True, help="Return after the first push; follow later with `watch RUN`.")
+@endpoint_options
+@workspace_option
+@handle_errors
+def launch(config_path, name, overrides, detach, local, endpoint, workspace) -> None:
+    """Push the kernel and follow it until the model is trained, resuming across sessions."""
+    from kaggle_runner.launcher import launch as launch_run
+
+    launch_run(config_path, overrides=overrides, name=name, detach=detach, local=local, endpoint=endpoint,
+               workspace=workspace)
+
+
+@cli.command()
+@click.argument("run", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@workspace_option
+@handle_errors
+def status(run: str | None, as_json: bool, workspace: str) -> None:
+    """All runs as a table, or one run in detail."""
+    from kaggle_runner.launcher import run_status
+
+    result = run_status(workspace, run)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        from kaggle_runner.display import print_status
+
+        print_status(result)
+
+
+@cli.command()
+@click.argument("run")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
+              help="Where to put the outputs [default: outputs/RUN].")
+@workspace_option
+@handle_errors
+def fetch(run: str, out_dir: str | None, workspace: str) -> None:
+    """Download a run's outputs, verified against the kernel's checksums; resumable."""
+    from kaggle_runner.launcher import fetch_run
+
+    target = fetch_run(workspace, run, out_dir)
+    click.echo(f"Outputs of {run} are in {target}")
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--follow", "-f", is_flag=True, help="Stream the log of the running version until it ends.")
+@workspace_option
+@handle_errors
+def logs(run: str, follow: bool, workspace: str) -> None:
+    """Print the log of a run's current kernel version."""
+    from kaggle_runner.launcher import print_logs
+
+    print_logs(workspace, run, follow=follow)
+
+
+@cli.command()
+@click.argument("run")
+@workspace_option
+@handle_errors
+def cancel(run: str, workspace: str) -> None:
+    """Stop a run: cancel its running kernel version and end its chain."""
+    from kaggle_runner.launcher import cancel_run
+
+    click.echo(cancel_run(workspace, run))
+
+
+@cli.command()
+@click.argument("run")
+@workspace_option
+@handle_errors
+def watch(run: str, workspace: str) -> None:
+    """Follow a run and drive its resume chain (what launch does after its first push)."""
+    from kaggle_runner.launcher import watch_run
+
+    watch_run(workspace, run)
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--max-segments", type=int, help="Allow this many segments in all (raises the limit).")
+@workspace_option
+@handle_errors
+def resume(run: str, max_segments: int | None, workspace: str) -> None:
+    """Restart a stopped or failed chain from its newest checkpoint, then follow it."""
+    from kaggle_runner.launcher import resume_run
+
+    resume_run(workspace, run, max_segments=max_segments)
+
+
+@cli.command()
+@endpoint_options
+@workspace_option
+@handle_errors
+def quota(local: bool, endpoint: str | None, workspace: str) -> None:
+    """GPU hours used and left this week."""
+    from kaggle_runner.launcher import quota_summary
+
+    click.echo(quota_summary(workspace, local=local, endpoint=endpoint))
+
+
+@cli.group()
+def emulator() -> None:
+    """The local Kaggle emulator: Kaggle's API on this machine, running kernels for real on the CPU."""
+
+
+@emulator.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8555, show_default=True, type=int, help="Port; 0 picks a free one.")
+@click.option("--data-dir", default=".kaggle-runner/emulator", show_default=True,
+              type=click.Path(file_okay=False), help="Where kernels, datasets and outputs are kept.")
+@click.option("--username", default="local", show_default=True, help="The account the emulator accepts.")
+@click.option("--key", envvar="KAGGLE_RUNNER_EMULATOR_KEY", default="local-key",
+              help="The API key it accepts (or KAGGLE_RUNNER_EMULATOR_KEY).")
+@click.option("--session-limit", type=float, default=None,
+              help="Seconds a version may run when the push sets no timeout [default: 12 h].")
+@click.option("--dataset-delay", type=float, default=0.0, show_default=True,
+              help="Seconds before a new dataset version reports ready.")
+@handle_errors
+def emulator_serve(host, port, data_dir, username, key, session_limit, dataset_delay) -> None:
+    """Serve the emulator in the foreground until Ctrl-C."""
+    from kaggle_runner.emulator.server import serve_forever
+
+    serve_forever(host=host, port=port, data_dir=Path(data_dir), username=username, key=key,
+                  session_limit=session_limit, dataset_delay=dataset_delay)
+
+
+@emulator.command("stop")
+@workspace_option
+@handle_errors
+def emulator_stop(workspace: str) -> None:
+    """Stop the background emulator that --local started for this workspace."""
+    from kaggle_runner.local import stop_background_emulator
+
+    click.echo(stop_background_emulator(Path(workspace)))
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(["tiny", "seed"]), default="tiny", show_default=True)
+@config_option
+@set_option
+@click.option("--steps", default=20, show_default=True, type=int, help="Optimizer steps to time.")
+@click.option("--warmup", default=3, show_default=True, type=int, help="Steps before timing starts.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
+@handle_errors
+def bench(preset, config_path, overrides, steps, warmup, device, as_json) -> None:
+    """Time the kernel's own training step: tokens/s, step time, peak memory, MFU."""
+    from kaggle_runner.bench import run_benchmark
+
+    config = config_path if Path(config_path).exists() and config_path != DEFAULT_CONFIG else None
+    result = run_benchmark(preset=preset, config_path=config, overrides=overrides, steps=steps,
+                           warmup=warmup, device=device)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        from kaggle_runner.display import print_bench
+
+        print_bench(result)
+
+
+def main() -> None:
+    cli(prog_name="kaggle-runner")
+
+
+__all__ = ["cli", "main", "NotImplementedYet"]
