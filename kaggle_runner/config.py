@@ -1,0 +1,230 @@
+"""The run configuration: one flat set of keys, loaded from TOML sections, presets and --set overrides.
+
+Keys keep the seed notebook's names (``n_embd``, ``batch_size``, ``save_steps`` ...). TOML sections
+exist only for readability: every key is unique across them, so ``--set epochs=5`` needs no section.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from slugify import slugify
+
+from kaggle_runner.errors import KaggleRunnerError
+
+PRESETS = ("tiny", "seed")
+
+# Shapes the official client knows; retired ones still push but run on a replacement (kaggle 2.2.5).
+MACHINE_SHAPES = {"NvidiaTeslaT4"}
+RETIRED_MACHINE_SHAPES = {"NvidiaTeslaP100": "Kaggle runs it on NvidiaTeslaT4 instead."}
+
+
+class ConfigError(KaggleRunnerError):
+    """A configuration problem, phrased for the user: which key, what value, which rule."""
+
+
+class RunConfig(BaseModel):
+    """Every setting of a run. Defaults are the seed notebook's CONFIG."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # [model]
+    n_embd: int = Field(256, gt=0)
+    n_layer: int = Field(8, gt=0)
+    n_head: int = Field(8, gt=0)
+    max_length: int = Field(512, gt=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    # [training]
+    batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(8, gt=0)
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(200, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: int = Field(3, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    eval_steps: int = Field(500, gt=0)
+    eval_batches: int = Field(20, gt=0)
+    log_steps: int = Field(50, gt=0)
+    seed: int = 42
+    compile: Literal["auto", "on", "off"] = "auto"
+
+    # [checkpoints]
+    save_steps: int = Field(1000, gt=0)
+    max_checkpoints: int = Field(4, ge=1)
+    resume_from_checkpoint: str | None = None
+
+    # [data]
+    dataset: Literal["wikitext-103", "stdlib-docs", "text-files"] = "wikitext-103"
+    text_files_path: str | None = None
+    tokenizer: Literal["gpt2", "bpe"] = "gpt2"
+    bpe_vocab_size: int = Field(8192, ge=256)
+    sample_prompt: str = "The history of"
+    sample_tokens: int = Field(60, ge=0)
+
+    # [kaggle]
+    slug: str = "kaggle-runner-gpt"
+    title: str = "Kaggle Runner GPT"
+    machine_shape: str = "NvidiaTeslaT4"
+    enable_internet: bool = True
+    is_private: bool = True
+    kernel_type: Literal["script", "notebook"] = "script"
+    session_timeout_seconds: int = Field(12 * 3600, gt=0, le=12 * 3600)
+    safety_margin_seconds: int = Field(900, ge=0)
+
+    # [chain]
+    max_segments: int = Field(6, ge=1)
+    max_stalled_segments: int = Field(2, ge=1)
+    min_quota_hours: float = Field(1.0, ge=0)
+    segment_grace_seconds: int = Field(600, ge=0)
+
+    @field_validator("slug")
+    @classmethod
+    def _slug_rules(cls, value: str) -> str:
+        if slugify(value) != value:
+            raise ValueError(f"must be lower-case letters, digits and hyphens (e.g. {slugify(value)!r})")
+        # The checkpoint dataset is '<slug>-ckpt', and Kaggle wants dataset slugs of 6-50 characters.
+        if not 5 <= len(value) <= 45:
+            raise ValueError("must be 5-45 characters, so that the dataset '<slug>-ckpt' fits Kaggle's 6-50")
+        return value
+
+    @field_validator("machine_shape")
+    @classmethod
+    def _known_shape(cls, value: str) -> str:
+        if value not in MACHINE_SHAPES and value not in RETIRED_MACHINE_SHAPES:
+            known = ", ".join(sorted(MACHINE_SHAPES))
+            raise ValueError(f"unknown machine shape; use one of: {known}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_key_rules(self) -> RunConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if slugify(self.title) != self.slug:
+            raise ValueError(
+                f"title {self.title!r} slugifies to {slugify(self.title)!r}, not to slug {self.slug!r}; "
+                "Kaggle derives the kernel's address from its title"
+            )
+        if not 5 <= len(self.title) <= 50:
+            raise ValueError(f"title {self.title!r} must be 5-50 characters")
+        if self.dataset == "text-files" and not self.text_files_path:
+            raise ValueError("dataset 'text-files' needs text_files_path (a file, folder or glob)")
+        if self.safety_margin_seconds >= self.session_timeout_seconds:
+            raise ValueError(
+                f"safety_margin_seconds ({self.safety_margin_seconds}) must be below "
+                f"session_timeout_seconds ({self.session_timeout_seconds})"
+            )
+        return self
+
+    @property
+    def dataset_slug(self) -> str:
+        return f"{self.slug}-ckpt"
+
+    def warnings(self) -> list[str]:
+        notes = []
+        if self.machine_shape in RETIRED_MACHINE_SHAPES:
+            notes.append(f"machine_shape {self.machine_shape!r} is retired: "
+                         f"{RETIRED_MACHINE_SHAPES[self.machine_shape]}")
+        return notes
+
+    def kernel_config(self) -> dict[str, Any]:
+        """What the kernel needs at run time: everything but the launcher-only keys."""
+        launcher_only = {"machine_shape", "is_private", "kernel_type",
+                         "max_segments", "max_stalled_segments", "min_quota_hours", "segment_grace_seconds"}
+        return {k: v for k, v in self.model_dump().items() if k not in launcher_only}
+
+
+def _field_names() -> set[str]:
+    return set(RunConfig.model_fields)
+
+
+def preset_text(name: str) -> str:
+    """The commented TOML that ``init --preset NAME`` writes."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return resources.files("kaggle_runner.presets").joinpath(f"{name}.toml").read_text(encoding="utf-8")
+
+
+def _flatten(document: dict[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    seen_in: dict[str, str] = {}
+    for section, body in document.items():
+        items = body.items() if isinstance(body, dict) else [(section, body)]
+        where = section if isinstance(body, dict) else "top level"
+        for key, value in items:
+            if key in flat:
+                raise ConfigError(f"{source}: key {key!r} appears in both [{seen_in[key]}] and [{where}]; "
+                                  "keys are unique across sections")
+            flat[key] = value
+            seen_in[key] = where
+    return flat
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return _flatten(tomllib.loads(text), source)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` from --set; VALUE is read as a TOML value, or as a bare string if it is not one."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set epochs=5")
+    if key not in _field_names():
+        raise ConfigError(f"--set {key}: unknown key; see docs/config.md for the keys")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def _describe(errors: ValidationError, source: str, values: dict[str, Any]) -> str:
+    lines = []
+    for err in errors.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key {loc!r}; see docs/config.md for the keys")
+        elif loc:
+            lines.append(f"{source}: {loc} = {json.dumps(values.get(loc), default=str)}: {message}")
+        else:
+            lines.append(f"{source}: {message}")
+    return "; ".join(lines)
+
+
+def build_config(values: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                 source: str = "config") -> RunConfig:
+    merged = dict(values)
+    for item in overrides:
+        key, value = parse_override(item)
+        merged[key] = value
+    try:
+        return RunConfig(**merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source, merged)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; create one with `kaggle-runner init`") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
+    return build_config(parse_toml(text, str(path)), overrides, source=str(path))
+
+
+def load_preset(name: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    return build_config(parse_toml(preset_text(name), f"preset {name}"), overrides, source=f"preset {name}")

@@ -1,0 +1,132 @@
+"""Render a run configuration into a Kaggle kernel folder: the code file plus kernel-metadata.json."""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from kaggle_runner import __version__
+from kaggle_runner.config import RunConfig
+from kaggle_runner.errors import KaggleRunnerError
+
+TEMPLATE_PACKAGE = "kaggle_runner.kernel_template"
+SCRIPT_NAME = "train.py"
+NOTEBOOK_NAME = "train.ipynb"
+METADATA_NAME = "kernel-metadata.json"
+SECTION_RULE = "# " + "=" * 99
+
+
+class RenderError(KaggleRunnerError):
+    """The kernel could not be rendered (a bug, or a value the config block cannot carry)."""
+
+
+@dataclass(frozen=True)
+class RenderedKernel:
+    folder: Path
+    code_file: Path
+    metadata_file: Path
+    metadata: dict[str, Any]
+
+
+def _environment() -> jinja2.Environment:
+    # Autoescape is off because the output is Python; values never reach the template as code anyway:
+    # the config travels as one JSON document checked after rendering.
+    return jinja2.Environment(
+        loader=jinja2.FunctionLoader(lambda name: resources.files(TEMPLATE_PACKAGE).joinpath(name)
+                                     .read_text(encoding="utf-8")),
+        autoescape=False, keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
+    )
+
+
+def kernel_source() -> str:
+    return resources.files(TEMPLATE_PACKAGE).joinpath("kernel.py").read_text(encoding="utf-8")
+
+
+def render_script(config: RunConfig) -> str:
+    values = config.kernel_config()
+    config_json = json.dumps(values, indent=2, ensure_ascii=True)
+    script = _environment().get_template("train.py.j2").render(
+        config_json=config_json, kernel_source=kernel_source().rstrip() + "\n",
+        kaggle_runner_version=__version__,
+    )
+    if _config_block_value(script) != values:
+        raise RenderError("the rendered CONFIG block does not round-trip to the configuration")
+    return script
+
+
+def _config_block_value(script: str) -> Any:
+    """Read CONFIG back from the rendered code, the way Python will, to prove it is pure data."""
+    try:
+        tree = ast.parse(script)
+    except SyntaxError as exc:
+        raise RenderError(f"the rendered kernel is not valid Python: {exc}") from None
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["CONFIG"]
+                and isinstance(node.value, ast.Call) and len(node.value.args) == 1
+                and isinstance(node.value.args[0], ast.Constant)):
+            return json.loads(node.value.args[0].value)
+    raise RenderError("the rendered kernel has no CONFIG = json.loads(...) block")
+
+
+def script_to_notebook(script: str) -> dict[str, Any]:
+    """The same code as cells, one per section; the last cell runs main() without sys.exit."""
+    body = script.replace('if __name__ == "__main__":\n    sys.exit(main(CONFIG))\n',
+                          "exit_code = main(CONFIG)\nif exit_code:\n    raise SystemExit(exit_code)\n")
+    cells, current = [], []
+    for line in body.splitlines(keepends=True):
+        if line.rstrip() == SECTION_RULE and current and any(c.strip() for c in current[:-1]):
+            cells.append(current)
+            current = []
+        current.append(line)
+    cells.append(current)
+    return {
+        "cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+                   "source": "".join(c).strip("\n") + "\n"} for c in cells if "".join(c).strip()],
+        "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                     "language_info": {"name": "python"}},
+        "nbformat": 4, "nbformat_minor": 5,
+    }
+
+
+def kernel_metadata(config: RunConfig, username: str, code_file: str,
+                    dataset_sources: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "id": f"{username}/{config.slug}",
+        "title": config.title,
+        "code_file": code_file,
+        "language": "python",
+        "kernel_type": config.kernel_type,
+        "is_private": config.is_private,
+        "enable_gpu": True,
+        "enable_tpu": False,
+        "enable_internet": config.enable_internet,
+        "machine_shape": config.machine_shape,
+        "dataset_sources": list(dataset_sources or []),
+        "competition_sources": [],
+        "kernel_sources": [],
+        "model_sources": [],
+        "keywords": [],
+    }
+
+
+def render_kernel(config: RunConfig, out_dir: str | Path, username: str,
+                  dataset_sources: list[str] | None = None) -> RenderedKernel:
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    script = render_script(config)
+    if config.kernel_type == "notebook":
+        code_file = folder / NOTEBOOK_NAME
+        code_file.write_text(json.dumps(script_to_notebook(script), indent=1) + "\n", encoding="utf-8")
+    else:
+        code_file = folder / SCRIPT_NAME
+        code_file.write_text(script, encoding="utf-8")
+    metadata = kernel_metadata(config, username, code_file.name, dataset_sources)
+    metadata_file = folder / METADATA_NAME
+    metadata_file.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    return RenderedKernel(folder, code_file, metadata_file, metadata)
