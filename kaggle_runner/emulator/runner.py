@@ -1,0 +1,167 @@
+"""Runs kernel versions for real: one subprocess each, its log captured, its session limit enforced."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from kaggle_runner.emulator.state import MAX_GPU_SESSIONS, TIMEOUT_MESSAGE, Backend, Kernel, Version
+
+# Never hand the emulator's (or the user's) credentials to a kernel.
+SCRUBBED_ENV_PREFIXES = ("KAGGLE_", "KAGGLE_RUNNER_EMULATOR")
+
+
+def notebook_to_script(notebook_text: str) -> str:
+    notebook = json.loads(notebook_text)
+    cells = [c for c in notebook.get("cells", []) if c.get("cell_type") == "code"]
+    sources = ["".join(c["source"]) if isinstance(c["source"], list) else c["source"] for c in cells]
+    return "\n\n".join(sources) + "\n"
+
+
+class Runner:
+    def __init__(self, backend: Backend, python: str = sys.executable):
+        self.backend = backend
+        self.python = python
+        self.processes: dict[tuple[str, int], subprocess.Popen] = {}
+        self.cancelled: set[tuple[str, int]] = set()
+        self.lock = threading.Lock()
+        backend.runner = self
+
+    def start_queued(self) -> None:
+        """Start queued versions, oldest first, while GPU session slots are free."""
+        backend = self.backend
+        with backend.lock:
+            if backend.faults.hold_queued:
+                return
+            queued = sorted(((v.created_at, k, v) for k in backend.kernels.values() for v in k.versions
+                             if v.status == "QUEUED"), key=lambda item: item[0])
+            for _, kernel, version in queued:
+                if version.enable_gpu and backend.running_gpu_sessions() >= MAX_GPU_SESSIONS:
+                    continue
+                self._start(kernel, version)
+
+    def _start(self, kernel: Kernel, version: Version) -> None:
+        backend = self.backend
+        folder = backend.kernel_dir(kernel.owner, kernel.slug, version.number)
+        working, inputs, scratch = folder / "working", folder / "input", folder / "scratch"
+        for path in (working, inputs, scratch):
+            path.mkdir(parents=True, exist_ok=True)
+        backend.mount_inputs(version, inputs)
+        code = (folder / version.code_file).read_text(encoding="utf-8")
+        script = folder / "__kernel__.py"
+        script.write_text(notebook_to_script(code) if version.kernel_type == "notebook" else code)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED_ENV_PREFIXES)}
+        env.update(KAGGLE_RUNNER_INPUT_DIR=str(inputs), KAGGLE_RUNNER_SCRATCH_DIR=str(scratch),
+                   PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        log_path = backend.log_path(kernel.owner, kernel.slug, version)
+        started = backend.clock()
+        with open(log_path, "w", encoding="utf-8") as log:
+            if version.enable_gpu:
+                note = (f"kaggle-runner emulator: this version asked for a GPU ({version.machine_shape}); "
+                        "it runs on this machine's CPU.\n")
+                log.write(json.dumps({"stream_name": "stdout", "time": 0.0, "data": note}) + "\n")
+        process = subprocess.Popen([self.python, "-u", str(script)], cwd=working, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        key = (f"{kernel.owner}/{kernel.slug}", version.number)
+        with self.lock:
+            self.processes[key] = process
+        backend.set_version_status(kernel, version, "RUNNING", started_at=started)
+        write_lock = threading.Lock()
+        readers = [threading.Thread(target=self._pump, args=(stream, name, log_path, started, write_lock),
+                                    daemon=True)
+                   for stream, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
+        for reader in readers:
+            reader.start()
+        threading.Thread(target=self._watch, args=(kernel, version, process, readers, working, key),
+                         daemon=True).start()
+
+    def _pump(self, stream, name: str, log_path: Path, started: float, write_lock: threading.Lock) -> None:
+        for raw in iter(stream.readline, b""):
+            event = {"stream_name": name, "time": round(time.time() - started, 3),
+                     "data": raw.decode("utf-8", errors="replace")}
+            with write_lock, open(log_path, "a", encoding="utf-8") as log:
+                log.write(json.dumps(event) + "\n")
+        stream.close()
+
+    def _limit(self, version: Version) -> float:
+        return float(version.session_timeout_seconds or self.backend.session_limit)
+
+    def _watch(self, kernel, version, process, readers, working: Path, key) -> None:
+        backend = self.backend
+        limit = self._limit(version)
+        timed_out = False
+        while process.poll() is None:
+            if not timed_out and backend.clock() - version.started_at > limit:
+                timed_out = True
+                self._terminate(process)
+            time.sleep(0.1)
+        for reader in readers:
+            reader.join(timeout=5)
+        with self.lock:
+            self.processes.pop(key, None)
+            cancelled = key in self.cancelled
+        ended = backend.clock()
+        if cancelled:
+            backend.set_version_status(kernel, version, "CANCEL_ACKNOWLEDGED", ended_at=ended,
+                                       exit_code=process.returncode)
+        elif timed_out:
+            if backend.faults.drop_outputs_on_timeout:
+                shutil.rmtree(working, ignore_errors=True)
+                working.mkdir()
+            backend.set_version_status(kernel, version, "CANCEL_ACKNOWLEDGED", TIMEOUT_MESSAGE,
+                                       ended_at=ended, exit_code=process.returncode)
+        elif process.returncode == 0:
+            backend.set_version_status(kernel, version, "COMPLETE", ended_at=ended, exit_code=0)
+        else:
+            backend.set_version_status(kernel, version, "ERROR",
+                                       f"Your notebook hit an error: the process exited with code "
+                                       f"{process.returncode}. See the log for details.",
+                                       ended_at=ended, exit_code=process.returncode)
+        shutil.rmtree(working.parent / "scratch", ignore_errors=True)
+        self.start_queued()
+
+    def _terminate(self, process: subprocess.Popen) -> None:
+        """SIGTERM, a grace period to save, then SIGKILL, for the whole process group."""
+        def kill_later():
+            deadline = time.time() + self.backend.kill_grace_seconds
+            while process.poll() is None and time.time() < deadline:
+                time.sleep(0.1)
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        threading.Thread(target=kill_later, daemon=True).start()
+
+    def cancel(self, kernel: Kernel, version: Version) -> None:
+        key = (f"{kernel.owner}/{kernel.slug}", version.number)
+        with self.lock:
+            process = self.processes.get(key)
+            if process is not None:
+                self.cancelled.add(key)
+        if process is not None:
+            self.backend.set_version_status(kernel, version, "CANCEL_REQUESTED")
+            self._terminate(process)
+        elif version.status == "QUEUED":
+            self.backend.set_version_status(kernel, version, "CANCEL_ACKNOWLEDGED",
+                                            ended_at=self.backend.clock())
+
+    def stop_all(self) -> None:
+        with self.lock:
+            processes = list(self.processes.values())
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        for process in processes:
+            process.wait(timeout=10)

@@ -1,0 +1,253 @@
+"""Routes: the RPC endpoint, the log stream, output downloads, upload PUTs and the admin endpoints.
+
+The official client reaches RPCs at {base}/v1/{service}/{Method} (PROD-style endpoint) or at
+{base}/api/v1/... (any other environment, e.g. KAGGLE_API_ENVIRONMENT=LOCALHOST); both are served.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map, Rule
+from werkzeug.serving import make_server
+from werkzeug.utils import send_file
+from werkzeug.wrappers import Request, Response
+
+from kaggle_runner.emulator.errors import BadRequest, KaggleApiError, NotFound, Unauthenticated
+from kaggle_runner.emulator.handlers import RPCS, Context
+from kaggle_runner.emulator.runner import Runner
+from kaggle_runner.emulator.state import Backend
+
+API_VERSION = "1"
+CONTENT_RANGE = re.compile(r"bytes (?:(\d+)-(\d+)|\*)/(\d+)")
+
+URLS = Map([
+    Rule("/healthz", endpoint="health", methods=["GET"]),
+    Rule("/v1/<service>/<method>", endpoint="rpc", methods=["POST"]),
+    Rule("/api/v1/<service>/<method>", endpoint="rpc", methods=["POST"]),
+    Rule("/v1/kernels/logs/stream/<owner>/<slug>", endpoint="log_stream", methods=["GET"]),
+    Rule("/api/v1/kernels/logs/stream/<owner>/<slug>", endpoint="log_stream", methods=["GET"]),
+    Rule("/files/<owner>/<slug>/<int:number>/<path:relpath>", endpoint="download", methods=["GET", "HEAD"]),
+    Rule("/upload/<token>", endpoint="upload", methods=["PUT"]),
+    Rule("/admin/faults", endpoint="admin_faults", methods=["POST"]),
+    Rule("/admin/reset", endpoint="admin_reset", methods=["POST"]),
+    Rule("/admin/state", endpoint="admin_state", methods=["GET"]),
+])
+
+
+def json_response(data: dict, status: int = 200, headers: dict | None = None) -> Response:
+    response = Response(json.dumps(data), status=status, mimetype="application/json", headers=headers)
+    response.headers["X-Kaggle-APIVersion"] = API_VERSION
+    return response
+
+
+class EmulatorApp:
+    def __init__(self, backend: Backend, key: str, token: str | None = None):
+        self.backend = backend
+        self._key = key
+        self._token = token
+        self.base_url = ""  # set once the server knows its port
+
+    # -- authentication ------------------------------------------------------------------------------
+    def authenticate(self, request: Request) -> str:
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme == "Basic":
+            try:
+                user, _, key = base64.b64decode(value).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                raise Unauthenticated() from None
+            if hmac.compare_digest(user, self.backend.username) and hmac.compare_digest(key, self._key):
+                return user
+        elif scheme == "Bearer" and self._token and hmac.compare_digest(value, self._token):
+            return self.backend.username
+        raise Unauthenticated()
+
+    # -- endpoints -----------------------------------------------------------------------------------
+    def on_health(self, request: Request) -> Response:
+        return json_response({"ok": True, "username": self.backend.username})
+
+    def on_rpc(self, request: Request, service: str, method: str) -> Response:
+        try:
+            body = json.loads(request.get_data() or b"{}")
+        except ValueError:
+            raise BadRequest("Request body is not JSON") from None
+        if (service, method) == ("security.OAuthService", "IntrospectToken"):
+            active = bool(self._token) and hmac.compare_digest(str(body.get("token", "")), self._token or "")
+            return json_response({"active": active, "username": self.backend.username if active else ""})
+        handler = RPCS.get((service, method))
+        if handler is None:
+            raise NotFound(f"Method {service}/{method} is not served by the emulator")
+        user = self.authenticate(request)
+        self.backend.check_fault(method)
+        return json_response(handler(Context(self.backend, self.base_url, user), body))
+
+    def on_log_stream(self, request: Request, owner: str, slug: str) -> Response:
+        self.authenticate(request)
+        self.backend.check_fault("LogStream")
+        _, version = self.backend.get_version(owner, slug, request.args.get("versionLabel"))
+        if version.status not in ("QUEUED", "RUNNING", "CANCEL_REQUESTED"):
+            # A finished session: the persisted log as one JSON array, as Kaggle's midtier serves it.
+            return json_response(self.backend.read_log_events(owner, slug, version))  # type: ignore[arg-type]
+
+        def events():
+            sent = 0  # a reconnecting client skips what it has seen: always replay from the start
+            while True:
+                finished = version.status not in ("QUEUED", "RUNNING", "CANCEL_REQUESTED")
+                log = self.backend.read_log_events(owner, slug, version)
+                for event in log[sent:]:
+                    yield f"data: {json.dumps(event)}\n\n"
+                sent = len(log)
+                if finished:
+                    yield "data: END_OF_LOG\n\n"
+                    return
+                time.sleep(0.25)
+
+        return Response(events(), mimetype="text/event-stream", content_type="text/event-stream; charset=utf-8")
+
+    def on_download(self, request: Request, owner: str, slug: str, number: int, relpath: str) -> Response:
+        self.backend.check_fault("DownloadOutput")
+        _, version = self.backend.get_version(owner, slug, f"v{number}")
+        files = dict(self.backend.output_files(owner, slug, version))
+        path = files.get(relpath)
+        if path is None:
+            raise NotFound(f"No output file {relpath!r} in {owner}/{slug} version {number}")
+        response = send_file(path, request.environ, conditional=True, etag=True, max_age=0,
+                             mimetype="application/octet-stream")
+        if request.method == "GET" and response.status_code in (200, 206) and self.backend.take_download_drop():
+            response = self._dropped(response)
+        return response
+
+    @staticmethod
+    def _dropped(response: Response) -> Response:
+        """Send the headers and half the body, then cut the connection (a fault for tests)."""
+        body = response.response
+        length = int(response.headers.get("Content-Length", "0"))
+
+        def half():
+            sent = 0
+            for chunk in body:
+                if sent + len(chunk) >= length // 2:
+                    yield chunk[: max(0, length // 2 - sent)]
+                    raise ConnectionAbortedError("injected fault: connection dropped mid-download")
+                sent += len(chunk)
+                yield chunk
+
+        response.response = half()
+        response.direct_passthrough = True
+        return response
+
+    def on_upload(self, request: Request, token: str) -> Response:
+        try:
+            self.backend.check_fault("UploadBlob")
+        except KaggleApiError as fault:
+            request.get_data()  # drain the body so the client sees our status, not a reset
+            return Response(status=fault.status)  # a 503 means INCOMPLETE to the client: no Retry-After
+        blob = self.backend.blob(token)
+        content_range = request.headers.get("Content-Range")
+        if content_range and content_range.startswith("bytes */"):
+            if blob.received >= blob.content_length:
+                return json_response({})
+            headers = {"Range": f"bytes=0-{blob.received - 1}"} if blob.received else {}
+            return Response(status=308, headers=headers)
+        start = 0
+        if content_range:
+            match = CONTENT_RANGE.fullmatch(content_range.strip())
+            if not match or match.group(1) is None:
+                raise BadRequest(f"Bad Content-Range {content_range!r}")
+            start = int(match.group(1))
+        blob = self.backend.write_blob(token, start, request.stream, request.content_length)
+        if blob.received >= blob.content_length:
+            return json_response({}, status=200)
+        return Response(status=503)
+
+    def on_admin_faults(self, request: Request) -> Response:
+        self.authenticate(request)
+        return json_response(self.backend.set_faults(json.loads(request.get_data() or b"{}")))
+
+    def on_admin_reset(self, request: Request) -> Response:
+        self.authenticate(request)
+        self.backend.reset()
+        return json_response({})
+
+    def on_admin_state(self, request: Request) -> Response:
+        self.authenticate(request)
+        return json_response(json.loads(self.backend.state_file.read_text()) if self.backend.state_file.exists()
+                             else {})
+
+    # -- WSGI ----------------------------------------------------------------------------------------
+    def dispatch(self, request: Request) -> Response:
+        adapter = URLS.bind_to_environ(request.environ)
+        try:
+            endpoint, values = adapter.match()
+            return getattr(self, f"on_{endpoint}")(request, **values)
+        except KaggleApiError as error:
+            return json_response(error.body(), status=error.status, headers=error.headers)
+        except HTTPException as error:
+            return json_response({"code": error.code, "message": error.description}, status=error.code or 500)
+
+    def __call__(self, environ, start_response):
+        return self.dispatch(Request(environ))(environ, start_response)
+
+
+class EmulatorServer:
+    """A threaded emulator on a port of this machine; start() returns once it answers."""
+
+    def __init__(self, data_dir: Path, username: str = "local", key: str = "local-key", host: str = "127.0.0.1",
+                 port: int = 0, token: str | None = None, session_limit: float | None = None,
+                 dataset_delay: float = 0.0, kill_grace_seconds: float = 10.0):
+        self.backend = Backend(Path(data_dir), username, session_limit=session_limit,
+                               dataset_delay=dataset_delay, kill_grace_seconds=kill_grace_seconds)
+        self.runner = Runner(self.backend)
+        self.app = EmulatorApp(self.backend, key, token)
+        # Per-request access lines would drown the launcher's own output; errors still show.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        self.server = make_server(host, port, self.app, threaded=True)
+        self.host, self.port = host, self.server.server_port
+        display_host = "localhost" if host in ("127.0.0.1", "localhost") else host
+        self.url = f"http://{display_host}:{self.port}" if self.port != 80 else f"http://{display_host}"
+        self.app.base_url = self.url
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> EmulatorServer:
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+        self.runner.start_queued()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.runner.stop_all()
+
+    def __enter__(self) -> EmulatorServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_forever(host: str, port: int, data_dir: Path, username: str, key: str,
+                  session_limit: float | None = None, dataset_delay: float = 0.0,
+                  token: str | None = None, ready_file: Path | None = None) -> None:
+    server = EmulatorServer(data_dir, username=username, key=key, host=host, port=port, token=token,
+                            session_limit=session_limit, dataset_delay=dataset_delay)
+    print(f"kaggle-runner emulator listening on {server.url} (user {username}, data in {data_dir})", flush=True)
+    if ready_file is not None:
+        ready_file.write_text(json.dumps({"url": server.url, "port": server.port}))
+    server.runner.start_queued()
+    try:
+        server.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server.server_close()
+        server.runner.stop_all()

@@ -1,0 +1,445 @@
+"""The emulator's backend: kernels, versions, datasets, blobs, quota and faults, persisted in a data dir.
+
+Every mutation happens under one lock and is written to state.json atomically, so a restarted emulator
+finds everything it had; versions that were running when it stopped are reported as errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from kaggle_runner.emulator.errors import BadRequest, Conflict, InjectedFault, NotFound, PermissionDenied
+
+WEEKLY_GPU_SECONDS = 30 * 3600
+WEEKLY_TPU_SECONDS = 20 * 3600
+DEFAULT_SESSION_LIMIT = 12 * 3600
+MAX_GPU_SESSIONS = 2
+TIMEOUT_MESSAGE = "Your notebook was stopped because it exceeded the max allowed execution duration."
+RESTART_MESSAGE = "The emulator stopped while this version was running."
+
+ACTIVE = ("QUEUED", "RUNNING", "CANCEL_REQUESTED")
+
+
+@dataclass
+class Version:
+    number: int
+    status: str = "QUEUED"
+    failure_message: str | None = None
+    code_file: str = "train.py"
+    kernel_type: str = "script"
+    enable_gpu: bool = False
+    enable_internet: bool = True
+    machine_shape: str | None = None
+    session_timeout_seconds: int | None = None
+    dataset_sources: list[str] = field(default_factory=list)
+    created_at: float = 0.0
+    started_at: float | None = None
+    ended_at: float | None = None
+    exit_code: int | None = None
+
+
+@dataclass
+class Kernel:
+    id: int
+    owner: str
+    slug: str
+    title: str
+    language: str = "python"
+    kernel_type: str = "script"
+    is_private: bool = True
+    versions: list[Version] = field(default_factory=list)
+
+
+@dataclass
+class DatasetVersion:
+    number: int
+    files: list[str]
+    created_at: float
+    notes: str = ""
+
+
+@dataclass
+class Dataset:
+    id: int
+    owner: str
+    slug: str
+    title: str
+    license_name: str
+    is_private: bool
+    versions: list[DatasetVersion] = field(default_factory=list)
+
+
+@dataclass
+class Blob:
+    token: str
+    name: str
+    content_length: int
+    received: int = 0
+    consumed: bool = False
+
+
+@dataclass
+class Faults:
+    """What tests ask to go wrong: failed calls per method, dropped downloads, slow datasets, held queues."""
+
+    fail: dict[str, list[int]] = field(default_factory=dict)  # method -> statuses to send, in order
+    drop_downloads: int = 0
+    dataset_delay: float = 0.0
+    hold_queued: bool = False
+    drop_outputs_on_timeout: bool = False
+
+
+def _from_dict(cls, data: dict):
+    return cls(**data)
+
+
+class Backend:
+    def __init__(self, data_dir: Path, username: str, session_limit: float | None = None,
+                 dataset_delay: float = 0.0, clock: Callable[[], float] = time.time,
+                 kill_grace_seconds: float = 10.0):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.username = username
+        self.session_limit = session_limit or DEFAULT_SESSION_LIMIT
+        self.kill_grace_seconds = kill_grace_seconds
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.kernels: dict[str, Kernel] = {}
+        self.datasets: dict[str, Dataset] = {}
+        self.blobs: dict[str, Blob] = {}
+        self.next_id = 1
+        self.faults = Faults(dataset_delay=dataset_delay)
+        self.runner = None  # set by the server: starts and stops version processes
+        self._load()
+
+    # -- persistence ---------------------------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.data_dir / "state.json"
+
+    def _load(self) -> None:
+        if not self.state_file.exists():
+            return
+        data = json.loads(self.state_file.read_text())
+        self.next_id = data["next_id"]
+        for ref, k in data["kernels"].items():
+            versions = [_from_dict(Version, v) for v in k.pop("versions")]
+            self.kernels[ref] = Kernel(**k, versions=versions)
+        for ref, d in data["datasets"].items():
+            versions = [_from_dict(DatasetVersion, v) for v in d.pop("versions")]
+            self.datasets[ref] = Dataset(**d, versions=versions)
+        self.blobs = {t: _from_dict(Blob, b) for t, b in data["blobs"].items()}
+        for kernel in self.kernels.values():
+            for version in kernel.versions:
+                if version.status in ACTIVE:
+                    version.status, version.failure_message = "ERROR", RESTART_MESSAGE
+                    version.ended_at = version.ended_at or self.clock()
+        self._save()
+
+    def _save(self) -> None:
+        data = {"next_id": self.next_id,
+                "kernels": {r: asdict(k) for r, k in self.kernels.items()},
+                "datasets": {r: asdict(d) for r, d in self.datasets.items()},
+                "blobs": {t: asdict(b) for t, b in self.blobs.items()}}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.state_file)
+        self.changed.notify_all()
+
+    def _new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+    def reset(self) -> None:
+        with self.lock:
+            if self.runner:
+                self.runner.stop_all()
+            self.kernels, self.datasets, self.blobs, self.next_id = {}, {}, {}, 1
+            self.faults = Faults()
+            for child in ("kernels", "datasets", "blobs"):
+                shutil.rmtree(self.data_dir / child, ignore_errors=True)
+            self._save()
+
+    # -- faults --------------------------------------------------------------------------------------
+    def check_fault(self, method: str) -> None:
+        with self.lock:
+            queue = self.faults.fail.get(method)
+            if queue:
+                status = queue.pop(0)
+                raise InjectedFault(status)
+
+    def set_faults(self, spec: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            for method, statuses in spec.get("fail", {}).items():
+                self.faults.fail.setdefault(method, []).extend(int(s) for s in statuses)
+            for key in ("drop_downloads", "dataset_delay", "hold_queued", "drop_outputs_on_timeout"):
+                if key in spec:
+                    setattr(self.faults, key, type(getattr(self.faults, key))(spec[key]))
+            if "hold_queued" in spec and not self.faults.hold_queued and self.runner:
+                self.runner.start_queued()
+            return asdict(self.faults)
+
+    def take_download_drop(self) -> bool:
+        with self.lock:
+            if self.faults.drop_downloads > 0:
+                self.faults.drop_downloads -= 1
+                return True
+            return False
+
+    # -- kernels -------------------------------------------------------------------------------------
+    def kernel_dir(self, owner: str, slug: str, number: int) -> Path:
+        return self.data_dir / "kernels" / owner / slug / f"v{number}"
+
+    def get_kernel(self, owner: str, slug: str) -> Kernel:
+        kernel = self.kernels.get(f"{owner}/{slug}")
+        if kernel is None:
+            raise NotFound(f"Kernel {owner}/{slug} not found")
+        return kernel
+
+    def get_version(self, owner: str, slug: str, label: str | None) -> tuple[Kernel, Version]:
+        kernel = self.get_kernel(owner, slug)
+        if not kernel.versions:
+            raise NotFound(f"Kernel {owner}/{slug} has no versions")
+        if not label:
+            return kernel, kernel.versions[-1]
+        try:
+            number = int(str(label).lstrip("v"))
+            return kernel, kernel.versions[number - 1]
+        except (ValueError, IndexError):
+            raise NotFound(f"Kernel {owner}/{slug} has no version {label}") from None
+
+    def save_kernel(self, owner: str, slug: str, title: str | None, text: str, settings: dict) -> tuple:
+        """A push: a new version of the kernel (created on first push), queued to run."""
+        if owner != self.username:
+            raise PermissionDenied(f"User {self.username} cannot push kernels owned by {owner}")
+        with self.lock:
+            ref = f"{owner}/{slug}"
+            kernel = self.kernels.get(ref)
+            if kernel is None:
+                if not title:
+                    raise BadRequest("A new kernel needs a title")
+                kernel = Kernel(id=self._new_id(), owner=owner, slug=slug, title=title,
+                                language=settings["language"], kernel_type=settings["kernel_type"],
+                                is_private=settings["is_private"])
+                self.kernels[ref] = kernel
+            elif title:
+                kernel.title = title
+            valid, invalid = [], []
+            for source in settings["dataset_sources"]:
+                (valid if self._dataset_ref(source) in self.datasets else invalid).append(source)
+            version = Version(number=len(kernel.versions) + 1, kernel_type=settings["kernel_type"],
+                              code_file="train.ipynb" if settings["kernel_type"] == "notebook" else "train.py",
+                              enable_gpu=settings["enable_gpu"], enable_internet=settings["enable_internet"],
+                              machine_shape=settings["machine_shape"], dataset_sources=valid,
+                              session_timeout_seconds=settings["session_timeout_seconds"],
+                              created_at=self.clock())
+            folder = self.kernel_dir(owner, slug, version.number)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / version.code_file).write_text(text, encoding="utf-8")
+            kernel.versions.append(version)
+            if settings.get("quick_save"):
+                version.status, version.started_at, version.ended_at = "COMPLETE", self.clock(), self.clock()
+            self._save()
+        if self.runner and not settings.get("quick_save"):
+            self.runner.start_queued()
+        return kernel, version, invalid
+
+    def running_gpu_sessions(self) -> int:
+        return sum(1 for k in self.kernels.values() for v in k.versions
+                   if v.status in ("RUNNING", "CANCEL_REQUESTED") and v.enable_gpu)
+
+    def session_id(self, kernel: Kernel, version: Version) -> int:
+        # Kaggle's public API never returns the session id that cancel needs; the emulator derives it.
+        return kernel.id * 1000 + version.number
+
+    def find_session(self, session_id: int) -> tuple[Kernel, Version]:
+        for kernel in self.kernels.values():
+            for version in kernel.versions:
+                if self.session_id(kernel, version) == session_id:
+                    return kernel, version
+        raise NotFound(f"Kernel session {session_id} not found")
+
+    def set_version_status(self, kernel: Kernel, version: Version, status: str,
+                           failure_message: str | None = None, **times: float | int | None) -> None:
+        with self.lock:
+            version.status = status
+            if failure_message is not None:
+                version.failure_message = failure_message
+            for key, value in times.items():
+                setattr(version, key, value)
+            self._save()
+
+    def output_files(self, owner: str, slug: str, version: Version) -> list[tuple[str, Path]]:
+        root = self.kernel_dir(owner, slug, version.number) / "working"
+        if not root.is_dir():
+            return []
+        return sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+
+    def log_path(self, owner: str, slug: str, version: Version) -> Path:
+        return self.kernel_dir(owner, slug, version.number) / "log.jsonl"
+
+    def read_log_events(self, owner: str, slug: str, version: Version) -> list[dict]:
+        path = self.log_path(owner, slug, version)
+        if not path.exists():
+            return []
+        events = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue  # a line being written right now
+        return events
+
+    # -- quota ---------------------------------------------------------------------------------------
+    def quota_window(self) -> tuple[float, datetime]:
+        """Start of this quota week and the next reset: Saturday 00:00 UTC."""
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        since_saturday = (now.weekday() - 5) % 7
+        start = midnight - timedelta(days=since_saturday)
+        return start.timestamp(), start + timedelta(days=7)
+
+    def gpu_seconds_used(self) -> float:
+        with self.lock:
+            start, _ = self.quota_window()
+            used = 0.0
+            for kernel in self.kernels.values():
+                for v in kernel.versions:
+                    if v.enable_gpu and v.started_at:
+                        end = v.ended_at or self.clock()
+                        used += max(0.0, end - max(v.started_at, start))
+            return used
+
+    # -- datasets and blobs --------------------------------------------------------------------------
+    @staticmethod
+    def _dataset_ref(source: str) -> str:
+        parts = source.split("/")
+        return "/".join(parts[:2])
+
+    def dataset_dir(self, owner: str, slug: str, number: int) -> Path:
+        return self.data_dir / "datasets" / owner / slug / f"v{number}"
+
+    def get_dataset(self, owner: str, slug: str) -> Dataset:
+        dataset = self.datasets.get(f"{owner}/{slug}")
+        if dataset is None:
+            raise NotFound(f"Dataset {owner}/{slug} not found")
+        return dataset
+
+    def dataset_status(self, owner: str, slug: str) -> str:
+        with self.lock:
+            dataset = self.get_dataset(owner, slug)
+            newest = dataset.versions[-1]
+            ready = self.clock() - newest.created_at >= self.faults.dataset_delay
+            return "ready" if ready else "blobsCopiedToSds"
+
+    def start_blob_upload(self, name: str, content_length: int) -> Blob:
+        if "/" in name or name in ("", ".", ".."):
+            raise BadRequest(f"Invalid blob name {name!r}")
+        with self.lock:
+            blob = Blob(token=f"blob-{self._new_id()}", name=name, content_length=content_length)
+            self.blobs[blob.token] = blob
+            self._save()
+            return blob
+
+    def blob_path(self, token: str) -> Path:
+        return self.data_dir / "blobs" / token
+
+    def write_blob(self, token: str, start: int, stream, length: int | None) -> Blob:
+        """Append bytes at `start`; whatever arrives before a dropped connection is kept (resumable)."""
+        with self.lock:
+            blob = self.blobs.get(token)
+            if blob is None:
+                raise NotFound("Upload session not found or expired")
+            if start != blob.received:
+                raise BadRequest(f"Upload must continue at byte {blob.received}, not {start}")
+        path = self.blob_path(token)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "r+b" if path.exists() else "wb") as handle:
+            handle.seek(start)
+            handle.truncate()
+            remaining = length if length is not None else blob.content_length - start
+            try:
+                while remaining > 0:
+                    chunk = stream.read(min(1 << 20, remaining))
+                    if not chunk:
+                        break
+                    handle.write(chunk)
+                    remaining -= len(chunk)
+            finally:
+                handle.flush()
+                with self.lock:
+                    blob.received = handle.tell()
+                    self._save()
+        return blob
+
+    def blob(self, token: str) -> Blob:
+        blob = self.blobs.get(token)
+        if blob is None:
+            raise NotFound("Upload session not found or expired")
+        return blob
+
+    def create_dataset_version(self, owner: str, slug: str, tokens: list[str], notes: str,
+                               delete_old: bool, create: dict | None = None) -> Dataset:
+        """CreateDataset (with `create`: title, license, privacy) or CreateDatasetVersion."""
+        if owner != self.username:
+            raise PermissionDenied(f"User {self.username} cannot write datasets owned by {owner}")
+        with self.lock:
+            ref = f"{owner}/{slug}"
+            blobs = []
+            for token in tokens:
+                blob = self.blobs.get(token)
+                if blob is None or blob.received != blob.content_length:
+                    raise BadRequest(f"File upload {token} is missing or incomplete")
+                blobs.append(blob)
+            names = [b.name for b in blobs]
+            if len(set(names)) != len(names):
+                raise BadRequest("Two files with the same name in one dataset version")
+            if create is not None:
+                if ref in self.datasets:
+                    raise Conflict(f'The requested slug "{slug}" is already in use by a dataset.')
+                if not 6 <= len(slug) <= 50:
+                    raise BadRequest("The dataset slug must be between 6 and 50 characters")
+                dataset = Dataset(id=self._new_id(), owner=owner, slug=slug, **create)
+                self.datasets[ref] = dataset
+            else:
+                dataset = self.get_dataset(owner, slug)
+            version = DatasetVersion(number=len(dataset.versions) + 1, files=names, created_at=self.clock(),
+                                     notes=notes)
+            target = self.dataset_dir(owner, slug, version.number)
+            target.mkdir(parents=True, exist_ok=True)
+            for blob in blobs:
+                os.replace(self.blob_path(blob.token), target / blob.name)
+                del self.blobs[blob.token]
+            dataset.versions.append(version)
+            if delete_old:
+                for old in dataset.versions[:-1]:
+                    shutil.rmtree(self.dataset_dir(owner, slug, old.number), ignore_errors=True)
+                    old.files = []
+            self._save()
+            return dataset
+
+    def mount_inputs(self, version: Version, input_dir: Path) -> None:
+        """Attach datasets as Kaggle does now: <input>/datasets/<owner>/<slug>/<files>."""
+        with self.lock:
+            for source in version.dataset_sources:
+                owner, slug = self._dataset_ref(source).split("/")
+                dataset = self.get_dataset(owner, slug)
+                newest = dataset.versions[-1]
+                target = input_dir / "datasets" / owner / slug
+                target.mkdir(parents=True, exist_ok=True)
+                for name in newest.files:
+                    source_file = self.dataset_dir(owner, slug, newest.number) / name
+                    try:
+                        os.link(source_file, target / name)
+                    except OSError:
+                        shutil.copyfile(source_file, target / name)
