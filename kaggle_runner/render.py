@@ -19,7 +19,7 @@ TEMPLATE_PACKAGE = "kaggle_runner.kernel_template"
 SCRIPT_NAME = "train.py"
 NOTEBOOK_NAME = "train.ipynb"
 METADATA_NAME = "kernel-metadata.json"
-SECTION_RULE = "# " + "=" * 99
+SECTION_RULE_CHARS = ("=", "-")
 
 
 class RenderError(KaggleRunnerError):
@@ -74,13 +74,22 @@ def _config_block_value(script: str) -> Any:
     raise RenderError("the rendered kernel has no CONFIG = json.loads(...) block")
 
 
+def _is_rule(line: str) -> bool:
+    text = line.rstrip()
+    return text.startswith("# ") and len(text) > 40 and set(text[2:]) <= set(SECTION_RULE_CHARS) \
+        and len(set(text[2:])) == 1
+
+
 def script_to_notebook(script: str) -> dict[str, Any]:
     """The same code as cells, one per section; the last cell runs main() without sys.exit."""
     body = script.replace('if __name__ == "__main__":\n    sys.exit(main(CONFIG))\n',
                           "exit_code = main(CONFIG)\nif exit_code:\n    raise SystemExit(exit_code)\n")
+    lines = body.splitlines(keepends=True)
     cells, current = [], []
-    for line in body.splitlines(keepends=True):
-        if line.rstrip() == SECTION_RULE and current and any(c.strip() for c in current[:-1]):
+    for index, line in enumerate(lines):
+        # A section header is rule / title / rule; each one starts a cell.
+        if _is_rule(line) and index + 2 < len(lines) and not _is_rule(lines[index + 1]) \
+                and _is_rule(lines[index + 2]) and any(c.strip() for c in current):
             cells.append(current)
             current = []
         current.append(line)

@@ -678,6 +678,10 @@ def stop_reason(run: dict) -> str | None:
         return "interrupted"
     if time.time() >= run["deadline"]:
         return "time_budget"
+    # Test switch: behave as if the time budget ran out right after step N (same path as the real one).
+    budget_step = os.environ.get("KAGGLE_RUNNER_TIME_BUDGET_AT_STEP")
+    if budget_step and run["global_step"] >= int(budget_step):
+        return "time_budget"
     return None
 
 
