@@ -113,7 +113,6 @@ class Backend:
         self.kill_grace_seconds = kill_grace_seconds
         self.clock = clock
         self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)
         self.kernels: dict[str, Kernel] = {}
         self.datasets: dict[str, Dataset] = {}
         self.blobs: dict[str, Blob] = {}
@@ -154,7 +153,6 @@ class Backend:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.state_file)
-        self.changed.notify_all()
 
     def _new_id(self) -> int:
         self.next_id += 1
