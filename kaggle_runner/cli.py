@@ -224,13 +224,15 @@ def emulator() -> None:
               help="Seconds a version may run when the push sets no timeout [default: 12 h].")
 @click.option("--dataset-delay", type=float, default=0.0, show_default=True,
               help="Seconds before a new dataset version reports ready.")
+@click.option("--ready-file", type=click.Path(dir_okay=False), hidden=True)
 @handle_errors
-def emulator_serve(host, port, data_dir, username, key, session_limit, dataset_delay) -> None:
-    """Serve the emulator in the foreground until Ctrl-C."""
+def emulator_serve(host, port, data_dir, username, key, session_limit, dataset_delay, ready_file) -> None:
+    """Serve the emulator in the foreground until Ctrl-C (SIGTERM also stops it)."""
     from kaggle_runner.emulator.server import serve_forever
 
     serve_forever(host=host, port=port, data_dir=Path(data_dir), username=username, key=key,
-                  session_limit=session_limit, dataset_delay=dataset_delay)
+                  session_limit=session_limit, dataset_delay=dataset_delay,
+                  ready_file=Path(ready_file) if ready_file else None)
 
 
 @emulator.command("stop")
@@ -269,6 +271,10 @@ def bench(preset, config_path, overrides, steps, warmup, device, as_json) -> Non
 
 def main() -> None:
     cli(prog_name="kaggle-runner")
+
+
+if __name__ == "__main__":
+    main()
 
 
 __all__ = ["cli", "main", "NotImplementedYet"]

@@ -64,6 +64,7 @@ class RunConfig(BaseModel):
     # [data]
     dataset: Literal["wikitext-103", "stdlib-docs", "text-files"] = "wikitext-103"
     text_files_path: str | None = None
+    dataset_sources: list[str] = Field(default_factory=list)
     tokenizer: Literal["gpt2", "bpe"] = "gpt2"
     bpe_vocab_size: int = Field(8192, ge=256)
     sample_prompt: str = "The history of"
@@ -93,6 +94,15 @@ class RunConfig(BaseModel):
         # The checkpoint dataset is '<slug>-ckpt', and Kaggle wants dataset slugs of 6-50 characters.
         if not 5 <= len(value) <= 45:
             raise ValueError("must be 5-45 characters, so that the dataset '<slug>-ckpt' fits Kaggle's 6-50")
+        return value
+
+    @field_validator("dataset_sources")
+    @classmethod
+    def _dataset_refs(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            parts = ref.split("/")
+            if len(parts) != 2 or not all(parts):
+                raise ValueError(f"{ref!r} is not a Kaggle dataset reference (owner/dataset-slug)")
         return value
 
     @field_validator("machine_shape")
@@ -136,7 +146,7 @@ class RunConfig(BaseModel):
 
     def kernel_config(self) -> dict[str, Any]:
         """What the kernel needs at run time: everything but the launcher-only keys."""
-        launcher_only = {"machine_shape", "is_private", "kernel_type",
+        launcher_only = {"machine_shape", "is_private", "kernel_type", "dataset_sources",
                          "max_segments", "max_stalled_segments", "min_quota_hours", "segment_grace_seconds"}
         return {k: v for k, v in self.model_dump().items() if k not in launcher_only}
 

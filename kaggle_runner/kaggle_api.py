@@ -159,8 +159,8 @@ class KaggleGateway:
         return self._api.build_kaggle_client()
 
     # -- kernels -------------------------------------------------------------------------------------
-    def current_version(self, ref: str) -> int | None:
-        """The kernel's newest version number, or None if the kernel does not exist yet."""
+    def current_version(self, ref: str) -> tuple[int, int] | None:
+        """(newest version number, kernel id), or None if the kernel does not exist yet."""
         from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelRequest
 
         owner, slug = ref.split("/")
@@ -177,7 +177,8 @@ class KaggleGateway:
             if exc.status == 404:
                 return None
             raise
-        return response.metadata.current_version_number or None
+        number = response.metadata.current_version_number
+        return (number, response.metadata.id) if number else None
 
     def push(self, folder: Path, timeout_seconds: int | None, known_version: int | None) -> PushResult:
         """Push once. If the push fails in a way that may have landed, look before trying again."""
@@ -192,10 +193,10 @@ class KaggleGateway:
                 if not _is_transient(exc) or attempt == self.attempts:
                     raise explain(exc, f"pushing {ref}") from None
                 landed = self.current_version(ref)
-                if landed is not None and landed != known_version:
-                    self.notify(f"note: the push of {ref} failed ({type(exc).__name__}) but version {landed} "
+                if landed is not None and landed[0] != known_version:
+                    self.notify(f"note: the push of {ref} failed ({type(exc).__name__}) but version {landed[0]} "
                                 "landed; following it")
-                    return PushResult(landed, 0, "")
+                    return PushResult(landed[0], landed[1], "")
                 delay = self.base_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
                 self.notify(f"note: pushing {ref} failed ({_status_of(exc) or type(exc).__name__}); "
                             f"nothing landed, pushing again in {delay:.1f}s")
@@ -240,6 +241,14 @@ class KaggleGateway:
             if not token:
                 return files, log
 
+    def download(self, ref: str, version: int, target: Path, pattern: str, force: bool = False) -> int:
+        """Output files matching `pattern` into `target` (the client resumes partial files); bytes fetched."""
+        before = _tree_size(target)
+        self.call(f"downloading output of {ref} v{version}",
+                  lambda: self._api.kernels_output(f"{ref}/{version}", str(target), file_pattern=pattern,
+                                                   force=force, quiet=True))
+        return max(0, _tree_size(target) - before)
+
     def log(self, ref: str, version: int) -> str:
         return self.call(f"reading the log of {ref} v{version}", lambda: self._api.kernels_logs(f"{ref}/{version}"))
 
@@ -273,6 +282,25 @@ class KaggleGateway:
                 return None
             raise
 
+    def dataset_version(self, ref: str) -> int | None:
+        """The dataset's newest version number, or None if it does not exist."""
+        from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetRequest
+
+        owner, slug = ref.split("/")
+
+        def get():
+            with self._sdk() as kaggle:
+                request = ApiGetDatasetRequest()
+                request.owner_slug, request.dataset_slug = owner, slug
+                return kaggle.datasets.dataset_api_client.get_dataset(request)
+
+        try:
+            return self.call(f"looking up dataset {ref}", get).current_version_number or None
+        except KaggleApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def create_dataset(self, folder: Path) -> None:
         response = self.call("creating the checkpoint dataset",
                              lambda: self._api.dataset_create_new(str(folder), public=False, quiet=True))
@@ -285,3 +313,7 @@ class KaggleGateway:
                                                                       delete_old_versions=True))
         if response.status != "ok" and response.error:
             raise KaggleApiError(f"Kaggle refused the checkpoint dataset version: {response.error}")
+
+
+def _tree_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0

@@ -1,7 +1,94 @@
-"""The background emulator that --local starts for a workspace."""
+"""The background emulator that --local starts for a workspace, and its local-only credentials.
 
-from kaggle_runner.errors import NotImplementedYet
+Those credentials are the emulator's own (a random key, 0600 in the workspace), never a Kaggle account's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from kaggle_runner.credentials import Credentials
+from kaggle_runner.errors import KaggleRunnerError
+
+LOCAL_USER = "local"
 
 
-def stop_background_emulator(*_args, **_kwargs):
-    raise NotImplementedYet("emulator stop")
+def _folder(workspace: Path) -> Path:
+    folder = Path(workspace) / "emulator"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def local_credentials(workspace: Path) -> Credentials:
+    path = _folder(workspace) / "local-credentials.json"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"username": LOCAL_USER, "key": secrets.token_hex(16)}, handle)
+    data = json.loads(path.read_text())
+    return Credentials(data["username"], key=data["key"], source="local emulator")
+
+
+def _alive(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/healthz", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+def ensure_background_emulator(workspace: Path, startup_timeout: float = 60) -> str:
+    """The URL of this workspace's emulator, starting it (detached, state kept in the workspace) if needed."""
+    folder = _folder(workspace)
+    info_path = folder / "server.json"
+    if info_path.exists():
+        url = json.loads(info_path.read_text())["url"]
+        if _alive(url):
+            return url
+    credentials = local_credentials(workspace)
+    ready = folder / "ready.json"
+    ready.unlink(missing_ok=True)
+    env = {**os.environ, "KAGGLE_RUNNER_EMULATOR_KEY": credentials.key or ""}
+    with open(folder / "server.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kaggle_runner.cli", "emulator", "serve", "--port", "0",
+             "--data-dir", str(folder / "data"), "--username", credentials.username or LOCAL_USER,
+             "--ready-file", str(ready)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.time() + startup_timeout
+    while time.time() < deadline:
+        if ready.exists():
+            url = json.loads(ready.read_text())["url"]
+            info_path.write_text(json.dumps({"url": url, "pid": process.pid}))
+            if _alive(url):
+                return url
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise KaggleRunnerError(f"the local emulator did not start; see {folder / 'server.log'}")
+
+
+def stop_background_emulator(workspace: Path) -> str:
+    info_path = _folder(workspace) / "server.json"
+    if not info_path.exists():
+        return "No local emulator is running for this workspace."
+    info = json.loads(info_path.read_text())
+    try:
+        os.killpg(info["pid"], signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        info_path.unlink(missing_ok=True)
+        return "The local emulator had already stopped."
+    for _ in range(100):
+        if not _alive(info["url"]):
+            break
+        time.sleep(0.1)
+    info_path.unlink(missing_ok=True)
+    return f"Stopped the local emulator at {info['url']} (its data stays in the workspace)."

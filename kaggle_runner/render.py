@@ -125,7 +125,8 @@ def kernel_metadata(config: RunConfig, username: str, code_file: str,
 
 
 def render_kernel(config: RunConfig, out_dir: str | Path, username: str,
-                  dataset_sources: list[str] | None = None) -> RenderedKernel:
+                  extra_dataset_sources: list[str] | None = None) -> RenderedKernel:
+    """The kernel folder; the config's dataset_sources are attached, plus any extra (the chain's dataset)."""
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     script = render_script(config)
@@ -135,7 +136,8 @@ def render_kernel(config: RunConfig, out_dir: str | Path, username: str,
     else:
         code_file = folder / SCRIPT_NAME
         code_file.write_text(script, encoding="utf-8")
-    metadata = kernel_metadata(config, username, code_file.name, dataset_sources)
+    sources = list(dict.fromkeys([*config.dataset_sources, *(extra_dataset_sources or [])]))
+    metadata = kernel_metadata(config, username, code_file.name, sources)
     metadata_file = folder / METADATA_NAME
     metadata_file.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     return RenderedKernel(folder, code_file, metadata_file, metadata)

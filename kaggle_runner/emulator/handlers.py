@@ -168,6 +168,12 @@ def get_dataset_status(ctx: Context, body: dict) -> dict:
     return {"status": ctx.backend.dataset_status(_required(body, "ownerSlug"), _required(body, "datasetSlug"))}
 
 
+def get_dataset(ctx: Context, body: dict) -> dict:
+    dataset = ctx.backend.get_dataset(_required(body, "ownerSlug"), _required(body, "datasetSlug"))
+    return {"id": dataset.id, "ref": f"{dataset.owner}/{dataset.slug}", "title": dataset.title,
+            "isPrivate": dataset.is_private, "currentVersionNumber": len(dataset.versions)}
+
+
 RPCS: dict[tuple[str, str], Callable[[Context, dict], dict]] = {
     ("kernels.KernelsApiService", "SaveKernel"): save_kernel,
     ("kernels.KernelsApiService", "GetKernelSessionStatus"): get_kernel_session_status,
@@ -181,4 +187,5 @@ RPCS: dict[tuple[str, str], Callable[[Context, dict], dict]] = {
     ("datasets.DatasetApiService", "CreateDatasetVersion"): create_dataset_version,
     ("datasets.DatasetApiService", "CreateDatasetVersionById"): create_dataset_version_by_id,
     ("datasets.DatasetApiService", "GetDatasetStatus"): get_dataset_status,
+    ("datasets.DatasetApiService", "GetDataset"): get_dataset,
 }

@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -244,6 +245,11 @@ def serve_forever(host: str, port: int, data_dir: Path, username: str, key: str,
     if ready_file is not None:
         ready_file.write_text(json.dumps({"url": server.url, "port": server.port}))
     server.runner.start_queued()
+
+    def stop(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.server.serve_forever()
     except KeyboardInterrupt:

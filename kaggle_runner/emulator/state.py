@@ -106,7 +106,7 @@ class Backend:
     def __init__(self, data_dir: Path, username: str, session_limit: float | None = None,
                  dataset_delay: float = 0.0, clock: Callable[[], float] = time.time,
                  kill_grace_seconds: float = 10.0):
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()  # kernels run with their own cwd
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.username = username
         self.session_limit = session_limit or DEFAULT_SESSION_LIMIT

@@ -1,0 +1,94 @@
+"""Kernel outputs on the laptop side: the manifest, checksums, what a resume needs, the dataset folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from kaggle_runner.errors import KaggleRunnerError
+
+MANIFEST = "manifest.json"
+RUN_STATE = "run_state.json"
+BEST_MODEL = "best_model.pt"
+SMALL_FILES = (MANIFEST, RUN_STATE, "training_history.json")
+FORMAT = 1
+
+
+class ArtifactError(KaggleRunnerError):
+    pass
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.exists():
+        return {"kaggle_runner_manifest": FORMAT, "files": {}}
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    manifest.setdefault("files", {})
+    return manifest
+
+
+def verified(folder: Path, relpath: str, info: dict) -> bool:
+    path = folder / relpath
+    return path.is_file() and path.stat().st_size == info.get("size") and sha256_of(path) == info.get("sha256")
+
+
+def checkpoints_newest_first(manifest: dict) -> list[str]:
+    entries = [(info.get("global_step", -1), rel) for rel, info in manifest["files"].items()
+               if info.get("kind") == "checkpoint"]
+    return [rel for _, rel in sorted(entries, reverse=True)]
+
+
+def exact_pattern(names: list[str]) -> str:
+    """A regex for the client's file_pattern that matches exactly these output names."""
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def build_resume_dataset(source: Path, target: Path, checkpoint: str, dataset_ref: str, title: str) -> int:
+    """A flat folder (Kaggle datasets take top-level files) with the checkpoint, best model and manifest.
+
+    Files are hard-linked from the downloaded outputs, and the manifest is rewritten for the flat names,
+    so the kernel verifies exactly what it resumes from. Returns the bytes to upload.
+    """
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    manifest = read_manifest(source)
+    files = {}
+    for rel in (checkpoint, BEST_MODEL):
+        info = manifest["files"].get(rel)
+        if info is None or not verified(source, rel, info):
+            if rel == BEST_MODEL:
+                continue  # no evaluation improved yet: nothing to carry
+            raise ArtifactError(f"{source / rel} does not match its checksum")
+        flat = Path(rel).name
+        try:
+            os.link(source / rel, target / flat)
+        except OSError:
+            shutil.copyfile(source / rel, target / flat)
+        files[flat] = info
+    (target / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2))
+    (target / "dataset-metadata.json").write_text(json.dumps({
+        "id": dataset_ref, "title": title, "licenses": [{"name": "CC0-1.0"}],
+        "description": "Checkpoint for the next segment of a kaggle-runner resume chain.",
+    }, indent=2))
+    return sum((target / name).stat().st_size for name in files)
+
+
+def dataset_title(slug: str) -> str:
+    title = f"{slug} checkpoints"
+    return title[:50] if len(title) >= 6 else f"{title} data"

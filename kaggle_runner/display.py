@@ -1,0 +1,115 @@
+"""What the user sees: progress lines, notes, transfer bars, the status table. Rich, on stderr/stdout."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+
+from rich.console import Console as RichConsole
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def _eta(seconds: float | None) -> str:
+    return str(timedelta(seconds=int(seconds))) if seconds is not None else "?"
+
+
+class Console:
+    """Output for commands: say() for results, note() for one-line warnings and retries, on stderr."""
+
+    def __init__(self, quiet: bool = False):
+        self.out = RichConsole(highlight=False, soft_wrap=True)
+        self.err = RichConsole(stderr=True, highlight=False, soft_wrap=True)
+        self.quiet = quiet
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            self.out.print(message, markup=False)
+
+    def note(self, message: str) -> None:
+        self.err.print(message, style="yellow", markup=False)
+
+    def raw(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def kernel_event(self, segment: int, version: int, event: dict) -> None:
+        if self.quiet:
+            return
+        prefix = f"  [seg {segment} v{version}]"
+        kind = event.get("event")
+        if kind == "progress":
+            self.say(f"{prefix} step {event['global_step']}/{event['total_steps']}  epoch {event['epoch']}  "
+                     f"loss {event['loss']:.4f}  {event['tokens_per_second']:,.0f} tok/s  "
+                     f"ETA {_eta(event.get('eta_seconds'))}")
+        elif kind == "eval":
+            self.say(f"{prefix} eval step {event['step']}: val loss {event['val_loss']:.4f}, "
+                     f"perplexity {event['perplexity']:.1f}")
+        elif kind == "start" and event.get("resumed_from"):
+            self.say(f"{prefix} resumed at step {event['global_step']} of {event['total_steps']}")
+        elif kind == "sample":
+            self.say(f"{prefix} sample: {event['text']!r}")
+        elif kind == "oom":
+            self.note(f"{prefix} out of memory: micro-batch now {event['micro_batch_size']}")
+
+    @contextlib.contextmanager
+    def transfer(self, total: int) -> Iterator[Callable[[str], None]]:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=self.err, transient=True, disable=self.quiet) as progress:
+            task = progress.add_task("fetching outputs", total=total)
+
+            def advance(name: str) -> None:
+                progress.update(task, advance=1, description=f"fetching {name}")
+
+            yield advance
+
+
+def print_status(result: dict | list[dict]) -> None:
+    console = RichConsole(highlight=False)
+    if isinstance(result, list):
+        if not result:
+            console.print("No runs yet. Start one with `kaggle-runner launch`.")
+            return
+        table = Table("state", "segment", "version", "kaggle", "step", "val loss")
+        table.add_column("run", no_wrap=True)
+        table.add_column("reason", no_wrap=True, overflow="ellipsis", max_width=60)
+        for run in result:
+            step = f"{run['global_step']}/{run['total_steps']}" if run["total_steps"] else str(run["global_step"])
+            val = f"{run['val_loss']:.4f}" if run["val_loss"] is not None else ""
+            table.add_row(run["state"], str(run["segment"]), str(run["kernel_version"] or ""),
+                          run["kaggle_status"] or "", step, val, run["name"], run["reason"])
+        console.print(table)
+        return
+    run = result
+    lines = [
+        f"Run {run['name']}: {run['state']}" + (f" ({run['reason']})" if run["reason"] else ""),
+        f"  kernel {run['kernel']}" + ("  [local emulator]" if run["local"] else ""),
+        f"  segment {run['segment']}, version {run['kernel_version']}, Kaggle status {run['kaggle_status']}",
+        f"  step {run['global_step']}/{run['total_steps']}, epoch {run['epoch']}, train loss {run['train_loss']}, "
+        f"val loss {run['val_loss']}",
+        f"  checkpoint on hand: {run['checkpoint'] or 'none yet'}; GPU time {run['gpu_hours']:.2f} h",
+        f"  next: {run['next_action']}",
+    ]
+    console.print("\n".join(lines), markup=False)
+    table = Table("segment", "version", "kaggle", "step", "phase", "resumed from", "down", "up")
+    for s in run["segments"]:
+        table.add_row(str(s["index"]), str(s["kernel_version"] or ""), s["kaggle_status"] or "",
+                      str(s["global_step"] or ""), s["phase"], s["resume_from"] or "",
+                      f"{s['bytes_downloaded'] / 2**20:.1f} MiB", f"{s['bytes_uploaded'] / 2**20:.1f} MiB")
+    console.print(table)
+
+
+def print_bench(result: dict) -> None:
+    console = RichConsole(highlight=False)
+    config = result["config"]
+    shape = (f"n_embd {config['n_embd']} x {config['n_layer']} layers, {config['micro_batch_size']} x "
+             f"{config['max_length']} tokens x {config['gradient_accumulation_steps']} accumulation")
+    console.print(f"kaggle-runner bench on {result['device']} ({result.get('device_name', '')}), {config['dtype']}, "
+                  f"{shape}", markup=False)
+    mfu = "n/a (no known peak for this device)" if result["mfu"] is None else f"{result['mfu']:.1%}"
+    console.print(f"  {result['tokens_per_second']:,.0f} tokens/s, {result['step_time_ms']:.1f} ms per optimizer "
+                  f"step, peak memory {result['peak_memory_mb']:.0f} MiB, MFU {mfu}", markup=False)
+    console.print(f"  FLOPs per token {result['flops_per_token']:.3g} ({result['flops_formula']}); "
+                  f"measured {datetime.now():%Y-%m-%d %H:%M}", markup=False)
