@@ -66,20 +66,25 @@ class Console:
             yield advance
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def print_status(result: dict | list[dict]) -> None:
     console = RichConsole(highlight=False)
     if isinstance(result, list):
         if not result:
             console.print("No runs yet. Start one with `kaggle-runner launch`.")
             return
-        table = Table("state", "segment", "version", "kaggle", "step", "val loss")
-        table.add_column("run", no_wrap=True)
-        table.add_column("reason", no_wrap=True, overflow="ellipsis", max_width=60)
+        table = Table()
+        for header in ("run", "state", "seg", "ver", "kaggle", "step", "val loss"):
+            table.add_column(header, no_wrap=True)
+        table.add_column("reason", overflow="ellipsis", no_wrap=True, min_width=12)
         for run in result:
             step = f"{run['global_step']}/{run['total_steps']}" if run["total_steps"] else str(run["global_step"])
             val = f"{run['val_loss']:.4f}" if run["val_loss"] is not None else ""
-            table.add_row(run["state"], str(run["segment"]), str(run["kernel_version"] or ""),
-                          run["kaggle_status"] or "", step, val, run["name"], run["reason"])
+            table.add_row(run["name"], run["state"], str(run["segment"]), str(run["kernel_version"] or ""),
+                          run["kaggle_status"] or "", step, val, run["reason"])
         console.print(table)
         return
     run = result
@@ -87,13 +92,13 @@ def print_status(result: dict | list[dict]) -> None:
         f"Run {run['name']}: {run['state']}" + (f" ({run['reason']})" if run["reason"] else ""),
         f"  kernel {run['kernel']}" + ("  [local emulator]" if run["local"] else ""),
         f"  segment {run['segment']}, version {run['kernel_version']}, Kaggle status {run['kaggle_status']}",
-        f"  step {run['global_step']}/{run['total_steps']}, epoch {run['epoch']}, train loss {run['train_loss']}, "
-        f"val loss {run['val_loss']}",
+        f"  step {run['global_step']}/{run['total_steps']}, epoch {run['epoch']}, "
+        f"train loss {_number(run['train_loss'])}, val loss {_number(run['val_loss'])}",
         f"  checkpoint on hand: {run['checkpoint'] or 'none yet'}; GPU time {run['gpu_hours']:.2f} h",
         f"  next: {run['next_action']}",
     ]
     console.print("\n".join(lines), markup=False)
-    table = Table("segment", "version", "kaggle", "step", "phase", "resumed from", "down", "up")
+    table = Table("segment", "version", "kaggle", "step", "phase", "checkpoint handed on", "down", "up")
     for s in run["segments"]:
         table.add_row(str(s["index"]), str(s["kernel_version"] or ""), s["kaggle_status"] or "",
                       str(s["global_step"] or ""), s["phase"], s["resume_from"] or "",

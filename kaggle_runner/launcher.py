@@ -104,6 +104,12 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
     username = gateway.username
     if not username:
         raise KaggleRunnerError("the Kaggle client did not report a username for these credentials")
+    if config.min_quota_hours > 0:
+        quota = gateway.quota()
+        left = (quota["total_seconds"] - quota["used_seconds"]) / 3600
+        if left < config.min_quota_hours:
+            raise KaggleRunnerError(f"only {left:.1f} GPU hours of quota left this week, less than min_quota_hours "
+                                    f"({config.min_quota_hours}); wait for the reset ({quota['refresh']} UTC)")
     kernel_ref = f"{username}/{config.slug}"
     for other in store.list_runs():
         if other.kernel_ref == kernel_ref and other.state not in FINAL_STATES and bool(other.local) == local:

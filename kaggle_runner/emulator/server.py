@@ -56,6 +56,7 @@ class EmulatorApp:
         self._key = key
         self._token = token
         self.base_url = ""  # set once the server knows its port
+        self.request_count = 0  # lets tests prove that bad input sent nothing
 
     # -- authentication ------------------------------------------------------------------------------
     def authenticate(self, request: Request) -> str:
@@ -186,6 +187,8 @@ class EmulatorApp:
 
     # -- WSGI ----------------------------------------------------------------------------------------
     def dispatch(self, request: Request) -> Response:
+        if not request.path.startswith(("/admin/", "/healthz")):
+            self.request_count += 1
         adapter = URLS.bind_to_environ(request.environ)
         try:
             endpoint, values = adapter.match()

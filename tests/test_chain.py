@@ -1,0 +1,64 @@
+"""The chain's decisions, without a server: every guardrail and its stated reason."""
+
+from __future__ import annotations
+
+from kaggle_runner.chain import Decision, SegmentOutcome, decide, overran
+
+
+def outcome(status="COMPLETE", reason="time_budget", step=40, checkpoint=True, run_status="incomplete",
+            message=None):
+    state = {"status": run_status, "reason": reason, "global_step": step, "message": message or ""}
+    return SegmentOutcome(status, None, state, checkpoint)
+
+
+def choose(result, previous=(), segments=1, max_segments=6, max_stalled=2, quota=None, min_quota=1.0) -> Decision:
+    return decide(result, list(previous), segments, max_segments, max_stalled, quota, min_quota)
+
+
+def test_complete_run_completes():
+    assert choose(outcome(run_status="complete", reason="complete")).action == "complete"
+
+
+def test_time_budget_and_platform_kill_resume():
+    assert choose(outcome()).action == "resume"
+    killed = SegmentOutcome("CANCEL_ACKNOWLEDGED", "exceeded the max allowed execution duration", None, True)
+    assert choose(killed, previous=[10]).action == "resume"
+
+
+def test_error_after_progress_resumes_but_error_before_first_step_fails():
+    crashed = SegmentOutcome("ERROR", "exit code 1", {"status": "incomplete", "reason": "error",
+                                                      "global_step": 30}, True)
+    assert choose(crashed, previous=[10]).action == "resume"
+    broken = SegmentOutcome("ERROR", "SyntaxError", None, False)
+    decision = choose(broken)
+    assert decision.action == "fail" and "before its first training step" in decision.reason
+    assert decision.final_state == "failed"
+
+
+def test_fatal_kernel_reasons_fail_without_relaunching():
+    for reason in ("data_error", "out_of_memory", "config_error", "resume_error"):
+        decision = choose(outcome(reason=reason, message="details here"))
+        assert decision.action == "fail" and "details here" in decision.reason
+
+
+def test_segments_without_progress_stop_the_chain():
+    assert choose(outcome(step=40), previous=[40], segments=2).action == "resume"
+    decision = choose(outcome(step=40), previous=[10, 40, 40], segments=4)
+    assert decision.action == "stop" and "without progress" in decision.reason
+    assert decision.final_state == "stopped"
+
+
+def test_max_segments_stops_with_how_to_continue():
+    decision = choose(outcome(step=90), previous=[30, 60], segments=3, max_segments=3)
+    assert decision.action == "stop" and "--max-segments 5" in decision.reason
+
+
+def test_low_quota_stops():
+    decision = choose(outcome(), quota=0.5, min_quota=1.0)
+    assert decision.action == "stop" and "0.5 GPU hours" in decision.reason
+    assert choose(outcome(), quota=5.0, min_quota=1.0).action == "resume"
+
+
+def test_launcher_deadline_past_kaggles_limit():
+    assert not overran(pushed_at=0, now=100, session_timeout=90, grace=30)
+    assert overran(pushed_at=0, now=121, session_timeout=90, grace=30)

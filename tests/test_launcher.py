@@ -1,0 +1,232 @@
+"""The launcher and its resume chain, end to end: the CLI, the real kaggle client, the emulator, real kernels."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kaggle_runner.cli import cli
+from kaggle_runner.config import load_preset
+from kaggle_runner.emulator.server import EmulatorServer
+from kaggle_runner.launcher import run_status
+from kaggle_runner.render import render_kernel
+from tests.emulator_helpers import KEY, USER, admin
+from tests.kernel_helpers import run_kernel
+
+pytestmark = pytest.mark.slow
+
+# The tiny model with short sessions: each segment trains a few seconds after ~8 s of start-up, so a
+# run of 60 steps needs several segments, stopped by the kernel's real time budget.
+CHAIN = ["max_steps=60", "eval_steps=20", "save_steps=10", "log_steps=10", "sample_tokens=5",
+         "session_timeout_seconds=16", "safety_margin_seconds=2", "segment_grace_seconds=20",
+         "max_segments=12", "min_quota_hours=0"]
+
+
+@pytest.fixture
+def emulator(tmp_path):
+    with EmulatorServer(tmp_path / "emu", username=USER, key=KEY, kill_grace_seconds=5) as server:
+        yield server
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, emulator, cli_runner):
+    """A project folder with a tiny config and credentials for the emulator in the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KAGGLE_USERNAME", USER)
+    monkeypatch.setenv("KAGGLE_KEY", KEY)
+    monkeypatch.setenv("KAGGLE_RUNNER_API_ENDPOINT", emulator.url)
+    assert cli_runner.invoke(cli, ["init", "--preset", "tiny"]).exit_code == 0
+    return tmp_path
+
+
+def sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The same training without interruption, to compare a chain's result against."""
+    tmp = tmp_path_factory.mktemp("straight")
+    config = load_preset("tiny", [*CHAIN, "session_timeout_seconds=3600"])
+    run = run_kernel(render_kernel(config, tmp / "kernel", USER).code_file, tmp / "working")
+    assert run.returncode == 0, run.stdout[-2000:]
+    return run.working
+
+
+def final_weights(folder: Path) -> dict:
+    return torch.load(folder / "checkpoints/checkpoint_epoch1_step60.pt", weights_only=False)["model"]
+
+
+def test_chain_survives_faults_and_ends_with_the_uninterrupted_model(project, emulator, cli_runner, straight_run):
+    admin(emulator.url, "faults", {"fail": {"GetKernelSessionStatus": [429, 500], "ListKernelSessionOutput": [503],
+                                            "SaveKernel": [503], "GetDatasetStatus": [500]},
+                                   "drop_downloads": 1})
+    result = cli_runner.invoke(cli, ["launch", "--name", "demo", *sets(CHAIN)])
+    assert result.exit_code == 0, result.output
+    assert "note:" in result.output and "Traceback" not in result.output  # retries shown as one-liners
+    status = run_status(".kaggle-runner", "demo")
+    assert status["state"] == "complete", status
+    versions = [s["kernel_version"] for s in status["segments"]]
+    assert len(versions) >= 3 and versions == list(range(1, len(versions) + 1))
+    chained_weights = final_weights(project / "outputs/demo")
+    for name, tensor in final_weights(straight_run).items():
+        assert torch.equal(tensor, chained_weights[name]), name
+    straight = json.loads((straight_run / "training_history.json").read_text())
+    chained = json.loads((project / "outputs/demo/training_history.json").read_text())
+    assert [(h["step"], h["val_loss"]) for h in chained] == [(h["step"], h["val_loss"]) for h in straight]
+    # Each resume moved one checkpoint plus best_model.pt, not every rotated checkpoint.
+    for segment in status["segments"][:-1]:
+        checkpoint = Path("outputs/demo") / "checkpoints"
+        assert 0 < segment["bytes_uploaded"] < 3 * max(p.stat().st_size for p in checkpoint.iterdir())
+    # Credentials reach no file the launcher wrote, nor anything pushed.
+    for path in [*Path(".kaggle-runner").rglob("*"), *Path("outputs").rglob("*"),
+                 *(emulator.backend.data_dir / "kernels").rglob("*")]:
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+    as_json = json.loads(cli_runner.invoke(cli, ["status", "demo", "--json"]).output)
+    assert {"name", "state", "reason", "segments"} <= set(as_json)
+    assert {"index", "kernel_version", "kaggle_status", "global_step"} <= set(as_json["segments"][0])
+    listing = json.loads(cli_runner.invoke(cli, ["status", "--json"]).output)
+    assert [r["name"] for r in listing] == ["demo"]
+    assert "Training complete" in cli_runner.invoke(cli, ["logs", "demo"]).output
+
+
+def test_fetch_verifies_skips_and_repairs(project, emulator, cli_runner):
+    result = cli_runner.invoke(cli, ["launch", "--name", "short", *sets([*CHAIN, "max_steps=10",
+                                                                          "session_timeout_seconds=300"])])
+    assert result.exit_code == 0, result.output
+    target = project / "fetched"
+    assert cli_runner.invoke(cli, ["fetch", "short", "-o", str(target)]).exit_code == 0
+    manifest = json.loads((target / "manifest.json").read_text())
+    best = target / "best_model.pt"
+    stamp = best.stat().st_mtime_ns
+    assert cli_runner.invoke(cli, ["fetch", "short", "-o", str(target)]).exit_code == 0
+    assert best.stat().st_mtime_ns == stamp  # verified and skipped, not downloaded again
+    best.write_bytes(best.read_bytes()[: manifest["files"]["best_model.pt"]["size"] // 3])  # a partial file
+    assert cli_runner.invoke(cli, ["fetch", "short", "-o", str(target)]).exit_code == 0
+    from kaggle_runner.artifacts import verified
+
+    assert all(verified(target, rel, info) for rel, info in manifest["files"].items())
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        ["best_model.pt", "checkpoints", "final_model", "manifest.json", "run_state.json",
+         "training_history.json", "kaggle-runner-tiny.log"])
+
+
+def _launcher(*args, env):
+    return subprocess.run([sys.executable, "-m", "kaggle_runner.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_launcher_killed_at_every_transition_resumes_without_duplicates(project, emulator, straight_run):
+    points = ["after_push", "after_end", "mid_download", "before_upload", "after_upload"]
+    env = {**os.environ, "KAGGLE_RUNNER_TEST_KILL_AT": ",".join(points)}
+    result = _launcher("launch", "--name", "killed", *sets(CHAIN), env=env)
+    kills = 0
+    while result.returncode == -9:
+        kills += 1
+        assert kills <= len(points), result.stdout + result.stderr
+        result = _launcher("watch", "killed", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert kills == len(points)
+    assert sorted(Path(".kaggle-runner/kill-points-fired").read_text().split()) == sorted(points)
+    status = run_status(".kaggle-runner", "killed")
+    assert status["state"] == "complete"
+    versions = [s["kernel_version"] for s in status["segments"]]
+    kernel = emulator.backend.get_kernel(USER, "kaggle-runner-tiny")
+    assert versions == list(range(1, len(kernel.versions) + 1))  # no version pushed twice
+    dataset = emulator.backend.get_dataset(USER, "kaggle-runner-tiny-ckpt")
+    assert len(dataset.versions) == len(versions) - 1  # no checkpoint uploaded twice
+    killed_weights = final_weights(project / "outputs/killed")
+    for name, tensor in final_weights(straight_run).items():
+        assert torch.equal(tensor, killed_weights[name]), name
+
+
+def test_no_progress_stops_the_chain(project, cli_runner):
+    # The kernel's own budget (1 s) ends before training starts: every segment saves step 0 and stops.
+    result = cli_runner.invoke(cli, ["launch", "--name", "stalled", *sets(
+        [*CHAIN, "session_timeout_seconds=60", "safety_margin_seconds=59", "max_stalled_segments=2"])])
+    assert result.exit_code == 0, result.output
+    status = run_status(".kaggle-runner", "stalled")
+    assert status["state"] == "stopped" and "without progress" in status["reason"]
+    assert len(status["segments"]) == 3
+
+
+def test_max_segments_then_resume_by_hand(project, cli_runner):
+    result = cli_runner.invoke(cli, ["launch", "--name", "capped", *sets([*CHAIN, "max_segments=1"])])
+    assert result.exit_code == 0, result.output
+    status = run_status(".kaggle-runner", "capped")
+    assert status["state"] == "stopped" and "max_segments" in status["reason"]
+    assert len(status["segments"]) == 1
+    resumed = cli_runner.invoke(cli, ["resume", "capped", "--max-segments", "2"])
+    assert resumed.exit_code == 0, resumed.output
+    status = run_status(".kaggle-runner", "capped")
+    assert len(status["segments"]) == 2 and status["segments"][1]["global_step"] > status["segments"][0]["global_step"]
+
+
+def test_failure_before_the_first_step_is_not_relaunched(project, cli_runner, emulator):
+    result = cli_runner.invoke(cli, ["launch", "--name", "broken", *sets(
+        [*CHAIN, 'dataset="text-files"', 'text_files_path="missing/*.txt"'])])
+    assert result.exit_code == 0, result.output
+    status = run_status(".kaggle-runner", "broken")
+    assert status["state"] == "failed" and "could not load its data" in status["reason"]
+    assert len(emulator.backend.get_kernel(USER, "kaggle-runner-tiny").versions) == 1
+
+
+def test_not_enough_quota_refuses_before_pushing(project, cli_runner, emulator):
+    result = cli_runner.invoke(cli, ["launch", "--name", "greedy", *sets([*CHAIN, "min_quota_hours=31"])])
+    assert result.exit_code == 1 and "quota" in result.output
+    assert not emulator.backend.kernels
+    assert "30.00 h" in cli_runner.invoke(cli, ["quota"]).output
+
+
+def test_cancel_stops_the_version_and_the_chain(project, cli_runner, emulator):
+    result = cli_runner.invoke(cli, ["launch", "--name", "long", "--detach", *sets(
+        [*CHAIN, "max_steps=100000", "session_timeout_seconds=600"])])
+    assert result.exit_code == 0, result.output
+    time.sleep(2)
+    cancelled = cli_runner.invoke(cli, ["cancel", "long"])
+    assert cancelled.exit_code == 0 and "Cancelled run long" in cancelled.output, cancelled.output
+    for _ in range(100):
+        if emulator.backend.get_kernel(USER, "kaggle-runner-tiny").versions[0].status == "CANCEL_ACKNOWLEDGED":
+            break
+        time.sleep(0.2)
+    assert emulator.backend.get_kernel(USER, "kaggle-runner-tiny").versions[0].status == "CANCEL_ACKNOWLEDGED"
+    assert run_status(".kaggle-runner", "long")["state"] == "cancelled"
+    assert "is cancelled" in cli_runner.invoke(cli, ["watch", "long"]).output
+
+
+@pytest.mark.parametrize("override", ["n_head=7", "batch_size=0", "max_checkpoints=0", 'slug="Bad Slug"',
+                                      'machine_shape="TPU9000"', "no_such_key=1", 'title="Other Title"'])
+def test_bad_config_sends_nothing_and_records_nothing(project, cli_runner, emulator, override):
+    result = cli_runner.invoke(cli, ["launch", "--set", override])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert emulator.app.request_count == 0
+    assert not Path(".kaggle-runner/runs.sqlite").exists() or run_status(".kaggle-runner") == []
+
+
+def test_broken_toml_is_refused_with_its_line(project, cli_runner, emulator):
+    Path("kaggle-runner.toml").write_text(Path("kaggle-runner.toml").read_text() + "\nbroken = = 1\n")
+    result = cli_runner.invoke(cli, ["launch"])
+    assert result.exit_code == 1 and "line" in result.output and emulator.app.request_count == 0
+
+
+def test_credentials_missing_or_world_readable_are_explained(tmp_path, monkeypatch, cli_runner):
+    monkeypatch.chdir(tmp_path)
+    cli_runner.invoke(cli, ["init", "--preset", "tiny"])
+    result = cli_runner.invoke(cli, ["launch"])
+    assert result.exit_code == 1 and "no Kaggle credentials found" in result.output and "--local" in result.output
+    folder = Path.home() / ".kaggle"
+    folder.mkdir()
+    (folder / "kaggle.json").write_text(json.dumps({"username": USER, "key": KEY}))
+    os.chmod(folder / "kaggle.json", 0o644)
+    result = cli_runner.invoke(cli, ["launch"])
+    assert result.exit_code == 1 and "chmod 600" in result.output
+    assert KEY not in result.output
