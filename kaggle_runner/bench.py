@@ -1,7 +1,118 @@
-"""Throughput benchmark over the kernel's own training step."""
+"""Throughput benchmark over the kernel's own training step (kernel_template/kernel.py, not a copy).
 
-from kaggle_runner.errors import NotImplementedYet
+FLOPs per token = 6 * N_matmul + 12 * n_layer * n_embd * max_length, where N_matmul = 12 * n_layer * n_embd^2
+(attention and MLP weights) + padded_vocab * n_embd (the tied LM head): forward and backward matmuls plus
+attention scores (the PaLM paper's accounting, appendix B). MFU divides the achieved FLOP/s by the device's
+dense peak for the precision used.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+from kaggle_runner.config import RunConfig, load_config, load_preset
+
+# Dense peak FLOP/s by device name fragment and precision (vendor datasheets).
+PEAK_FLOPS = {
+    "T4": {"float16": 65e12, "float32": 8.1e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30e12},
+    "P100": {"float16": 18.7e12, "float32": 9.3e12},
+}
+FLOPS_FORMULA = "6*N_matmul + 12*n_layer*n_embd*max_length"
 
 
-def run_benchmark(*_args, **_kwargs):
-    raise NotImplementedYet("bench")
+def vocab_size_of(config: RunConfig) -> int:
+    return config.bpe_vocab_size if config.tokenizer == "bpe" else 50257
+
+
+def flops_per_token(config: RunConfig, padded_vocab: int) -> float:
+    matmul = 12 * config.n_layer * config.n_embd ** 2 + padded_vocab * config.n_embd
+    return 6 * matmul + 12 * config.n_layer * config.n_embd * config.max_length
+
+
+def peak_flops(device_name: str, dtype: str) -> float | None:
+    for fragment, peaks in PEAK_FLOPS.items():
+        if fragment in device_name:
+            return peaks.get(dtype)
+    return None
+
+
+def synthetic_data(config: RunConfig, vocab: int, n_windows: int) -> dict[str, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(config.seed)
+    tokens = rng.integers(0, vocab, size=n_windows * config.max_length + 1, dtype=np.int64).astype(np.uint16
+                                                                                                  if vocab < 2**16
+                                                                                                  else np.uint32)
+    return {"train": tokens, "validation": tokens, "train_windows": n_windows, "validation_windows": n_windows,
+            "tokenizer_json": None}
+
+
+def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device: str = "auto") -> dict[str, Any]:
+    import torch
+
+    from kaggle_runner.kernel_template import kernel
+
+    settings = config.kernel_config()
+    torch_device, dtype = kernel.pick_device_and_dtype(device)
+    if device == "cuda" and torch_device.type != "cuda":
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+    vocab = vocab_size_of(config)
+    windows_per_step = config.batch_size * config.gradient_accumulation_steps
+    data = synthetic_data(config, vocab, windows_per_step * (steps + warmup))
+    model = kernel.build_model(settings, vocab).to(torch_device)
+    run = kernel.build_training(settings, data, model, torch_device, dtype, total_steps=steps + warmup)
+    run["order"] = kernel.epoch_order(config.seed, 1, data["train_windows"])
+    run["model"] = kernel.maybe_compile(model, settings, torch_device)
+    model.train()
+    synchronize = torch.cuda.synchronize if torch_device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        kernel.optimizer_step(run, settings)
+    synchronize()
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = kernel.optimizer_step(run, settings)
+    float(loss)  # one host sync at the end, as the kernel does at log steps
+    synchronize()
+    elapsed = time.perf_counter() - started
+    tokens_per_second = steps * run["tokens_per_step"] / elapsed
+    if torch_device.type == "cuda":
+        peak_memory = torch.cuda.max_memory_allocated() / 2**20
+        device_name = torch.cuda.get_device_name()
+    else:
+        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        device_name = "CPU"
+    dtype_name = str(dtype).removeprefix("torch.")
+    per_token = flops_per_token(config, model.config.vocab_size)
+    peak = peak_flops(device_name, dtype_name)
+    return {
+        "tokens_per_second": tokens_per_second,
+        "step_time_ms": elapsed / steps * 1000,
+        "peak_memory_mb": peak_memory,
+        "mfu": tokens_per_second * per_token / peak if peak else None,
+        "device": torch_device.type,
+        "device_name": device_name,
+        "flops_per_token": per_token,
+        "flops_formula": FLOPS_FORMULA,
+        "peak_flops": peak,
+        "torch": torch.__version__,
+        "compiled": run["model"] is not model,
+        "config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
+                   "vocab_size": vocab, "max_length": config.max_length,
+                   "micro_batch_size": run["micro_batch_size"],
+                   "gradient_accumulation_steps": run["accumulation"], "dtype": dtype_name},
+    }
+
+
+def run_benchmark(preset: str = "tiny", config_path: str | Path | None = None, overrides=(), steps: int = 20,
+                  warmup: int = 3, device: str = "auto") -> dict[str, Any]:
+    config = load_config(config_path, overrides) if config_path else load_preset(preset, overrides)
+    return benchmark_kernel(config, steps=steps, warmup=warmup, device=device)

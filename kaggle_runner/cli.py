@@ -246,8 +246,10 @@ def emulator_stop(workspace: str) -> None:
 
 
 @cli.command()
-@click.option("--preset", type=click.Choice(["tiny", "seed"]), default="tiny", show_default=True)
-@config_option
+@click.option("--preset", type=click.Choice(["tiny", "seed"]), default="tiny", show_default=True,
+              help="The model shape to time, unless -c names a configuration.")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, exists=True),
+              help="Time this configuration's shape instead of a preset's.")
 @set_option
 @click.option("--steps", default=20, show_default=True, type=int, help="Optimizer steps to time.")
 @click.option("--warmup", default=3, show_default=True, type=int, help="Steps before timing starts.")
@@ -258,8 +260,7 @@ def bench(preset, config_path, overrides, steps, warmup, device, as_json) -> Non
     """Time the kernel's own training step: tokens/s, step time, peak memory, MFU."""
     from kaggle_runner.bench import run_benchmark
 
-    config = config_path if Path(config_path).exists() and config_path != DEFAULT_CONFIG else None
-    result = run_benchmark(preset=preset, config_path=config, overrides=overrides, steps=steps,
+    result = run_benchmark(preset=preset, config_path=config_path, overrides=overrides, steps=steps,
                            warmup=warmup, device=device)
     if as_json:
         click.echo(json.dumps(result))

@@ -55,6 +55,7 @@ class RunConfig(BaseModel):
     log_steps: int = Field(50, gt=0)
     seed: int = 42
     compile: Literal["auto", "on", "off"] = "auto"
+    world_size: int | None = Field(None, ge=1)
 
     # [checkpoints]
     save_steps: int = Field(1000, gt=0)

@@ -15,6 +15,8 @@ import os
 import random
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -50,12 +52,97 @@ def scratch_dir() -> Path:
 
 
 def log(message: str) -> None:
-    print(message, flush=True)
+    if is_primary():
+        print(message, flush=True)
 
 
 def emit(event: str, **fields) -> None:
     """One JSON line the launcher parses from the log; humans read the line printed next to it."""
-    print(json.dumps({"event": event, **fields}, default=float), flush=True)
+    if is_primary():
+        print(json.dumps({"event": event, **fields}, default=float), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes: one per GPU (Kaggle's NvidiaTeslaT4 shape has two) with DistributedDataParallel.
+# Rank 0 alone logs and writes files; every rank trains on its share of each optimizer step.
+# ---------------------------------------------------------------------------------------------------
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_primary() -> bool:
+    return rank() == 0
+
+
+def wanted_processes(config: dict) -> int:
+    return int(config.get("world_size") or max(1, torch.cuda.device_count()))
+
+
+def can_start_workers() -> bool:
+    """Workers re-run this script, as torchrun would; a notebook has no script to re-run."""
+    script = sys.argv[0] if sys.argv else ""
+    return script.endswith(".py") and os.path.isfile(script) and "RANK" not in os.environ
+
+
+def run_workers(count: int) -> int:
+    """Start one process per rank, pass SIGTERM/SIGINT on to them, and return the first failure's code."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workers = [subprocess.Popen([sys.executable, os.path.abspath(sys.argv[0])],
+                                env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(count),
+                                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+               for r in range(count)]
+
+    def forward(signum, _frame):
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    failed_at = None
+    while any(w.poll() is None for w in workers):
+        if failed_at is None and any(w.poll() not in (None, 0) for w in workers):
+            failed_at = time.time()
+        if failed_at is not None and time.time() - failed_at > 10:
+            for worker in workers:  # the survivors would wait forever in a collective
+                if worker.poll() is None:
+                    worker.kill()
+        time.sleep(0.2)
+    codes = [w.returncode for w in workers]
+    return next((code for code in codes if code != 0), 0)
+
+
+def init_distributed(device: torch.device) -> None:
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank(), world_size=world_size())
+
+
+def agree(value: int, device: torch.device) -> int:
+    """The largest `value` any rank holds: every rank takes the same decision."""
+    if world_size() == 1:
+        return value
+    import torch.distributed as dist
+
+    flag = torch.tensor([value], device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def share_tokenizer(tokenizer_json: str | None) -> str:
+    """Rank 0's tokenizer for every rank (a trained BPE must be the same everywhere)."""
+    import torch.distributed as dist
+
+    box = [tokenizer_json]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class KernelStop(Exception):
@@ -132,6 +219,8 @@ def drop_from_manifest(root: Path, relpaths) -> None:
 
 
 def write_run_state(status: str, reason: str, state: dict | None = None, message: str = "") -> None:
+    if not is_primary():
+        return
     state = state or {}
     write_json(working_dir() / RUN_STATE_NAME, {
         "status": status,
@@ -343,11 +432,13 @@ def gather_windows(tokens: np.ndarray, window_ids, length: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # Model and precision
 # ---------------------------------------------------------------------------------------------------
-def pick_device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    if torch.cuda.is_available():
+def pick_device_and_dtype(prefer: str = "auto") -> tuple[torch.device, torch.dtype]:
+    if prefer != "cpu" and torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
         # sm_75 (T4) reports bf16 as supported but emulates it slowly: decide by compute capability.
         major, _ = torch.cuda.get_device_capability()
-        return torch.device("cuda"), torch.bfloat16 if major >= 8 else torch.float16
+        return torch.device("cuda", local_rank), torch.bfloat16 if major >= 8 else torch.float16
     return torch.device("cpu"), torch.float32
 
 
@@ -383,8 +474,10 @@ def build_optimizer(model, config: dict, device: torch.device):
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config["weight_decay"]},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(0.9, 0.95),
-                             fused=device.type == "cuda")
+    try:  # fused AdamW: one kernel for all parameters, on CUDA and (torch >= 2.4) on CPU
+        return torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(0.9, 0.95), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(0.9, 0.95))
 
 
 def build_scheduler(optimizer, config: dict, total_steps: int):
@@ -434,6 +527,10 @@ def save_torch(path: Path, payload: dict) -> None:
 def save_checkpoint(run: dict, config: dict) -> str:
     root = working_dir()
     name = f"checkpoints/checkpoint_epoch{run['epoch']}_step{run['global_step']}.pt"
+    run["newest_checkpoint"] = name
+    run["last_saved_step"] = run["global_step"]
+    if not is_primary():
+        return name
     save_torch(root / name, {
         "kernel_format": KERNEL_FORMAT,
         "model": run["raw_model"].state_dict(),
@@ -444,12 +541,10 @@ def save_checkpoint(run: dict, config: dict) -> str:
         "micro_batch_size": run["micro_batch_size"], "accumulation": run["accumulation"],
         "best_val_loss": run["best_val_loss"], "history": run["history"], "rng": rng_state(),
         "config": config, "tokenizer_json": run["tokenizer_json"], "vocab_size": run["vocab_size"],
-        "total_steps": run["total_steps"],
+        "total_steps": run["total_steps"], "world_size": world_size(),
     })
     record_in_manifest(root, name, kind="checkpoint", global_step=run["global_step"], epoch=run["epoch"])
     rotate_checkpoints(root, config["max_checkpoints"])
-    run["newest_checkpoint"] = name
-    run["last_saved_step"] = run["global_step"]
     emit("checkpoint", path=name, global_step=run["global_step"], epoch=run["epoch"])
     return name
 
@@ -468,6 +563,8 @@ def rotate_checkpoints(root: Path, keep: int) -> None:
 
 
 def save_best_model(run: dict, config: dict, val_loss: float) -> None:
+    if not is_primary():
+        return
     save_torch(working_dir() / "best_model.pt", {
         "kernel_format": KERNEL_FORMAT, "model": run["raw_model"].state_dict(), "config": config,
         "global_step": run["global_step"], "epoch": run["epoch"], "val_loss": val_loss,
@@ -509,7 +606,7 @@ def restore_best_model(source_checkpoint: Path) -> None:
     info = manifest["files"].get("best_model.pt")
     source = source_checkpoint.parent / "best_model.pt"
     target = working_dir() / "best_model.pt"
-    if info and source.exists() and not target.exists() and sha256_of(source) == info["sha256"]:
+    if is_primary() and info and source.exists() and not target.exists() and sha256_of(source) == info["sha256"]:
         shutil.copyfile(source, target)
         record_in_manifest(working_dir(), "best_model.pt", **{k: v for k, v in info.items()
                                                               if k not in ("sha256", "size")})
@@ -597,20 +694,26 @@ def optimizer_step(run: dict, config: dict) -> float:
     data, device, length = run["data"], run["device"], config["max_length"]
     windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
     order = run["order"][run["position"]:run["position"] + windows_per_step]
+    share = windows_per_step // world_size()
+    mine = order[rank() * share:(rank() + 1) * share]
     while True:
+        micro = run["micro_batch_size"]
+        chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+        run["accumulation"] = len(chunks)
         try:
             run["optimizer"].zero_grad(set_to_none=True)
             total = torch.zeros((), device=device)
-            for i in range(run["accumulation"]):
+            for i, ids in enumerate(chunks):
                 if simulated_oom(run["global_step"] + 1) and i == 0:
                     raise torch.OutOfMemoryError("simulated CUDA out of memory (KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP)")
-                ids = order[i * run["micro_batch_size"]:(i + 1) * run["micro_batch_size"]]
+                if run.get("ddp") is not None:  # gradients cross processes once per optimizer step
+                    run["ddp"].require_backward_grad_sync = i == len(chunks) - 1
                 batch = gather_windows(data["train"], ids, length)
                 if device.type == "cuda":
                     batch = batch.pin_memory()
                 batch = batch.to(device, non_blocking=True)
                 with run["autocast"]():
-                    loss = lm_loss(run["model"], batch) / run["accumulation"]
+                    loss = lm_loss(run["model"], batch) / (len(mine) / len(ids))
                 if run["scaler"] is not None:
                     run["scaler"].scale(loss).backward()
                 else:
@@ -625,7 +728,7 @@ def optimizer_step(run: dict, config: dict) -> float:
                 raise KernelStop("out_of_memory", f"out of memory at micro-batch 1 ({exc}); reduce max_length, "
                                  "n_embd or n_layer") from None
             run["micro_batch_size"] //= 2
-            run["accumulation"] *= 2
+            run["accumulation"] = math.ceil(len(mine) / run["micro_batch_size"])
             log(f"Out of memory at step {run['global_step'] + 1}: micro-batch now {run['micro_batch_size']}, "
                 f"accumulation {run['accumulation']} (effective batch unchanged); retrying the step")
             emit("oom", global_step=run["global_step"] + 1, micro_batch_size=run["micro_batch_size"],
@@ -652,7 +755,8 @@ def record_evaluation(run: dict, config: dict, train_loss: float | None) -> None
              "tokens_per_second": run["tokens_this_segment"] / max(elapsed, 1e-9),
              "wall_time": run["wall_time_before"] + elapsed}
     run["history"].append(entry)
-    write_json(working_dir() / HISTORY_NAME, run["history"])
+    if is_primary():
+        write_json(working_dir() / HISTORY_NAME, run["history"])
     log(f"  eval  step {entry['step']:>6}  val loss {val_loss:.4f}  perplexity {entry['perplexity']:.2f}")
     emit("eval", **entry)
     if run["best_val_loss"] is None or val_loss < run["best_val_loss"]:
@@ -673,6 +777,14 @@ def log_progress(run: dict, config: dict, loss: float) -> None:
          eta_seconds=remaining, gpu_memory_mb=memory)
 
 
+STOP_REASONS = (None, "time_budget", "interrupted")
+
+
+def agreed_stop_reason(run: dict) -> str | None:
+    """A stop every rank takes at the same step (the signal or deadline may reach them at different times)."""
+    return STOP_REASONS[agree(STOP_REASONS.index(stop_reason(run)), run["device"])]
+
+
 def stop_reason(run: dict) -> str | None:
     if STOP_REQUEST["signal"]:
         return "interrupted"
@@ -690,12 +802,12 @@ def train(run: dict, config: dict) -> str:
     windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
     last_loss = None
     while run["global_step"] < run["total_steps"]:
-        reason = stop_reason(run)
+        reason = agreed_stop_reason(run)
         if reason:
             return reason
         if run["position"] + windows_per_step > len(run["order"]):  # epoch end: leftover windows wait
             record_evaluation(run, config, last_loss)
-            if config["sample_tokens"]:
+            if config["sample_tokens"] and is_primary():
                 text = sample_text(run, config)
                 log(f"  sample after epoch {run['epoch']}: {text!r}")
                 emit("sample", epoch=run["epoch"], text=text)
@@ -703,7 +815,17 @@ def train(run: dict, config: dict) -> str:
             run["position"] = 0
             run["order"] = epoch_order(config["seed"], run["epoch"], run["data"]["train_windows"])
             continue
-        loss = optimizer_step(run, config)
+        try:
+            loss = optimizer_step(run, config)
+        except (KernelStop, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            if run["model"] is run["eager_model"]:
+                raise
+            # torch.compile fails lazily, at the first step: fall back to eager and redo the step.
+            log(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:300]}); training uncompiled")
+            run["model"] = run["eager_model"]
+            continue
         run["tokens_this_segment"] += run["tokens_per_step"]
         step = run["global_step"]
         if step % config["log_steps"] == 0 or step == run["total_steps"]:
@@ -721,6 +843,8 @@ def finish(run: dict, config: dict) -> None:
     """final_model/ in Hugging Face format: loads with AutoModelForCausalLM and AutoTokenizer."""
     from transformers import PreTrainedTokenizerFast
 
+    if not is_primary():
+        return
     target = working_dir() / "final_model"
     run["raw_model"].save_pretrained(target)
     PreTrainedTokenizerFast(tokenizer_object=run["data"]["tokenizer"], eos_token=EOS_TOKEN,
@@ -729,6 +853,29 @@ def finish(run: dict, config: dict) -> None:
         text = sample_text(run, config)
         log(f"  sample at the end: {text!r}")
         emit("sample", epoch=run["epoch"], text=text)
+
+
+def build_training(config: dict, data: dict, raw_model, device: torch.device, dtype: torch.dtype,
+                   total_steps: int) -> dict:
+    """Optimizer, schedule, precision and the run's counters: what optimizer_step needs (bench uses it too)."""
+    optimizer = build_optimizer(raw_model, config, device)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    if device.type == "cuda":
+        def autocast():
+            return torch.autocast("cuda", dtype=dtype)
+    else:
+        autocast = contextlib.nullcontext
+    windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
+    return {"data": data, "device": device, "raw_model": raw_model, "optimizer": optimizer,
+            "scheduler": scheduler, "scaler": scaler, "autocast": autocast, "total_steps": total_steps,
+            "tokenizer_json": data.get("tokenizer_json"), "vocab_size": raw_model.config.vocab_size,
+            "epoch": 1, "global_step": 0, "position": 0, "micro_batch_size": config["batch_size"],
+            "accumulation": config["gradient_accumulation_steps"], "best_val_loss": None, "history": [],
+            "newest_checkpoint": None, "last_saved_step": None, "tokens_this_segment": 0,
+            "tokens_per_step": windows_per_step * config["max_length"], "wall_time_before": 0.0,
+            "segment_started": time.time(), "deadline": float("inf"), "model": raw_model,
+            "eager_model": raw_model, "ddp": None}
 
 
 def setup_run(config: dict, started: float) -> dict:
@@ -741,9 +888,17 @@ def setup_run(config: dict, started: float) -> dict:
             raise KernelStop("resume_error", f"cannot read checkpoint {resume_path}: {exc}") from None
         log(f"Resuming from {resume_path} (step {checkpoint['global_step']}, epoch {checkpoint['epoch']})")
 
-    data = prepare_data(config, checkpoint["tokenizer_json"] if checkpoint else None)
-    vocab_size = data["tokenizer"].get_vocab_size()
     device, dtype = pick_device_and_dtype()
+    init_distributed(device)
+    saved_tokenizer = checkpoint["tokenizer_json"] if checkpoint else None
+    data = None
+    if world_size() > 1 and saved_tokenizer is None:  # rank 0 trains the tokenizer, then shares it
+        if is_primary():
+            data = prepare_data(config)
+        saved_tokenizer = share_tokenizer(data["tokenizer_json"] if data else None)
+    if data is None:
+        data = prepare_data(config, saved_tokenizer)
+    vocab_size = data["tokenizer"].get_vocab_size()
     raw_model = build_model(config, vocab_size).to(device)
     counts = count_parameters(raw_model)
     log(f"Model: GPT-2, {counts['total'] / 1e6:.2f}M parameters ({counts['without_embeddings'] / 1e6:.2f}M "
@@ -760,24 +915,9 @@ def setup_run(config: dict, started: float) -> dict:
     if config.get("max_steps"):
         total_steps = min(total_steps, config["max_steps"])
 
-    optimizer = build_optimizer(raw_model, config, device)
-    scheduler = build_scheduler(optimizer, config, total_steps)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    if device.type == "cuda":
-        def autocast():
-            return torch.autocast("cuda", dtype=dtype)
-    else:
-        autocast = contextlib.nullcontext
-
-    run = {"data": data, "device": device, "raw_model": raw_model, "optimizer": optimizer,
-           "scheduler": scheduler, "scaler": scaler, "autocast": autocast, "total_steps": total_steps,
-           "tokenizer_json": data["tokenizer_json"], "vocab_size": vocab_size, "epoch": 1, "global_step": 0,
-           "position": 0, "micro_batch_size": config["batch_size"],
-           "accumulation": config["gradient_accumulation_steps"], "best_val_loss": None, "history": [],
-           "newest_checkpoint": None, "last_saved_step": None, "tokens_this_segment": 0,
-           "tokens_per_step": windows_per_step * config["max_length"], "wall_time_before": 0.0,
-           "segment_started": time.time(),
-           "deadline": started + config["session_timeout_seconds"] - config["safety_margin_seconds"]}
+    run = build_training(config, data, raw_model, device, dtype, total_steps)
+    run["deadline"] = started + config["session_timeout_seconds"] - config["safety_margin_seconds"]
+    optimizer, scheduler, scaler = run["optimizer"], run["scheduler"], run["scaler"]
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -792,25 +932,43 @@ def setup_run(config: dict, started: float) -> dict:
         run["wall_time_before"] = run["history"][-1]["wall_time"] if run["history"] else 0.0
         set_rng_state(checkpoint["rng"])
         restore_best_model(resume_path)
-        if run["history"]:
+        if run["history"] and is_primary():
             write_json(working_dir() / HISTORY_NAME, run["history"])
+    if not is_primary():  # different dropout masks on each rank's share of the batch
+        torch.manual_seed(config["seed"] + 7919 * rank() + run["global_step"])
+    run["vocab_size"] = vocab_size  # the tokenizer's, not the padded embedding's
     run["order"] = epoch_order(config["seed"], run["epoch"], data["train_windows"])
-    run["model"] = maybe_compile(raw_model, config, device)
+    if world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        run["ddp"] = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    run["eager_model"] = run["ddp"] or raw_model
+    run["model"] = maybe_compile(run["eager_model"], config, device)
     raw_model.train()
     emit("start", total_steps=total_steps, global_step=run["global_step"], epoch=run["epoch"],
          parameters=counts["total"], parameters_without_embeddings=counts["without_embeddings"],
          device=str(device), dtype=str(dtype), resumed_from=str(resume_path) if resume_path else None,
-         steps_per_epoch=steps_per_epoch)
+         steps_per_epoch=steps_per_epoch, world_size=world_size())
     return run
 
 
 def main(config: dict) -> int:
     started = time.time()
-    install_signal_handlers()
     log(f"kaggle-runner kernel: {config['title']} | python {sys.version.split()[0]} | "
         f"inputs {input_root()} | outputs {working_dir()}")
     run: dict = {}
     try:
+        processes = wanted_processes(config)
+        windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
+        if windows_per_step % processes:
+            raise KernelStop("config_error", f"batch_size x gradient_accumulation_steps = {windows_per_step} windows "
+                             f"per step cannot be shared evenly by {processes} processes; make it a multiple")
+        if processes > 1 and can_start_workers():
+            log(f"Starting {processes} training processes (DistributedDataParallel)")
+            return run_workers(processes)
+        if processes > 1 and "RANK" not in os.environ:
+            log(f"{processes} devices, but a notebook cannot start worker processes: training on one")
+        install_signal_handlers()
         run = setup_run(config, started)
         outcome = train(run, config)
         if outcome == "complete":

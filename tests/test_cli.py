@@ -77,3 +77,11 @@ def test_bad_config_is_one_line_naming_the_key(cli_runner, tmp_path):
     assert "n_embd (256) must be divisible by n_head (7)" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "k").exists()
+
+
+def test_every_config_key_is_in_the_reference():
+    from kaggle_runner.config import RunConfig
+
+    reference = Path("docs/config.md").read_text()
+    missing = [key for key in RunConfig.model_fields if f"`{key}`" not in reference]
+    assert not missing, f"document these keys in docs/config.md: {missing}"

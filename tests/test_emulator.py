@@ -237,3 +237,24 @@ def test_official_cli_with_localhost_environment(tmp_path):
                 break
             time.sleep(0.3)
         assert 'has status "KernelWorkerStatus.COMPLETE"' in status
+
+
+def test_concurrent_clients_are_safe(api, emulator, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
+    wait_for(api, f"{USER}/hello-kernel")
+
+    def work(i: int):
+        if i % 3 == 0:
+            folder = write_dataset(tmp_path / f"ds{i}", f"dataset-{i:03d}", {"f.bin": bytes([i]) * 2000})
+            return api.dataset_create_new(str(folder), quiet=True).status
+        if i % 3 == 1:
+            return api.kernels_status(f"{USER}/hello-kernel").status.name
+        return len(api.kernels_output(f"{USER}/hello-kernel", str(tmp_path / f"out{i}"))[0])
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(24)))
+    assert results[0::3] == ["ok"] * 8 and set(results[1::3]) == {"COMPLETE"} and len(set(results[2::3])) == 1
+    assert len(emulator.backend.datasets) == 8
+    json.loads((emulator.backend.data_dir / "state.json").read_text())

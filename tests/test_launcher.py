@@ -230,3 +230,24 @@ def test_credentials_missing_or_world_readable_are_explained(tmp_path, monkeypat
     result = cli_runner.invoke(cli, ["launch"])
     assert result.exit_code == 1 and "chmod 600" in result.output
     assert KEY not in result.output
+
+
+def test_local_launch_uses_a_background_emulator_for_the_workspace(tmp_path, monkeypatch, cli_runner):
+    monkeypatch.chdir(tmp_path)
+    cli_runner.invoke(cli, ["init", "--preset", "tiny"])
+    try:
+        result = cli_runner.invoke(cli, ["launch", "--local", "--name", "local-demo", *sets(
+            ["max_steps=6", "eval_steps=3", "session_timeout_seconds=300"])])
+        assert result.exit_code == 0, result.output
+        assert "on the local emulator" in result.output
+        assert run_status(".kaggle-runner", "local-demo")["state"] == "complete"
+        assert (tmp_path / "outputs/local-demo/final_model/config.json").exists()
+        key = json.loads(Path(".kaggle-runner/emulator/local-credentials.json").read_text())["key"]
+        assert os.stat(".kaggle-runner/emulator/local-credentials.json").st_mode & 0o077 == 0
+        assert "GPU quota" in cli_runner.invoke(cli, ["quota", "--local"]).output
+        for path in Path("outputs").rglob("*"):
+            if path.is_file():
+                assert key.encode() not in path.read_bytes()
+    finally:
+        stopped = cli_runner.invoke(cli, ["emulator", "stop"])
+    assert "Stopped the local emulator" in stopped.output

@@ -1,0 +1,53 @@
+"""Two training processes (DistributedDataParallel over gloo, as over NCCL on Kaggle's two T4s), on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.kernel_helpers import render, run_kernel
+from tests.test_kernel import _resume_input
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_processes_share_each_step_and_only_rank_zero_writes(tmp_path):
+    run = run_kernel(render(tmp_path, ["world_size=2", "max_steps=12", "eval_steps=6"]), tmp_path / "w")
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "Starting 2 training processes" in run.stdout
+    assert len(run.events("end")) == 1 and len(run.events("start")) == 1  # one voice in the log
+    assert run.events("start")[0]["world_size"] == 2
+    state = run.run_state()
+    assert state["status"] == "complete" and state["global_step"] == 12
+    checkpoint = torch.load(run.working / state["newest_checkpoint"], weights_only=False)
+    # Each rank takes half of every step's 8 x 2 windows: the effective batch is the config's.
+    assert checkpoint["world_size"] * checkpoint["micro_batch_size"] * checkpoint["accumulation"] == 16
+    history = json.loads((run.working / "training_history.json").read_text())
+    assert [h["step"] for h in history] == [6, 12] and history[-1]["val_loss"] < history[0]["val_loss"]
+    assert (run.working / "final_model/config.json").exists()
+    assert not [p for p in run.working.rglob("*.tmp")]
+
+
+def test_checkpoints_move_between_two_processes_and_one(tmp_path):
+    two = render(tmp_path / "two", ["world_size=2"])
+    one = render(tmp_path / "one", ["world_size=1"])
+    first = run_kernel(two, tmp_path / "first", env={"KAGGLE_RUNNER_TIME_BUDGET_AT_STEP": "8"})
+    assert first.run_state()["global_step"] == 8, first.stdout[-2000:]
+    _resume_input(first.working, tmp_path / "in1")
+    second = run_kernel(one, tmp_path / "second", input_dir=tmp_path / "in1",
+                        env={"KAGGLE_RUNNER_TIME_BUDGET_AT_STEP": "16"})
+    assert second.events("start")[0]["global_step"] == 8 and second.events("start")[0]["world_size"] == 1
+    assert second.run_state()["global_step"] == 16, second.stdout[-2000:]
+    _resume_input(second.working, tmp_path / "in2")
+    third = run_kernel(two, tmp_path / "third", input_dir=tmp_path / "in2")
+    assert third.returncode == 0, third.stdout[-2000:]
+    assert third.events("start")[0]["global_step"] == 16
+    assert third.run_state()["status"] == "complete" and third.run_state()["global_step"] == 24
+
+
+def test_uneven_share_is_refused_clearly(tmp_path):
+    run = run_kernel(render(tmp_path, ["world_size=3"]), tmp_path / "w")
+    assert run.returncode == 1
+    assert "cannot be shared evenly by 3 processes" in run.run_state()["message"]
