@@ -35,15 +35,25 @@ class WindowDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
+def default_gpt2(config: RunConfig, vocab: int):
+    """The model a user would write: GPT-2 of the same shape and dropout, transformers' defaults otherwise."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(config.seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=config.max_length, n_embd=config.n_embd,
+                                      n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=config.dropout,
+                                      embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+                                      bos_token_id=vocab - 1, eos_token_id=vocab - 1))
+
+
 def benchmark_trainer(config: RunConfig, steps: int, warmup: int, device: str) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    settings = config.kernel_config()
     torch_device, dtype = kernel.pick_device_and_dtype(device)
     vocab = vocab_size_of(config)
     windows = config.batch_size * config.gradient_accumulation_steps * (steps + warmup)
     data = synthetic_data(config, vocab, windows)
-    model = kernel.build_model(settings, vocab)
+    model = default_gpt2(config, vocab)
     stamps: list[float] = []
 
     class Clock(TrainerCallback):

@@ -451,6 +451,8 @@ def build_model(config: dict, vocab_size: int):
         n_layer=config["n_layer"], n_head=config["n_head"], resid_pdrop=config["dropout"],
         embd_pdrop=config["dropout"], attn_pdrop=config["dropout"], bos_token_id=vocab_size - 1,
         eos_token_id=vocab_size - 1, tie_word_embeddings=True, attn_implementation="sdpa",
+        # GPT-2's tanh GELU as one fused kernel instead of gelu_new's five elementwise ops (same formula).
+        activation_function="gelu_pytorch_tanh",
     )
     torch.manual_seed(config["seed"])
     return GPT2LMHeadModel(model_config)
