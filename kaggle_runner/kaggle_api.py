@@ -158,6 +158,15 @@ class KaggleGateway:
     def _sdk(self):
         return self._api.build_kaggle_client()
 
+    def _unless_missing(self, what: str, fn: Callable[[], Any]) -> Any:
+        """`call`, but None where Kaggle answers 404: "does not exist yet" is an answer, not an error."""
+        try:
+            return self.call(what, fn)
+        except KaggleApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     # -- kernels -------------------------------------------------------------------------------------
     def current_version(self, ref: str) -> tuple[int, int] | None:
         """(newest version number, kernel id), or None if the kernel does not exist yet."""
@@ -171,13 +180,8 @@ class KaggleGateway:
                 request.user_name, request.kernel_slug = owner, slug
                 return kaggle.kernels.kernels_api_client.get_kernel(request)
 
-        try:
-            response = self.call(f"looking up kernel {ref}", get)
-        except KaggleApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        number = response.metadata.current_version_number
+        response = self._unless_missing(f"looking up kernel {ref}", get)
+        number = response.metadata.current_version_number if response else None
         return (number, response.metadata.id) if number else None
 
     def push(self, folder: Path, timeout_seconds: int | None, known_version: int | None) -> PushResult:
@@ -275,12 +279,7 @@ class KaggleGateway:
 
     # -- datasets ------------------------------------------------------------------------------------
     def dataset_status(self, ref: str) -> str | None:
-        try:
-            return self.call(f"checking dataset {ref}", lambda: self._api.dataset_status(ref))
-        except KaggleApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self._unless_missing(f"checking dataset {ref}", lambda: self._api.dataset_status(ref))
 
     def dataset_version(self, ref: str) -> int | None:
         """The dataset's newest version number, or None if it does not exist."""
@@ -294,12 +293,8 @@ class KaggleGateway:
                 request.owner_slug, request.dataset_slug = owner, slug
                 return kaggle.datasets.dataset_api_client.get_dataset(request)
 
-        try:
-            return self.call(f"looking up dataset {ref}", get).current_version_number or None
-        except KaggleApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        response = self._unless_missing(f"looking up dataset {ref}", get)
+        return (response.current_version_number or None) if response else None
 
     def create_dataset(self, folder: Path) -> None:
         response = self.call("creating the checkpoint dataset",

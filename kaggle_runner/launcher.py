@@ -141,20 +141,20 @@ def resume_run(workspace: str | Path, name: str, max_segments: int | None = None
                console: Console | None = None) -> Run:
     store = Store(workspace)
     run = store.get_run(name)
+    if run.state == "complete":
+        raise KaggleRunnerError(f"run {name} already completed training; `kaggle-runner fetch {name}` gets it")
     if run.state not in ("failed", "stopped", "cancelled"):
         raise KaggleRunnerError(f"run {name} is {run.state}; `kaggle-runner watch {name}` follows it")
     segments = store.segments(name)
     last = segments[-1]
     limit = max(max_segments or 0, run.max_segments, len(segments) + 1)
-    if last.phase == "final" and last.run_state and last.run_state.get("status") == "complete":
-        raise KaggleRunnerError(f"run {name} already completed training")
     manifest = artifacts.read_manifest(store.workspace / "runs" / name / f"segment-{last.idx}")
     if last.phase in ("final", "ended") and artifacts.checkpoints_newest_first(manifest):
         store.update_segment(name, last.idx, phase="ended_resume")
-    elif last.phase in ("final", "ended"):
-        store.update_segment(name, last.idx, phase="done")
-        store.add_segment(Segment(run=name, idx=last.idx + 1, phase="pushing",
-                                  resume_from=segments[-2].resume_from if len(segments) > 1 else None))
+    elif last.phase in ("final", "ended"):  # nothing new to resume from: the previous hand-on, or scratch
+        previous = segments[-2].resume_from if len(segments) > 1 else None
+        store.advance_segment(name, last.idx, Segment(run=name, idx=last.idx + 1, phase="pushing",
+                                                      resume_from=previous))
     store.update_run(name, state="running", reason="resumed by hand", max_segments=limit)
     return drive(_context(workspace, store.get_run(name), console))
 

@@ -251,3 +251,35 @@ def test_local_launch_uses_a_background_emulator_for_the_workspace(tmp_path, mon
     finally:
         stopped = cli_runner.invoke(cli, ["emulator", "stop"])
     assert "Stopped the local emulator" in stopped.output
+
+
+def test_launcher_cancels_a_version_kaggle_reports_running_past_its_limit(project, cli_runner, emulator):
+    admin(emulator.url, "faults", {"stuck_running": True})
+    started = time.time()
+    # The kernel stops itself within its 10 s session, but Kaggle keeps saying RUNNING; the launcher's own
+    # deadline (session timeout + 5 s of grace) cancels the version and the chain goes on from its outputs.
+    result = cli_runner.invoke(cli, ["launch", "--name", "overrun", *sets(
+        [*CHAIN, "session_timeout_seconds=10", "safety_margin_seconds=2", "segment_grace_seconds=5",
+         "max_segments=1"])])
+    assert result.exit_code == 0, result.output
+    assert "past its session limit; cancelling it" in result.output
+    status = run_status(".kaggle-runner", "overrun")
+    assert status["segments"][0]["kaggle_status"] == "CANCEL_ACKNOWLEDGED"
+    assert status["state"] == "stopped" and "max_segments" in status["reason"]
+    assert time.time() - started < 120
+
+
+def test_status_reads_while_another_process_follows(project, cli_runner, emulator):
+    result = cli_runner.invoke(cli, ["launch", "--name", "followed", "--detach", *sets(
+        [*CHAIN, "max_steps=8", "session_timeout_seconds=300"])])
+    assert result.exit_code == 0, result.output
+    follower = subprocess.Popen([sys.executable, "-m", "kaggle_runner.cli", "watch", "followed"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = set()
+    while follower.poll() is None:
+        status = cli_runner.invoke(cli, ["status", "followed", "--json"])
+        assert status.exit_code == 0, status.output
+        seen.add(json.loads(status.output)["state"])
+        time.sleep(0.3)
+    assert follower.returncode == 0, follower.stdout.read()
+    assert "running" in seen and run_status(".kaggle-runner", "followed")["state"] == "complete"

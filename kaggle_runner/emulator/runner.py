@@ -32,6 +32,7 @@ class Runner:
         self.python = python
         self.processes: dict[tuple[str, int], subprocess.Popen] = {}
         self.cancelled: set[tuple[str, int]] = set()
+        self.stuck: dict[tuple[str, int], int] = {}
         self.lock = threading.Lock()
         backend.runner = self
 
@@ -109,6 +110,10 @@ class Runner:
             self.processes.pop(key, None)
             cancelled = key in self.cancelled
         ended = backend.clock()
+        if backend.faults.stuck_running and not cancelled:
+            with self.lock:
+                self.stuck[key] = process.returncode  # still "RUNNING" until someone cancels it
+            return
         if cancelled:
             backend.set_version_status(kernel, version, "CANCEL_ACKNOWLEDGED", ended_at=ended,
                                        exit_code=process.returncode)
@@ -150,9 +155,14 @@ class Runner:
             process = self.processes.get(key)
             if process is not None:
                 self.cancelled.add(key)
+            stuck = key in self.stuck
+            exit_code = self.stuck.pop(key, None)
         if process is not None:
             self.backend.set_version_status(kernel, version, "CANCEL_REQUESTED")
             self._terminate(process)
+        elif stuck:
+            self.backend.set_version_status(kernel, version, "CANCEL_ACKNOWLEDGED", ended_at=self.backend.clock(),
+                                            exit_code=exit_code)
         elif version.status == "QUEUED":
             self.backend.set_version_status(kernel, version, "CANCEL_ACKNOWLEDGED",
                                             ended_at=self.backend.clock())

@@ -96,6 +96,7 @@ class Faults:
     dataset_delay: float = 0.0
     hold_queued: bool = False
     drop_outputs_on_timeout: bool = False
+    stuck_running: bool = False  # ended versions keep reporting RUNNING until cancelled, as Kaggle's can
 
 
 def _from_dict(cls, data: dict):
@@ -180,7 +181,8 @@ class Backend:
         with self.lock:
             for method, statuses in spec.get("fail", {}).items():
                 self.faults.fail.setdefault(method, []).extend(int(s) for s in statuses)
-            for key in ("drop_downloads", "dataset_delay", "hold_queued", "drop_outputs_on_timeout"):
+            for key in ("drop_downloads", "dataset_delay", "hold_queued", "drop_outputs_on_timeout",
+                        "stuck_running"):
                 if key in spec:
                     setattr(self.faults, key, type(getattr(self.faults, key))(spec[key]))
             if "hold_queued" in spec and not self.faults.hold_queued and self.runner:
