@@ -58,22 +58,23 @@ def exact_pattern(names: list[str]) -> str:
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
 
 
-def build_resume_dataset(source: Path, target: Path, checkpoint: str, dataset_ref: str, title: str) -> int:
-    """A flat folder (Kaggle datasets take top-level files) with the checkpoint, best model and manifest.
+def build_flat_dataset(source: Path, target: Path, wanted: list[str], dataset_ref: str, title: str,
+                       description: str, optional: tuple[str, ...] = ()) -> int:
+    """A flat folder (Kaggle datasets take top-level files) of verified outputs plus their manifest.
 
     Files are hard-linked from the downloaded outputs, and the manifest is rewritten for the flat names,
-    so the kernel verifies exactly what it resumes from. Returns the bytes to upload.
+    so the kernel verifies exactly what it reads. Returns the bytes to upload.
     """
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
     manifest = read_manifest(source)
     files = {}
-    for rel in (checkpoint, BEST_MODEL):
+    for rel in wanted:
         info = manifest["files"].get(rel)
         if info is None or not verified(source, rel, info):
-            if rel == BEST_MODEL:
-                continue  # no evaluation improved yet: nothing to carry
+            if rel in optional:
+                continue
             raise ArtifactError(f"{source / rel} does not match its checksum")
         flat = Path(rel).name
         try:
@@ -83,12 +84,21 @@ def build_resume_dataset(source: Path, target: Path, checkpoint: str, dataset_re
         files[flat] = info
     (target / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2))
     (target / "dataset-metadata.json").write_text(json.dumps({
-        "id": dataset_ref, "title": title, "licenses": [{"name": "CC0-1.0"}],
-        "description": "Checkpoint for the next segment of a kaggle-runner resume chain.",
+        "id": dataset_ref, "title": title, "licenses": [{"name": "CC0-1.0"}], "description": description,
     }, indent=2))
     return sum((target / name).stat().st_size for name in files)
 
 
-def dataset_title(slug: str) -> str:
-    title = f"{slug} checkpoints"
-    return title[:50] if len(title) >= 6 else f"{title} data"
+def build_resume_dataset(source: Path, target: Path, checkpoint: str, dataset_ref: str, title: str) -> int:
+    """The checkpoint to resume from and best_model.pt (absent until an evaluation improved)."""
+    return build_flat_dataset(source, target, [checkpoint, BEST_MODEL], dataset_ref, title,
+                              "Checkpoint for the next segment of a kaggle-runner resume chain.",
+                              optional=(BEST_MODEL,))
+
+
+def token_files(manifest: dict) -> list[str]:
+    return sorted(rel for rel, info in manifest["files"].items() if info.get("kind") == "token_cache")
+
+
+def dataset_title(slug: str, what: str = "checkpoints") -> str:
+    return f"{slug} {what}"[:50]

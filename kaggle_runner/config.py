@@ -68,6 +68,7 @@ class RunConfig(BaseModel):
     dataset_sources: list[str] = Field(default_factory=list)
     tokenizer: Literal["gpt2", "bpe"] = "gpt2"
     bpe_vocab_size: int = Field(8192, ge=256)
+    cache_tokens: bool = True
     sample_prompt: str = "The history of"
     sample_tokens: int = Field(60, ge=0)
 
@@ -137,6 +138,10 @@ class RunConfig(BaseModel):
     @property
     def dataset_slug(self) -> str:
         return f"{self.slug}-ckpt"
+
+    @property
+    def data_dataset_slug(self) -> str:
+        return f"{self.slug}-data"
 
     def warnings(self) -> list[str]:
         notes = []

@@ -190,6 +190,11 @@ def _config(run: Run) -> RunConfig:
     return RunConfig.model_validate_json(run.config_json)
 
 
+def _data_ref(run: Run) -> str:
+    """The dataset holding the chain's token arrays, uploaded once so later segments skip tokenizing."""
+    return f"{run.username}/{_config(run).data_dataset_slug}"
+
+
 def push_segment(ctx: Context, run: Run, segment: Segment) -> None:
     ref = run.kernel_ref
     current = ctx.gateway.current_version(ref)
@@ -205,6 +210,8 @@ def push_segment(ctx: Context, run: Run, segment: Segment) -> None:
     if segment.idx > 1:  # later segments resume from the chain's dataset, never from a fixed path
         config = config.model_copy(update={"resume_from_checkpoint": None})
     sources = [run.dataset_ref] if segment.resume_from else []
+    if segment.idx > 1 and ctx.gateway.dataset_status(_data_ref(run)) is not None:
+        sources.append(_data_ref(run))
     folder = render_kernel(config, ctx.run_dir() / f"kernel-{segment.idx}", run.username, sources).folder
     kill_point(ctx.store, "before_push")
     result = ctx.gateway.push(folder, config.session_timeout_seconds, segment.base_version)
@@ -352,15 +359,38 @@ def download_for_resume(ctx: Context, run: Run, segment: Segment) -> None:
                              "see `kaggle-runner logs RUN`")
         return
     kill_point(ctx.store, "mid_download")
-    if artifacts.BEST_MODEL in manifest["files"]:
-        moved += ctx.gateway.download(run.kernel_ref, segment.kernel_version, folder,
-                                      artifacts.exact_pattern([artifacts.BEST_MODEL]))
+    wanted = [artifacts.BEST_MODEL] if artifacts.BEST_MODEL in manifest["files"] else []
+    tokens = artifacts.token_files(manifest)
+    if tokens and ctx.gateway.dataset_version(_data_ref(run)) is None:
+        wanted += tokens  # the first resume of a chain: its token arrays, to upload once
+    if wanted:
+        moved += ctx.gateway.download(run.kernel_ref, segment.kernel_version, folder, artifacts.exact_pattern(wanted))
     ctx.store.update_segment(run.name, segment.idx, phase="resume_downloaded", resume_from=rel,
                              bytes_downloaded=segment.bytes_downloaded + moved)
 
 
+def upload_tokens_once(ctx: Context, run: Run, segment: Segment) -> int:
+    """Create the chain's token dataset from this segment's outputs, unless it exists or there are none."""
+    source = ctx.segment_dir(segment.idx)
+    tokens = [rel for rel in artifacts.token_files(artifacts.read_manifest(source)) if (source / rel).exists()]
+    if not tokens or ctx.gateway.dataset_version(_data_ref(run)) is not None:
+        return 0
+    folder = ctx.run_dir() / "data-dataset"
+    try:
+        size = artifacts.build_flat_dataset(source, folder, tokens, _data_ref(run),
+                                            artifacts.dataset_title(_config(run).slug, "tokens"),
+                                            "Token arrays of a kaggle-runner chain, so segments skip tokenizing.")
+    except artifacts.ArtifactError as exc:  # optional: later segments just tokenize again
+        ctx.console.note(f"note: not caching tokens ({exc})")
+        return 0
+    ctx.console.say(f"Uploading the token arrays once ({size / 2**20:.1f} MiB) to dataset {_data_ref(run)}")
+    ctx.gateway.create_dataset(folder)
+    return size
+
+
 def upload_for_resume(ctx: Context, run: Run, segment: Segment) -> None:
     config = _config(run)
+    token_bytes = upload_tokens_once(ctx, run, segment)
     folder = ctx.run_dir() / "dataset"
     size = artifacts.build_resume_dataset(ctx.segment_dir(segment.idx), folder, segment.resume_from or "",
                                           run.dataset_ref, artifacts.dataset_title(config.dataset_slug))
@@ -379,19 +409,21 @@ def upload_for_resume(ctx: Context, run: Run, segment: Segment) -> None:
     else:
         ctx.gateway.create_dataset_version(folder, f"{run.name} segment {segment.idx}: {segment.resume_from}")
     kill_point(ctx.store, "after_upload")
-    ctx.store.update_segment(run.name, segment.idx, phase="resume_uploaded", bytes_uploaded=size)
+    ctx.store.update_segment(run.name, segment.idx, phase="resume_uploaded", bytes_uploaded=size + token_bytes)
 
 
 def start_next_segment(ctx: Context, run: Run, segment: Segment) -> None:
     deadline = time.time() + DATASET_READY_TIMEOUT
-    interval = ctx.poll_interval / 2
-    while (status := ctx.gateway.dataset_status(run.dataset_ref)) != "ready":
-        if time.time() > deadline:
-            raise KaggleRunnerError(f"dataset {run.dataset_ref} is still {status} after "
-                                    f"{DATASET_READY_TIMEOUT / 60:.0f} minutes; `kaggle-runner watch {run.name}` "
-                                    "tries again")
-        time.sleep(interval)
-        interval = min(ctx.max_poll_interval, interval * 1.5)
+    for ref, required in ((run.dataset_ref, True), (_data_ref(run), False)):  # the token dataset may not exist
+        interval = ctx.poll_interval / 2
+        while (status := ctx.gateway.dataset_status(ref)) != "ready":
+            if status is None and not required:
+                break
+            if time.time() > deadline:
+                raise KaggleRunnerError(f"dataset {ref} is still {status} after {DATASET_READY_TIMEOUT / 60:.0f} "
+                                        f"minutes; `kaggle-runner watch {run.name}` tries again")
+            time.sleep(interval)
+            interval = min(ctx.max_poll_interval, interval * 1.5)
     ctx.store.advance_segment(run.name, segment.idx, Segment(run=run.name, idx=segment.idx + 1, phase="pushing",
                                                              resume_from=segment.resume_from))
     ctx.store.update_run(run.name, state="running", reason="")
@@ -402,6 +434,7 @@ def fetch_outputs(ctx: Context, run: Run, segment: Segment, target: Path) -> Pat
     """All outputs of a version into `target`, verified against the manifest; resumable and idempotent."""
     target.mkdir(parents=True, exist_ok=True)
     files, _ = ctx.gateway.list_output(run.kernel_ref, segment.kernel_version)
+    files = [f for f in files if not f.name.startswith("token_cache/")]  # the chain's, not a training output
     ctx.gateway.download(run.kernel_ref, segment.kernel_version, target,
                          artifacts.exact_pattern([artifacts.MANIFEST]), force=True)
     manifest = artifacts.read_manifest(target)

@@ -397,15 +397,59 @@ def tokenize_split(tokenizer, documents: list[str], cache_key: str) -> np.ndarra
     return np.load(path, mmap_mode="r")
 
 
+def data_fingerprint(tokenizer_json: str, config: dict) -> str:
+    """Names token arrays: the same tokenizer on the same corpus gives the same ids."""
+    source = tokenizer_json + config["dataset"] + str(config.get("text_files_path"))
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def token_file_name(split: str, fingerprint: str) -> str:
+    return f"tokens-{split}-{fingerprint}.npy"
+
+
+def find_cached_tokens(name: str) -> Path | None:
+    """Token arrays an earlier segment left, attached as a dataset, verified when a manifest lists them."""
+    root = input_root()
+    for path in sorted(root.rglob(name)) if root.is_dir() else []:
+        info = read_manifest(path.parent)["files"].get(name)
+        if info is None or (path.stat().st_size == info["size"] and sha256_of(path) == info["sha256"]):
+            return path
+        log(f"Skipping cached tokens {path}: checksum does not match the manifest")
+    return None
+
+
+def keep_tokens_for_later(splits: dict, fingerprint: str) -> None:
+    """Token arrays as outputs, so the launcher can attach them to later segments: tokenize once per chain."""
+    if not is_primary():
+        return
+    for split, tokens in splits.items():
+        name = token_file_name(split, fingerprint)
+        target = working_dir() / "token_cache" / name
+        if not target.exists():
+            atomic_write(target, lambda handle, tokens=tokens: np.save(handle, np.asarray(tokens)))
+            record_in_manifest(working_dir(), f"token_cache/{name}", kind="token_cache")
+
+
 def prepare_data(config: dict, saved_tokenizer_json: str | None = None) -> dict:
     started = time.time()
-    documents = load_documents(config)
-    tokenizer = build_tokenizer(config, documents, saved_tokenizer_json)
-    tokenizer_json = tokenizer.to_str()
-    fingerprint = hashlib.sha256((tokenizer_json + config["dataset"] + str(config.get("text_files_path"))
-                                  ).encode()).hexdigest()[:16]
-    splits = {split: tokenize_split(tokenizer, documents[split], f"{split}-{fingerprint}")
-              for split in ("train", "validation")}
+    splits, tokenizer = None, None
+    if saved_tokenizer_json and config.get("cache_tokens", True):
+        fingerprint = data_fingerprint(saved_tokenizer_json, config)
+        cached = {split: find_cached_tokens(token_file_name(split, fingerprint)) for split in ("train", "validation")}
+        if all(cached.values()):  # no documents to load, nothing to tokenize
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_str(saved_tokenizer_json)
+            splits = {split: np.load(path, mmap_mode="r") for split, path in cached.items()}
+            log(f"Data: reusing tokens from {cached['train'].parent}")
+    if splits is None:
+        documents = load_documents(config)
+        tokenizer = build_tokenizer(config, documents, saved_tokenizer_json)
+        fingerprint = data_fingerprint(tokenizer.to_str(), config)
+        splits = {split: tokenize_split(tokenizer, documents[split], f"{split}-{fingerprint}")
+                  for split in ("train", "validation")}
+        if config.get("cache_tokens", True):
+            keep_tokens_for_later(splits, fingerprint)
     windows = {split: (len(tokens) - 1) // config["max_length"] for split, tokens in splits.items()}
     for split, count in windows.items():
         if count < 1:
@@ -413,7 +457,7 @@ def prepare_data(config: dict, saved_tokenizer_json: str | None = None) -> dict:
                              f"window of max_length={config['max_length']}")
     log(f"Data: {config['dataset']}, {len(splits['train']):,} train / {len(splits['validation']):,} validation "
         f"tokens, vocabulary {tokenizer.get_vocab_size():,} ({time.time() - started:.1f}s)")
-    return {"tokenizer": tokenizer, "tokenizer_json": tokenizer_json, "train": splits["train"],
+    return {"tokenizer": tokenizer, "tokenizer_json": tokenizer.to_str(), "train": splits["train"],
             "validation": splits["validation"], "train_windows": windows["train"],
             "validation_windows": windows["validation"]}
 

@@ -23,8 +23,8 @@ from tests.kernel_helpers import run_kernel
 pytestmark = pytest.mark.slow
 
 # The tiny model with short sessions: each segment trains a few seconds after ~8 s of start-up, so a
-# run of 60 steps needs several segments, stopped by the kernel's real time budget.
-CHAIN = ["max_steps=60", "eval_steps=20", "save_steps=10", "log_steps=10", "sample_tokens=5",
+# run of 100 steps needs several segments, stopped by the kernel's real time budget.
+CHAIN = ["max_steps=100", "eval_steps=20", "save_steps=10", "log_steps=10", "sample_tokens=5",
          "session_timeout_seconds=16", "safety_margin_seconds=2", "segment_grace_seconds=20",
          "max_segments=12", "min_quota_hours=0"]
 
@@ -61,7 +61,7 @@ def straight_run(tmp_path_factory):
 
 
 def final_weights(folder: Path) -> dict:
-    return torch.load(folder / "checkpoints/checkpoint_epoch1_step60.pt", weights_only=False)["model"]
+    return torch.load(folder / "checkpoints/checkpoint_epoch1_step100.pt", weights_only=False)["model"]
 
 
 def test_chain_survives_faults_and_ends_with_the_uninterrupted_model(project, emulator, cli_runner, straight_run):
@@ -85,6 +85,12 @@ def test_chain_survives_faults_and_ends_with_the_uninterrupted_model(project, em
     for segment in status["segments"][:-1]:
         checkpoint = Path("outputs/demo") / "checkpoints"
         assert 0 < segment["bytes_uploaded"] < 3 * max(p.stat().st_size for p in checkpoint.iterdir())
+    # Tokenized once: the token arrays went up once, and every later segment reused them.
+    assert len(emulator.backend.get_dataset(USER, "kaggle-runner-tiny-data").versions) == 1
+    for version in emulator.backend.get_kernel(USER, "kaggle-runner-tiny").versions[1:]:
+        log = "".join(e["data"] for e in emulator.backend.read_log_events(USER, "kaggle-runner-tiny", version))
+        assert "Data: reusing tokens" in log
+    assert not Path("outputs/demo/token_cache").exists()  # fetch leaves the chain's cache out
     # Credentials reach no file the launcher wrote, nor anything pushed.
     for path in [*Path(".kaggle-runner").rglob("*"), *Path("outputs").rglob("*"),
                  *(emulator.backend.data_dir / "kernels").rglob("*")]:
@@ -114,7 +120,9 @@ def test_fetch_verifies_skips_and_repairs(project, emulator, cli_runner):
     assert cli_runner.invoke(cli, ["fetch", "short", "-o", str(target)]).exit_code == 0
     from kaggle_runner.artifacts import verified
 
-    assert all(verified(target, rel, info) for rel, info in manifest["files"].items())
+    outputs = {rel: info for rel, info in manifest["files"].items() if info["kind"] != "token_cache"}
+    assert outputs and all(verified(target, rel, info) for rel, info in outputs.items())
+    assert not (target / "token_cache").exists()  # the chain's cache, not a training output
     assert sorted(p.name for p in target.iterdir()) == sorted(
         ["best_model.pt", "checkpoints", "final_model", "manifest.json", "run_state.json",
          "training_history.json", "kaggle-runner-tiny.log"])
@@ -255,7 +263,6 @@ def test_local_launch_uses_a_background_emulator_for_the_workspace(tmp_path, mon
 
 def test_launcher_cancels_a_version_kaggle_reports_running_past_its_limit(project, cli_runner, emulator):
     admin(emulator.url, "faults", {"stuck_running": True})
-    started = time.time()
     # The kernel stops itself within its 10 s session, but Kaggle keeps saying RUNNING; the launcher's own
     # deadline (session timeout + 5 s of grace) cancels the version and the chain goes on from its outputs.
     result = cli_runner.invoke(cli, ["launch", "--name", "overrun", *sets(
@@ -266,7 +273,6 @@ def test_launcher_cancels_a_version_kaggle_reports_running_past_its_limit(projec
     status = run_status(".kaggle-runner", "overrun")
     assert status["segments"][0]["kaggle_status"] == "CANCEL_ACKNOWLEDGED"
     assert status["state"] == "stopped" and "max_segments" in status["reason"]
-    assert time.time() - started < 120
 
 
 def test_status_reads_while_another_process_follows(project, cli_runner, emulator):

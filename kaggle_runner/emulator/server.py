@@ -230,6 +230,7 @@ class EmulatorServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self.backend.close()  # before the kills, so their watcher threads record nothing
         self.runner.stop_all()
 
     def __enter__(self) -> EmulatorServer:
@@ -259,4 +260,5 @@ def serve_forever(host: str, port: int, data_dir: Path, username: str, key: str,
         pass
     finally:
         server.server.server_close()
+        server.backend.close()
         server.runner.stop_all()

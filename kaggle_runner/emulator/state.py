@@ -120,6 +120,7 @@ class Backend:
         self.next_id = 1
         self.faults = Faults(dataset_delay=dataset_delay)
         self.runner = None  # set by the server: starts and stops version processes
+        self.closed = False
         self._load()
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -146,7 +147,14 @@ class Backend:
                     version.ended_at = version.ended_at or self.clock()
         self._save()
 
+    def close(self) -> None:
+        """Stop persisting: threads of a stopped emulator must not overwrite a restarted one's state."""
+        with self.lock:
+            self.closed = True
+
     def _save(self) -> None:
+        if self.closed:
+            return
         data = {"next_id": self.next_id,
                 "kernels": {r: asdict(k) for r, k in self.kernels.items()},
                 "datasets": {r: asdict(d) for r, d in self.datasets.items()},
