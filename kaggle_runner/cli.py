@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from kaggle_runner import __version__
-from kaggle_runner.errors import KaggleRunnerError, NotImplementedYet
+from kaggle_runner.errors import KaggleRunnerError
 
 DEFAULT_CONFIG = "kaggle-runner.toml"
 
@@ -277,5 +277,3 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 
-
-__all__ = ["cli", "main", "NotImplementedYet"]

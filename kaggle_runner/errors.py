@@ -3,8 +3,3 @@
 
 class KaggleRunnerError(Exception):
     """Base of every error a user can act on; the CLI prints it without a traceback."""
-
-
-class NotImplementedYet(KaggleRunnerError):
-    def __init__(self, command: str):
-        super().__init__(f"`kaggle-runner {command}` is not implemented yet")
