@@ -86,6 +86,11 @@ def _context(workspace: str | Path, run: Run, console: Console | None = None) ->
     console = console or Console()
     store = Store(workspace)
     gateway = _gateway(store.workspace, bool(run.local), run.endpoint, console.note)
+    return _bind(store, run, gateway, console)
+
+
+def _bind(store: Store, run: Run, gateway: KaggleGateway, console: Console) -> Context:
+    """Poll an emulator or a hand-picked endpoint briskly; back off further against Kaggle itself."""
     fast = bool(run.local) or bool(run.endpoint)
     return Context(store, run.name, gateway, console, poll_interval=1.0 if fast else 5.0,
                    max_poll_interval=2.0 if fast else 60.0)
@@ -124,9 +129,7 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
     store.create_run(run)
     store.add_segment(Segment(run=name, idx=1, phase="pushing"))
     console.say(f"Run {name}: kernel {kernel_ref}" + (" on the local emulator" if local else ""))
-    ctx = Context(store, name, gateway, console, poll_interval=1.0 if (local or endpoint) else 5.0,
-                  max_poll_interval=2.0 if (local or endpoint) else 60.0)
-    return drive(ctx, detach=detach)
+    return drive(_bind(store, run, gateway, console), detach=detach)
 
 
 def watch_run(workspace: str | Path, name: str, console: Console | None = None) -> Run:
