@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 # The tiny model with short sessions: each segment trains a few seconds after ~8 s of start-up, so a
 # run of 100 steps needs several segments, stopped by the kernel's real time budget.
 CHAIN = ["max_steps=100", "eval_steps=20", "save_steps=10", "log_steps=10", "sample_tokens=5",
-         "session_timeout_seconds=16", "safety_margin_seconds=2", "segment_grace_seconds=20",
+         "session_timeout_seconds=20", "safety_margin_seconds=6", "segment_grace_seconds=20",
          "max_segments=12", "min_quota_hours=0"]
 
 
@@ -263,10 +263,11 @@ def test_local_launch_uses_a_background_emulator_for_the_workspace(tmp_path, mon
 
 def test_launcher_cancels_a_version_kaggle_reports_running_past_its_limit(project, cli_runner, emulator):
     admin(emulator.url, "faults", {"stuck_running": True})
-    # The kernel stops itself within its 10 s session, but Kaggle keeps saying RUNNING; the launcher's own
-    # deadline (session timeout + 5 s of grace) cancels the version and the chain goes on from its outputs.
+    # The kernel stops itself 10 s into its 40 s session (room for a slow start-up to reach its first
+    # checkpoint), but Kaggle keeps saying RUNNING; the launcher's own deadline (session timeout + 5 s of
+    # grace) cancels the version and the chain goes on from its outputs.
     result = cli_runner.invoke(cli, ["launch", "--name", "overrun", *sets(
-        [*CHAIN, "session_timeout_seconds=10", "safety_margin_seconds=2", "segment_grace_seconds=5",
+        [*CHAIN, "session_timeout_seconds=40", "safety_margin_seconds=30", "segment_grace_seconds=5",
          "max_segments=1"])])
     assert result.exit_code == 0, result.output
     assert "past its session limit; cancelling it" in result.output
