@@ -66,7 +66,7 @@ def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device
     vocab = vocab_size_of(config)
     windows_per_step = config.batch_size * config.gradient_accumulation_steps
     data = synthetic_data(config, vocab, windows_per_step * (steps + warmup))
-    model = kernel.build_model(settings, vocab).to(torch_device)
+    model = kernel.prepare_model(settings, vocab, torch_device)
     run = kernel.build_training(settings, data, model, torch_device, dtype, total_steps=steps + warmup)
     run["order"] = kernel.epoch_order(config.seed, 1, data["train_windows"])
     run["model"] = kernel.maybe_compile(model, settings, torch_device)
