@@ -33,6 +33,10 @@ class KaggleApiError(KaggleRunnerError):
         self.status = status
 
 
+class GpuSessionsBusy(KaggleApiError):
+    """A push refused because the account's GPU sessions (two at most) are all in use: nothing landed."""
+
+
 @dataclass(frozen=True)
 class PushResult:
     version: int
@@ -207,9 +211,9 @@ class KaggleGateway:
                 time.sleep(delay)
                 continue
             if response.error:
-                if "concurrent" in response.error.lower() or "limit" in response.error.lower():
-                    raise KaggleApiError(f"Kaggle refused the push: {response.error} (Kaggle runs at most two "
-                                         "GPU sessions at once; wait for one to finish)")
+                # Kaggle's wording: "Maximum batch GPU session count of 2 reached."
+                if any(words in response.error.lower() for words in ("session count", "concurrent")):
+                    raise GpuSessionsBusy(f"Kaggle refused the push: {response.error}")
                 raise KaggleApiError(f"Kaggle refused the push: {response.error}")
             if response.invalid_dataset_sources:
                 raise KaggleApiError(f"Kaggle did not attach {', '.join(response.invalid_dataset_sources)}: "

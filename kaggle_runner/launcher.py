@@ -26,7 +26,7 @@ from kaggle_runner.config import RunConfig, load_config
 from kaggle_runner.credentials import find_credentials
 from kaggle_runner.display import Console
 from kaggle_runner.errors import KaggleRunnerError
-from kaggle_runner.kaggle_api import KaggleApiError, KaggleGateway
+from kaggle_runner.kaggle_api import GpuSessionsBusy, KaggleApiError, KaggleGateway, PushResult
 from kaggle_runner.local import ensure_background_emulator, local_credentials
 from kaggle_runner.render import render_kernel
 from kaggle_runner.store import FINAL_STATES, Run, Segment, Store
@@ -172,7 +172,7 @@ def drive(ctx: Context, detach: bool = False) -> Run:
         phase = segment.phase
         if phase == "pushing":
             push_segment(ctx, run, segment)
-            if detach:
+            if detach and ctx.run.state not in FINAL_STATES:
                 ctx.console.say(f"Detached. Follow it with `kaggle-runner watch {run.name}`.")
                 return ctx.run
         elif phase == "running":
@@ -217,9 +217,33 @@ def push_segment(ctx: Context, run: Run, segment: Segment) -> None:
         sources.append(_data_ref(run))
     folder = render_kernel(config, ctx.run_dir() / f"kernel-{segment.idx}", run.username, sources).folder
     kill_point(ctx.store, "before_push")
-    result = ctx.gateway.push(folder, config.session_timeout_seconds, segment.base_version)
+    result = _push_when_a_gpu_session_is_free(ctx, run, folder, config.session_timeout_seconds,
+                                              segment.base_version)
+    if result is None:
+        return
     kill_point(ctx.store, "after_push")
     _record_push(ctx, run, segment, result.version, result.kernel_id)
+
+
+def _push_when_a_gpu_session_is_free(ctx: Context, run: Run, folder: Path, timeout: int,
+                                     base_version: int | None) -> PushResult | None:
+    """Push; while both GPU sessions are taken (by the user's other notebooks), wait rather than end the chain.
+
+    None when the run was cancelled while waiting.
+    """
+    interval, waiting = ctx.poll_interval, False
+    while True:
+        try:
+            return ctx.gateway.push(folder, timeout, base_version)
+        except GpuSessionsBusy as exc:
+            if not waiting:
+                ctx.console.note(f"note: {exc} Waiting for one of your GPU sessions to end; "
+                                 f"`kaggle-runner cancel {run.name}` stops waiting.")
+                waiting = True
+        time.sleep(interval)
+        interval = min(ctx.max_poll_interval, interval * 1.5)
+        if ctx.run.state == "cancelled":
+            return None
 
 
 def _record_push(ctx: Context, run: Run, segment: Segment, version: int, kernel_id: int | None) -> None:

@@ -198,6 +198,24 @@ def test_held_queue_keeps_versions_queued(api, emulator, tmp_path):
     assert wait_for(api, f"{USER}/hello-kernel") == "COMPLETE"
 
 
+def test_a_third_gpu_session_is_refused_with_kaggles_message(api, emulator, tmp_path):
+    sleeper = "import time\ntime.sleep(60)\n"
+    for name in ("one", "two"):
+        folder = write_kernel(tmp_path / name, sleeper, slug=f"gpu-{name}", title=f"GPU {name}")
+        assert not api.kernels_push(str(folder)).error
+    third = api.kernels_push(str(write_kernel(tmp_path / "three", sleeper, slug="gpu-three", title="GPU three")))
+    assert third.error == "Maximum batch GPU session count of 2 reached."
+    assert "gpu-three" not in {k.slug for k in emulator.backend.kernels.values()}  # nothing was created
+    cpu = write_kernel(tmp_path / "cpu", HELLO, slug="cpu-kernel", title="CPU Kernel", enable_gpu=False)
+    assert not api.kernels_push(str(cpu)).error  # CPU sessions don't count against the GPU limit
+    emulator.backend.runner.cancel(*emulator.backend.get_version(USER, "gpu-one", None))
+    for _ in range(100):
+        if emulator.backend.gpu_sessions_in_use() < 2:
+            break
+        time.sleep(0.1)
+    assert not api.kernels_push(str(tmp_path / "three")).error  # a freed session takes the push
+
+
 def test_quota_counts_gpu_time(api, tmp_path, capsys):
     api.kernels_push(str(write_kernel(tmp_path / "k", "import time\ntime.sleep(1)\n")))
     wait_for(api, f"{USER}/hello-kernel")

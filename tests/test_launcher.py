@@ -17,7 +17,7 @@ from kaggle_runner.config import load_preset
 from kaggle_runner.emulator.server import EmulatorServer
 from kaggle_runner.launcher import run_status
 from kaggle_runner.render import render_kernel
-from tests.emulator_helpers import KEY, USER, admin
+from tests.emulator_helpers import KEY, USER, admin, official_client, write_kernel
 from tests.kernel_helpers import run_kernel
 
 pytestmark = pytest.mark.slow
@@ -290,3 +290,27 @@ def test_status_reads_while_another_process_follows(project, cli_runner, emulato
         time.sleep(0.3)
     assert follower.returncode == 0, follower.stdout.read()
     assert "running" in seen and run_status(".kaggle-runner", "followed")["state"] == "complete"
+
+
+def test_a_push_waits_while_both_gpu_sessions_are_busy(project, emulator, monkeypatch, tmp_path):
+    release = tmp_path / "release"
+    blocker = f"import pathlib, time\nwhile not pathlib.Path({str(release)!r}).exists():\n    time.sleep(0.2)\n"
+    api = official_client(emulator.url, monkeypatch)
+    for name in ("one", "two"):  # the user's other notebooks hold both GPU sessions
+        assert not api.kernels_push(str(write_kernel(tmp_path / name, blocker, slug=f"other-{name}",
+                                                     title=f"Other {name}"))).error
+    launcher = subprocess.Popen([sys.executable, "-m", "kaggle_runner.cli", "launch", "--name", "waits", *sets(
+        [*CHAIN, "max_steps=8", "session_timeout_seconds=300"])], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in launcher.stdout:
+        seen.append(line)
+        if "Maximum batch GPU session count of 2 reached" in line:
+            break
+    assert "Waiting for one of your GPU sessions to end" in seen[-1], "".join(seen)
+    assert launcher.poll() is None and run_status(".kaggle-runner", "waits")["state"] == "running"
+    release.touch()
+    rest, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, "".join(seen) + rest
+    status = run_status(".kaggle-runner", "waits")
+    assert status["state"] == "complete" and [s["kernel_version"] for s in status["segments"]] == [1]

@@ -13,7 +13,7 @@ from datetime import UTC
 from urllib.parse import quote
 
 from kaggle_runner.emulator.errors import BadRequest
-from kaggle_runner.emulator.state import WEEKLY_GPU_SECONDS, WEEKLY_TPU_SECONDS, Backend
+from kaggle_runner.emulator.state import WEEKLY_GPU_SECONDS, WEEKLY_TPU_SECONDS, Backend, SessionLimitReached
 
 
 @dataclass
@@ -57,8 +57,11 @@ def save_kernel(ctx: Context, body: dict) -> dict:
         "session_timeout_seconds": body.get("sessionTimeoutSeconds"),
         "quick_save": body.get("kernelExecutionType") == "QUICK_SAVE",
     }
-    kernel, version, invalid = ctx.backend.save_kernel(owner, slug, body.get("newTitle"),
-                                                       _required(body, "text"), settings)
+    try:
+        kernel, version, invalid = ctx.backend.save_kernel(owner, slug, body.get("newTitle"),
+                                                           _required(body, "text"), settings)
+    except SessionLimitReached as exc:  # Kaggle answers 200 with the refusal in `error`
+        return {"error": str(exc)}
     return {"ref": f"/code/{owner}/{slug}", "url": f"{ctx.base_url}/code/{owner}/{slug}",
             "versionNumber": version.number, "kernelId": kernel.id, "invalidDatasetSources": invalid}
 

@@ -27,6 +27,13 @@ TIMEOUT_MESSAGE = "Your notebook was stopped because it exceeded the max allowed
 RESTART_MESSAGE = "The emulator stopped while this version was running."
 
 ACTIVE = ("QUEUED", "RUNNING", "CANCEL_REQUESTED")
+# Kaggle's wording when a push would start a third GPU session (the kaggle client prints it after
+# "Kernel push error: "; quoted in Kaggle/kaggle-cli#185 and in tools that match on it).
+GPU_SESSION_LIMIT_MESSAGE = f"Maximum batch GPU session count of {MAX_GPU_SESSIONS} reached."
+
+
+class SessionLimitReached(Exception):
+    """A push refused because every GPU session the account may hold is in use; no version is created."""
 
 
 @dataclass
@@ -232,6 +239,9 @@ class Backend:
             raise PermissionDenied(f"User {self.username} cannot push kernels owned by {owner}")
         with self.lock:
             ref = f"{owner}/{slug}"
+            gpu_session = settings["enable_gpu"] and not settings.get("quick_save")
+            if gpu_session and self.gpu_sessions_in_use() >= MAX_GPU_SESSIONS:
+                raise SessionLimitReached(GPU_SESSION_LIMIT_MESSAGE)
             kernel = self.kernels.get(ref)
             if kernel is None:
                 if not title:
@@ -261,6 +271,9 @@ class Backend:
         if self.runner and not settings.get("quick_save"):
             self.runner.start_queued()
         return kernel, version, invalid
+
+    def gpu_sessions_in_use(self) -> int:
+        return sum(1 for k in self.kernels.values() for v in k.versions if v.status in ACTIVE and v.enable_gpu)
 
     def running_gpu_sessions(self) -> int:
         return sum(1 for k in self.kernels.values() for v in k.versions
