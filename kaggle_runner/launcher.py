@@ -167,6 +167,8 @@ def drive(ctx: Context, detach: bool = False) -> Run:
     while True:
         run = ctx.run
         if run.state in FINAL_STATES:
+            if run.state == "cancelled":  # by `kaggle-runner cancel` in another process
+                ctx.console.say(f"Run {run.name} was cancelled.")
             return run
         segment = ctx.store.segments(run.name)[-1]
         phase = segment.phase

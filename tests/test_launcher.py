@@ -292,12 +292,12 @@ def test_status_reads_while_another_process_follows(project, cli_runner, emulato
     assert "running" in seen and run_status(".kaggle-runner", "followed")["state"] == "complete"
 
 
-def test_a_push_waits_while_both_gpu_sessions_are_busy(project, emulator, monkeypatch, tmp_path):
-    release = tmp_path / "release"
+def _launch_while_both_gpu_sessions_are_busy(emulator, monkeypatch, release: Path) -> subprocess.Popen:
+    """The user's other notebooks hold both GPU sessions until `release` exists; launch reaches its refusal."""
     blocker = f"import pathlib, time\nwhile not pathlib.Path({str(release)!r}).exists():\n    time.sleep(0.2)\n"
     api = official_client(emulator.url, monkeypatch)
-    for name in ("one", "two"):  # the user's other notebooks hold both GPU sessions
-        assert not api.kernels_push(str(write_kernel(tmp_path / name, blocker, slug=f"other-{name}",
+    for name in ("one", "two"):
+        assert not api.kernels_push(str(write_kernel(release.parent / name, blocker, slug=f"other-{name}",
                                                      title=f"Other {name}"))).error
     launcher = subprocess.Popen([sys.executable, "-m", "kaggle_runner.cli", "launch", "--name", "waits", *sets(
         [*CHAIN, "max_steps=8", "session_timeout_seconds=300"])], stdout=subprocess.PIPE,
@@ -309,8 +309,24 @@ def test_a_push_waits_while_both_gpu_sessions_are_busy(project, emulator, monkey
             break
     assert "Waiting for one of your GPU sessions to end" in seen[-1], "".join(seen)
     assert launcher.poll() is None and run_status(".kaggle-runner", "waits")["state"] == "running"
-    release.touch()
+    return launcher
+
+
+def test_a_push_waits_while_both_gpu_sessions_are_busy(project, emulator, monkeypatch, tmp_path):
+    launcher = _launch_while_both_gpu_sessions_are_busy(emulator, monkeypatch, tmp_path / "release")
+    (tmp_path / "release").touch()
     rest, _ = launcher.communicate(timeout=300)
-    assert launcher.returncode == 0, "".join(seen) + rest
+    assert launcher.returncode == 0, rest
     status = run_status(".kaggle-runner", "waits")
     assert status["state"] == "complete" and [s["kernel_version"] for s in status["segments"]] == [1]
+
+
+def test_cancel_stops_a_launch_waiting_for_a_gpu_session(project, emulator, monkeypatch, tmp_path, cli_runner):
+    launcher = _launch_while_both_gpu_sessions_are_busy(emulator, monkeypatch, tmp_path / "release")
+    cancelled = cli_runner.invoke(cli, ["cancel", "waits"])
+    assert cancelled.exit_code == 0 and "no kernel version was running" in cancelled.output, cancelled.output
+    rest, _ = launcher.communicate(timeout=60)
+    assert launcher.returncode == 0 and "Run waits was cancelled." in rest, rest
+    assert run_status(".kaggle-runner", "waits")["state"] == "cancelled"
+    assert "kaggle-runner-tiny" not in {k.slug for k in emulator.backend.kernels.values()}  # nothing pushed
+    (tmp_path / "release").touch()
