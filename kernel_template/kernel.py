@@ -118,21 +118,27 @@ def run_workers(count: int) -> int:
     return next((code for code in codes if code != 0), 0)
 
 
+# Decisions taken every step (whether to stop) travel over a gloo group of their own: over NCCL each would
+# need a CUDA tensor and a host sync (.item()) per step, stalling the GPU's queue.
+CONTROL_GROUP: dict = {"group": None}
+
+
 def init_distributed(device: torch.device) -> None:
     if world_size() > 1:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank(), world_size=world_size())
+        CONTROL_GROUP["group"] = dist.new_group(backend="gloo")
 
 
-def agree(value: int, device: torch.device) -> int:
+def agree(value: int) -> int:
     """The largest `value` any rank holds: every rank takes the same decision."""
     if world_size() == 1:
         return value
     import torch.distributed as dist
 
-    flag = torch.tensor([value], device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    flag = torch.tensor([value])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=CONTROL_GROUP["group"])
     return int(flag.item())
 
 
@@ -905,7 +911,7 @@ STOP_REASONS = (None, "time_budget", "interrupted")
 
 def agreed_stop_reason(run: dict) -> str | None:
     """A stop every rank takes at the same step (the signal or deadline may reach them at different times)."""
-    return STOP_REASONS[agree(STOP_REASONS.index(stop_reason(run)), run["device"])]
+    return STOP_REASONS[agree(STOP_REASONS.index(stop_reason(run)))]
 
 
 def stop_reason(run: dict) -> str | None:
