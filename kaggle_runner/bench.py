@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kaggle_runner.config import RunConfig, load_config, load_preset
+from kaggle_runner.errors import KaggleRunnerError
 
 # Dense peak FLOP/s by device name fragment and precision (vendor datasheets).
 PEAK_FLOPS = {
@@ -55,14 +56,23 @@ def synthetic_data(config: RunConfig, vocab: int, n_windows: int) -> dict[str, A
 
 
 def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device: str = "auto") -> dict[str, Any]:
-    import torch
+    try:
+        import torch
+        import transformers  # noqa: F401 - the kernel's model
+    except ImportError as exc:
+        raise KaggleRunnerError(f"bench runs the kernel's training step here and needs the `local` extra ({exc}): "
+                                "pip install -e '.[local]', with torch's CPU build first on a machine without a "
+                                "GPU (see the README)") from None
 
     from kaggle_runner.kernel_template import kernel
 
+    if steps < 1 or warmup < 0:
+        raise KaggleRunnerError(f"--steps must be at least 1 and --warmup at least 0 (got {steps} and {warmup})")
     settings = config.kernel_config()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KaggleRunnerError(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA device; "
+                                "use --device cpu, or run bench on a machine with a GPU")
     torch_device, dtype = kernel.pick_device_and_dtype(device)
-    if device == "cuda" and torch_device.type != "cuda":
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
     vocab = vocab_size_of(config)
     windows_per_step = config.batch_size * config.gradient_accumulation_steps
     data = synthetic_data(config, vocab, windows_per_step * (steps + warmup))
@@ -105,6 +115,7 @@ def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device
         "peak_flops": peak,
         "torch": torch.__version__,
         "compiled": run["model"] is not model,
+        "cpu_dropout_kernels": any(isinstance(module, kernel.CpuDropout) for module in model.modules()),
         "config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
                    "vocab_size": vocab, "max_length": config.max_length,
                    "micro_batch_size": run["micro_batch_size"],

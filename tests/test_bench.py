@@ -1,0 +1,42 @@
+"""`kaggle-runner bench`: the kernel's own step, timed, reported as the JSON contract promises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kaggle_runner.bench import flops_per_token, peak_flops
+from kaggle_runner.cli import cli
+from kaggle_runner.config import load_preset
+
+
+def test_bench_json_reports_tokens_time_memory_and_the_shape(cli_runner):
+    result = cli_runner.invoke(cli, ["bench", "--preset", "tiny", "--set", "n_layer=2", "--steps", "2",
+                                     "--warmup", "1", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["config"] == {"n_embd": 128, "n_layer": 2, "n_head": 4, "vocab_size": 2048, "max_length": 128,
+                                "micro_batch_size": 8, "gradient_accumulation_steps": 2, "dtype": "float32"}
+    assert report["device"] == "cpu" and report["mfu"] is None  # no peak is known for a CPU
+    assert report["tokens_per_second"] > 0 and report["peak_memory_mb"] > 0
+    # tokens/s and step time describe the same steps: 16 windows of 128 tokens each
+    assert report["tokens_per_second"] * report["step_time_ms"] / 1000 == pytest.approx(16 * 128)
+    assert report["cpu_dropout_kernels"] is True and report["compiled"] is False
+
+
+def test_flops_per_token_is_the_issues_arithmetic_for_the_seed_shape():
+    seed = load_preset("seed")
+    # 19.16M matmul parameters (blocks plus the tied LM head over 50,304 padded tokens) -> 1.276e8 FLOPs/token
+    assert flops_per_token(seed, 50304) == 6 * (12 * 8 * 256**2 + 50304 * 256) + 12 * 8 * 256 * 512 == 127_598_592
+    assert peak_flops("Tesla T4", "float16") == 65e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert peak_flops("Some Unknown GPU", "float16") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_bench_on_cuda_without_a_gpu_says_what_to_do(cli_runner):
+    result = cli_runner.invoke(cli, ["bench", "--device", "cuda", "--steps", "1"])
+    assert result.exit_code == 1 and "sees no CUDA device" in result.output and "--device cpu" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
