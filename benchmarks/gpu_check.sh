@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU figures docs/performance.md still lacks, as one command for a lent GPU machine (a few minutes):
+# the seed shape's tokens/s and MFU with torch.compile on and off, and the kernel against HF Trainer.
+#
+# The device image has torch, transformers and accelerate but not pydantic or python-slugify, so carry
+# them as wheels for its Python 3.12. Prepare once, here, in the repository root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+#     python-slugify==9.2.0 text-unidecode==1.3
+# then run `bash benchmarks/gpu_check.sh` there, carrying .whl. Results land in $OUT (or ./gpu-check).
+# DEVICE=cpu PRESET=tiny STEPS=2 ROUNDS=1 runs the same sequence on a CPU in a minute, to check the script.
+set -euo pipefail
+ROOT=$(pwd)
+OUT=$(realpath -m "${OUT:-$ROOT/gpu-check}")
+DEVICE=${DEVICE:-cuda}
+STEPS=${STEPS:-20}
+ROUNDS=${ROUNDS:-3}
+PRESET=${PRESET:-seed}
+PYTHON=${PYTHON:-python3}
+SITE=$(mktemp -d)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+fi
+# kaggle-runner itself, without its dependencies: the kernel template is a package only once installed.
+"$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$SITE" . >/dev/null
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+cd "$SITE"  # import the installed copy, not the source tree
+
+{
+    if command -v nvidia-smi >/dev/null; then nvidia-smi -L; fi
+    "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+for compile in auto off; do
+    "$PYTHON" -m kaggle_runner.cli bench --preset "$PRESET" --device "$DEVICE" --steps "$STEPS" --set "compile=\"$compile\"" \
+        --json 2>&1 | tee "$OUT/bench-$PRESET-compile-$compile.txt"
+done
+"$PYTHON" "$ROOT/benchmarks/compare_trainer.py" --preset "$PRESET" --device "$DEVICE" --rounds "$ROUNDS" --steps "$STEPS" 2>&1 \
+    | grep -v "^{'train_runtime'" | tee "$OUT/compare-trainer-$PRESET.txt"
