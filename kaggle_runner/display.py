@@ -6,7 +6,9 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 
+from rich import box
 from rich.console import Console as RichConsole
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -76,10 +78,13 @@ def print_status(result: dict | list[dict]) -> None:
         if not result:
             console.print("No runs yet. Start one with `kaggle-runner launch`.")
             return
-        table = Table()
-        for header in ("run", "state", "seg", "ver", "kaggle", "step", "val loss"):
-            table.add_column(header, no_wrap=True)
-        table.add_column("reason", overflow="ellipsis", no_wrap=True, min_width=12)
+        # Fit 80 columns: numbers never wrap; a long run name folds only where the terminal is too narrow.
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+        longest = max(len(run["name"]) for run in result)
+        table.add_column("run", overflow="fold", min_width=min(longest, max(12, console.width - 66)))
+        for header in ("state", "seg", "ver", "kaggle", "step", "val loss"):
+            table.add_column(header, no_wrap=True, min_width=len(header))
+        table.add_column("reason", overflow="fold", min_width=10)
         for run in result:
             step = f"{run['global_step']}/{run['total_steps']}" if run["total_steps"] else str(run["global_step"])
             val = f"{run['val_loss']:.4f}" if run["val_loss"] is not None else ""
@@ -98,10 +103,15 @@ def print_status(result: dict | list[dict]) -> None:
         f"  next: {run['next_action']}",
     ]
     console.print("\n".join(lines), markup=False)
-    table = Table("segment", "version", "kaggle", "step", "phase", "checkpoint handed on", "down", "up")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    for header in ("segment", "version", "kaggle", "step", "phase"):
+        table.add_column(header, no_wrap=True, min_width=len(header))
+    table.add_column("checkpoint handed on", overflow="fold", min_width=12)
+    for header in ("down", "up"):
+        table.add_column(header, no_wrap=True, min_width=8)
     for s in run["segments"]:
         table.add_row(str(s["index"]), str(s["kernel_version"] or ""), s["kaggle_status"] or "",
-                      str(s["global_step"] or ""), s["phase"], s["resume_from"] or "",
+                      str(s["global_step"] or ""), s["phase"], Path(s["resume_from"] or "").name,
                       f"{s['bytes_downloaded'] / 2**20:.1f} MiB", f"{s['bytes_uploaded'] / 2**20:.1f} MiB")
     console.print(table)
 

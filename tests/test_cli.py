@@ -85,3 +85,21 @@ def test_every_config_key_is_in_the_reference():
     reference = Path("docs/config.md").read_text()
     missing = [key for key in RunConfig.model_fields if f"`{key}`" not in reference]
     assert not missing, f"document these keys in docs/config.md: {missing}"
+
+
+def test_status_table_fits_80_columns_without_cutting_anything(monkeypatch, capsys):
+    from kaggle_runner.display import print_status
+
+    monkeypatch.setenv("COLUMNS", "80")
+    run = {"name": "kaggle-runner-tiny-20261127-181114", "state": "complete", "segment": 2, "kernel_version": 2,
+           "kaggle_status": "COMPLETE", "global_step": 100, "total_steps": 100, "val_loss": 6.0265,
+           "reason": "training complete at step 100"}
+    print_status([run])
+    output = capsys.readouterr().out
+    assert max(len(line) for line in output.splitlines()) <= 80
+    lines = [line for line in output.splitlines() if line.strip()]
+    header, rows = lines[0], lines[2:]  # header, rule, then the row folded over several lines
+    state_at, reason_at = header.index("state"), header.index("reason")
+    assert "".join(line[:state_at].strip() for line in rows) == run["name"]  # folded, never cut short
+    assert " ".join(line[reason_at:].strip() for line in rows).split() == run["reason"].split()
+    assert rows[0][state_at:reason_at].split() == ["complete", "2", "2", "COMPLETE", "100/100", "6.0265"]
