@@ -45,7 +45,8 @@ class Runner:
             queued = sorted(((v.created_at, k, v) for k in backend.kernels.values() for v in k.versions
                              if v.status == "QUEUED"), key=lambda item: item[0])
             for _, kernel, version in queued:
-                if version.enable_gpu and backend.running_gpu_sessions() >= MAX_GPU_SESSIONS:
+                started = backend.gpu_sessions_in_use(("RUNNING", "CANCEL_REQUESTED"))
+                if version.enable_gpu and started >= MAX_GPU_SESSIONS:
                     continue
                 self._start(kernel, version)
 

@@ -272,12 +272,8 @@ class Backend:
             self.runner.start_queued()
         return kernel, version, invalid
 
-    def gpu_sessions_in_use(self) -> int:
-        return sum(1 for k in self.kernels.values() for v in k.versions if v.status in ACTIVE and v.enable_gpu)
-
-    def running_gpu_sessions(self) -> int:
-        return sum(1 for k in self.kernels.values() for v in k.versions
-                   if v.status in ("RUNNING", "CANCEL_REQUESTED") and v.enable_gpu)
+    def gpu_sessions_in_use(self, statuses: tuple[str, ...] = ACTIVE) -> int:
+        return sum(1 for k in self.kernels.values() for v in k.versions if v.status in statuses and v.enable_gpu)
 
     def session_id(self, kernel: Kernel, version: Version) -> int:
         # Kaggle's public API never returns the session id that cancel needs; the emulator derives it.
