@@ -55,7 +55,16 @@ def synthetic_data(config: RunConfig, vocab: int, n_windows: int) -> dict[str, A
             "tokenizer_json": None}
 
 
-def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device: str = "auto") -> dict[str, Any]:
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+def prepare_kernel_run(config: RunConfig, steps: int, warmup: int, device: str = "auto",
+                       dtype: str = "auto") -> dict[str, Any]:
+    """The kernel's model, optimizer and run state over synthetic tokens, ready for optimizer_step.
+
+    dtype other than auto overrides the kernel's choice on CUDA: float16 runs a T4's path (fp16 autocast and
+    GradScaler) on a newer GPU.
+    """
     try:
         import torch
         import transformers  # noqa: F401 - the kernel's model
@@ -68,19 +77,36 @@ def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device
 
     if steps < 1 or warmup < 0:
         raise KaggleRunnerError(f"--steps must be at least 1 and --warmup at least 0 (got {steps} and {warmup})")
+    if dtype not in DTYPES:
+        raise KaggleRunnerError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     settings = config.kernel_config()
     if device == "cuda" and not torch.cuda.is_available():
         raise KaggleRunnerError(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA device; "
                                 "use --device cpu, or run bench on a machine with a GPU")
-    torch_device, dtype = kernel.pick_device_and_dtype(device)
+    torch_device, kernel_dtype = kernel.pick_device_and_dtype(device)
+    if dtype != "auto":
+        if torch_device.type == "cpu" and dtype != "float32":
+            raise KaggleRunnerError(f"--dtype {dtype} needs a CUDA device: the kernel trains in float32 on a CPU")
+        kernel_dtype = getattr(torch, dtype)
     vocab = vocab_size_of(config)
     windows_per_step = config.batch_size * config.gradient_accumulation_steps
     data = synthetic_data(config, vocab, windows_per_step * (steps + warmup))
     model = kernel.prepare_model(settings, vocab, torch_device)
-    run = kernel.build_training(settings, data, model, torch_device, dtype, total_steps=steps + warmup)
+    run = kernel.build_training(settings, data, model, torch_device, kernel_dtype, total_steps=steps + warmup)
     run["order"] = kernel.epoch_order(config.seed, 1, data["train_windows"])
-    run["model"] = kernel.maybe_compile(model, settings, torch_device)
+    run["model"] = kernel.maybe_compile(run["eager_model"], settings, torch_device)
     model.train()
+    return {"run": run, "settings": settings, "device": torch_device, "dtype": kernel_dtype, "model": model}
+
+
+def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device: str = "auto",
+                     dtype: str = "auto") -> dict[str, Any]:
+    import torch
+
+    from kaggle_runner.kernel_template import kernel
+
+    prepared = prepare_kernel_run(config, steps, warmup, device, dtype)
+    run, settings, torch_device, model = prepared["run"], prepared["settings"], prepared["device"], prepared["model"]
     synchronize = torch.cuda.synchronize if torch_device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         kernel.optimizer_step(run, settings)
@@ -100,7 +126,7 @@ def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device
     else:
         peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         device_name = "CPU"
-    dtype_name = str(dtype).removeprefix("torch.")
+    dtype_name = str(prepared["dtype"]).removeprefix("torch.")
     per_token = flops_per_token(config, model.config.vocab_size)
     peak = peak_flops(device_name, dtype_name)
     return {
@@ -114,16 +140,16 @@ def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device
         "flops_formula": FLOPS_FORMULA,
         "peak_flops": peak,
         "torch": torch.__version__,
-        "compiled": run["model"] is not model,
+        "compiled": run["model"] is not run["eager_model"],
         "cpu_dropout_kernels": any(isinstance(module, kernel.CpuDropout) for module in model.modules()),
         "config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
-                   "vocab_size": vocab, "max_length": config.max_length,
+                   "vocab_size": vocab_size_of(config), "max_length": config.max_length,
                    "micro_batch_size": run["micro_batch_size"],
                    "gradient_accumulation_steps": run["accumulation"], "dtype": dtype_name},
     }
 
 
 def run_benchmark(preset: str = "tiny", config_path: str | Path | None = None, overrides=(), steps: int = 20,
-                  warmup: int = 3, device: str = "auto") -> dict[str, Any]:
+                  warmup: int = 3, device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
     config = load_config(config_path, overrides) if config_path else load_preset(preset, overrides)
-    return benchmark_kernel(config, steps=steps, warmup=warmup, device=device)
+    return benchmark_kernel(config, steps=steps, warmup=warmup, device=device, dtype=dtype)

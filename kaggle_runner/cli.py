@@ -254,14 +254,17 @@ def emulator_stop(workspace: str) -> None:
 @click.option("--steps", default=20, show_default=True, type=int, help="Optimizer steps to time.")
 @click.option("--warmup", default=3, show_default=True, type=int, help="Steps before timing starts.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto",
+              show_default=True, help="Override the kernel's precision on CUDA: float16 runs a T4's fp16 + "
+              "GradScaler path on a newer GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
 @handle_errors
-def bench(preset, config_path, overrides, steps, warmup, device, as_json) -> None:
+def bench(preset, config_path, overrides, steps, warmup, device, dtype, as_json) -> None:
     """Time the kernel's own training step: tokens/s, step time, peak memory, MFU."""
     from kaggle_runner.bench import run_benchmark
 
     result = run_benchmark(preset=preset, config_path=config_path, overrides=overrides, steps=steps,
-                           warmup=warmup, device=device)
+                           warmup=warmup, device=device, dtype=dtype)
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -40,3 +40,9 @@ def test_bench_on_cuda_without_a_gpu_says_what_to_do(cli_runner):
     result = cli_runner.invoke(cli, ["bench", "--device", "cuda", "--steps", "1"])
     assert result.exit_code == 1 and "sees no CUDA device" in result.output and "--device cpu" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_bench_refuses_a_half_precision_the_cpu_path_does_not_train_in(cli_runner):
+    result = cli_runner.invoke(cli, ["bench", "--device", "cpu", "--dtype", "float16", "--steps", "1"])
+    assert result.exit_code == 1 and "--dtype float16 needs a CUDA device" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
