@@ -1,4 +1,5 @@
-"""The kernel's CPU dropout and attention: the same training math as PyTorch's, only drawn faster."""
+"""The kernel's training math, checked on the CPU: its dropout and attention kernels (the same math as PyTorch's,
+only drawn faster), and the module torch.compile compiles."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from kaggle_runner.kernel_template import kernel
 
+from kaggle_runner.bench import synthetic_data, vocab_size_of
 from kaggle_runner.config import load_preset
 from tests.kernel_helpers import FAST
 
@@ -62,3 +64,26 @@ def test_cpu_training_model_evaluates_like_the_plain_gpt2_it_exports():
     torch.manual_seed(3)
     assert torch.equal(ours(input_ids=tokens).logits, first)  # dropout active, and seeded
     assert not torch.allclose(first, plain(input_ids=tokens).logits, atol=1e-3)
+
+
+def test_what_torch_compile_sees_includes_the_loss():
+    """The loss over the vocabulary is the step's largest tensor: it must be inside the compiled graph, where
+    inductor fuses it, not left to run eagerly after the model's logits."""
+    config = load_preset("tiny", FAST)
+    settings = config.kernel_config()
+    vocab = vocab_size_of(config)
+    data = synthetic_data(config, vocab, config.batch_size * config.gradient_accumulation_steps)
+    model = kernel.prepare_model(settings, vocab, torch.device("cpu"))
+    run = kernel.build_training(settings, data, model, torch.device("cpu"), torch.float32, total_steps=1)
+    traced_ops: set[str] = set()
+
+    def recording_backend(graph_module, example_inputs):
+        traced_ops.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    batch = kernel.gather_windows(data["train"], range(2), config.max_length)
+    loss = torch.compile(run["eager_model"], backend=recording_backend)(batch)
+    assert loss.dim() == 0
+    assert any("cross_entropy" in op for op in traced_ops), sorted(traced_ops)
+    torch.manual_seed(0)
+    assert torch.equal(run["eager_model"].eval()(batch), kernel.lm_loss(model.eval(), batch))
