@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU figures docs/performance.md still lacks, as one command for a lent GPU machine (a few minutes):
-# the seed shape's tokens/s and MFU with torch.compile on and off, and the kernel against HF Trainer.
+# The GPU figures in docs/performance.md, as one command for a lent GPU machine:
+# the seed shape's tokens/s and MFU with torch.compile on and off, the kernel against HF Trainer, the T4's fp16
+# path, and a profile that turns the step's GPU time into an estimate for 3 epochs on 2xT4
+# (benchmarks/gpu_profile.py). About 4 minutes on an H100.
 #
 # The device image has torch, transformers and accelerate but not pydantic or python-slugify, so carry
 # them as wheels for its Python 3.12. Prepare once, here, in the repository root:
@@ -30,13 +32,29 @@ fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 cd "$SITE"  # import the installed copy, not the source tree
 
+# Each step writes its own file and a failure does not stop the next: a lease is too short to rerun all.
+step() {
+    local name=$1
+    shift
+    echo "== $name: $*"
+    "$@" 2>&1 | grep -v "^{'train_runtime'" | tee "$OUT/$name.txt" || echo "== $name failed (rc ${PIPESTATUS[0]})"
+}
 {
     if command -v nvidia-smi >/dev/null; then nvidia-smi -L; fi
     "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
-for compile in auto off; do
-    "$PYTHON" -m kaggle_runner.cli bench --preset "$PRESET" --device "$DEVICE" --steps "$STEPS" --set "compile=\"$compile\"" \
-        --json 2>&1 | tee "$OUT/bench-$PRESET-compile-$compile.txt"
-done
-"$PYTHON" "$ROOT/benchmarks/compare_trainer.py" --preset "$PRESET" --device "$DEVICE" --rounds "$ROUNDS" --steps "$STEPS" 2>&1 \
-    | grep -v "^{'train_runtime'" | tee "$OUT/compare-trainer-$PRESET.txt"
+# The kernel as a GPU user runs it (compile auto, bf16 on sm_80+), then against Trainer, then where its time goes
+# and what that makes of 2xT4, on the T4's own precision path (fp16 + GradScaler).
+step "bench-$PRESET-compile-auto" "$PYTHON" -m kaggle_runner.cli bench --preset "$PRESET" --device "$DEVICE" \
+    --steps "$STEPS" --json
+step "compare-trainer-$PRESET" "$PYTHON" "$ROOT/benchmarks/compare_trainer.py" --preset "$PRESET" \
+    --device "$DEVICE" --rounds "$ROUNDS" --steps "$STEPS"
+if [ "$DEVICE" = cuda ]; then
+    step "profile-$PRESET-float16" "$PYTHON" "$ROOT/benchmarks/gpu_profile.py" --preset "$PRESET" --dtype float16
+    step "bench-$PRESET-float16" "$PYTHON" -m kaggle_runner.cli bench --preset "$PRESET" --device cuda \
+        --steps "$STEPS" --dtype float16 --json
+else
+    step "profile-$PRESET" "$PYTHON" "$ROOT/benchmarks/gpu_profile.py" --preset "$PRESET" --device cpu --steps 2
+fi
+step "bench-$PRESET-compile-off" "$PYTHON" -m kaggle_runner.cli bench --preset "$PRESET" --device "$DEVICE" \
+    --steps "$STEPS" --set 'compile="off"' --json
