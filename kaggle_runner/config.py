@@ -31,7 +31,8 @@ class ConfigError(KaggleRunnerError):
 class RunConfig(BaseModel):
     """Every setting of a run. Defaults are the seed notebook's CONFIG."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Non-finite numbers (inf, nan) are refused everywhere: a learning rate of inf trains nothing but NaNs.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # [model]
     n_embd: int = Field(256, gt=0)
@@ -50,10 +51,13 @@ class RunConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     epochs: int = Field(3, gt=0)
     max_steps: int | None = Field(None, gt=0)
+    # End each session after this many optimizer steps (saved and resumable, as at the time budget):
+    # short segments on purpose, and the tiny preset's way to chain the same on any machine.
+    segment_steps: int | None = Field(None, gt=0)
     eval_steps: int = Field(500, gt=0)
     eval_batches: int = Field(20, gt=0)
     log_steps: int = Field(50, gt=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)  # numpy's seed range
     compile: Literal["auto", "on", "off"] = "auto"
     world_size: int | None = Field(None, ge=1)
 
@@ -81,12 +85,20 @@ class RunConfig(BaseModel):
     kernel_type: Literal["script", "notebook"] = "script"
     session_timeout_seconds: int = Field(12 * 3600, gt=0, le=12 * 3600)
     safety_margin_seconds: int = Field(900, ge=0)
+    # A session without a usable GPU (Kaggle sometimes gives a CPU, or a GPU torch cannot use) ends at once
+    # with reason no_gpu, unless a CPU is acceptable.
+    allow_cpu: bool = False
 
     # [chain]
     max_segments: int = Field(6, ge=1)
     max_stalled_segments: int = Field(2, ge=1)
     min_quota_hours: float = Field(1.0, ge=0)
     segment_grace_seconds: int = Field(600, ge=0)
+    # After a checkpoint upload is reported ready, wait this long before pushing: Kaggle pins the dataset
+    # version at push time, and a version can be "ready" minutes before a new session can mount it.
+    dataset_settle_seconds: int = Field(180, ge=0)
+    # How often a segment that did not find its checkpoint (reason resume_missing) is pushed again.
+    max_resume_retries: int = Field(3, ge=0)
 
     @field_validator("slug")
     @classmethod
@@ -153,7 +165,8 @@ class RunConfig(BaseModel):
     def kernel_config(self) -> dict[str, Any]:
         """What the kernel needs at run time: everything but the launcher-only keys."""
         launcher_only = {"machine_shape", "is_private", "kernel_type", "dataset_sources",
-                         "max_segments", "max_stalled_segments", "min_quota_hours", "segment_grace_seconds"}
+                         "max_segments", "max_stalled_segments", "min_quota_hours", "segment_grace_seconds",
+                         "dataset_settle_seconds", "max_resume_retries"}
         return {k: v for k, v in self.model_dump().items() if k not in launcher_only}
 
 
