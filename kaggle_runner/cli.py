@@ -218,21 +218,29 @@ def emulator() -> None:
 @click.option("--data-dir", default=".kaggle-runner/emulator", show_default=True,
               type=click.Path(file_okay=False), help="Where kernels, datasets and outputs are kept.")
 @click.option("--username", default="local", show_default=True, help="The account the emulator accepts.")
-@click.option("--key", envvar="KAGGLE_RUNNER_EMULATOR_KEY", default="local-key",
-              help="The API key it accepts (or KAGGLE_RUNNER_EMULATOR_KEY).")
+@click.option("--key", envvar="KAGGLE_RUNNER_EMULATOR_KEY", default=None,
+              help="The API key it accepts (or KAGGLE_RUNNER_EMULATOR_KEY) [default: a random key kept 0600 in "
+                   "DATA_DIR/emulator-key].")
 @click.option("--session-limit", type=float, default=None,
               help="Seconds a version may run when the push sets no timeout [default: 12 h].")
 @click.option("--dataset-delay", type=float, default=0.0, show_default=True,
               help="Seconds before a new dataset version reports ready.")
+@click.option("--kind", is_flag=True,
+              help="Turn every Kaggle-realism behaviour off (no 404 windows, lags, pinning, rate limit or "
+                   "refusals) for debugging; see docs/emulator.md.")
 @click.option("--ready-file", type=click.Path(dir_okay=False), hidden=True)
 @handle_errors
-def emulator_serve(host, port, data_dir, username, key, session_limit, dataset_delay, ready_file) -> None:
+def emulator_serve(host, port, data_dir, username, key, session_limit, dataset_delay, kind, ready_file) -> None:
     """Serve the emulator in the foreground until Ctrl-C (SIGTERM also stops it)."""
-    from kaggle_runner.emulator.server import serve_forever
+    from kaggle_runner.emulator.realism import Realism
+    from kaggle_runner.emulator.server import data_dir_key, serve_forever
 
+    if not key:
+        key, path = data_dir_key(Path(data_dir))
+        click.echo(f"The emulator's API key is in {path} (user {username}).")
     serve_forever(host=host, port=port, data_dir=Path(data_dir), username=username, key=key,
                   session_limit=session_limit, dataset_delay=dataset_delay,
-                  ready_file=Path(ready_file) if ready_file else None)
+                  ready_file=Path(ready_file) if ready_file else None, realism=Realism.off() if kind else None)
 
 
 @emulator.command("stop")

@@ -1,10 +1,14 @@
 """The background emulator that --local starts for a workspace, and its local-only credentials.
 
 Those credentials are the emulator's own (a random key, 0600 in the workspace), never a Kaggle account's.
+The emulator starts with an allow-listed environment, so neither it nor the kernels it runs (which could
+read its /proc/<pid>/environ) ever see a real KAGGLE_KEY or token.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -20,6 +24,7 @@ from kaggle_runner.credentials import Credentials
 from kaggle_runner.errors import KaggleRunnerError
 
 LOCAL_USER = "local"
+KEY_VARIABLE = "KAGGLE_RUNNER_EMULATOR_KEY"
 
 
 def _folder(workspace: Path) -> Path:
@@ -45,9 +50,32 @@ def _alive(url: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _startup_lock(folder: Path):
+    """One starter at a time per workspace: two first --local uses must not start two emulators."""
+    with open(folder / "start.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def emulator_environment(key: str) -> dict[str, str]:
+    """What the background emulator may inherit: the allow-list (no KAGGLE_*), plus its own key."""
+    from kaggle_runner.emulator.runner import allowed_environment
+
+    return {**allowed_environment(), KEY_VARIABLE: key}
+
+
 def ensure_background_emulator(workspace: Path, startup_timeout: float = 60) -> str:
     """The URL of this workspace's emulator, starting it (detached, state kept in the workspace) if needed."""
     folder = _folder(workspace)
+    with _startup_lock(folder):
+        return _ensure_started(folder, workspace, startup_timeout)
+
+
+def _ensure_started(folder: Path, workspace: Path, startup_timeout: float) -> str:
     info_path = folder / "server.json"
     if info_path.exists():
         url = json.loads(info_path.read_text())["url"]
@@ -56,7 +84,7 @@ def ensure_background_emulator(workspace: Path, startup_timeout: float = 60) -> 
     credentials = local_credentials(workspace)
     ready = folder / "ready.json"
     ready.unlink(missing_ok=True)
-    env = {**os.environ, "KAGGLE_RUNNER_EMULATOR_KEY": credentials.key or ""}
+    env = emulator_environment(credentials.key or "")
     with open(folder / "server.log", "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "kaggle_runner.cli", "emulator", "serve", "--port", "0",

@@ -11,6 +11,14 @@ import requests
 USER, KEY = "alice", "s3cret-key-123"
 
 
+def quick_realism(**changes):
+    """Kaggle's unkindness with sub-second windows, so tests meet every behaviour and stay quick."""
+    from kaggle_runner.emulator.realism import Realism
+
+    return Realism(**{"pin_window": 0.3, "dataset_404_window": 0.2, "status_404_window": 0.2, "output_lag": 0.2,
+                      **changes})
+
+
 def official_client(url: str, monkeypatch, username: str = USER, key: str = KEY):
     """KaggleApi exactly as users get it; only the PROD endpoint is pointed at the emulator."""
     import kagglesdk.kaggle_env as kaggle_env
@@ -45,14 +53,35 @@ def write_dataset(folder: Path, slug: str, files: dict[str, bytes], title: str =
     return folder
 
 
+def status_of(api, ref: str) -> str | None:
+    """The version's status, or None while Kaggle still answers 404 "No runs found" after a push."""
+    try:
+        return api.kernels_status(ref).status.name
+    except requests.HTTPError as error:
+        if error.response is not None and error.response.status_code == 404:
+            return None
+        raise
+
+
 def wait_for(api, ref: str, timeout: float = 60) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        status = api.kernels_status(ref).status.name
-        if status not in ("QUEUED", "RUNNING", "CANCEL_REQUESTED"):
+        status = status_of(api, ref)
+        if status not in (None, "QUEUED", "RUNNING", "CANCEL_REQUESTED"):
             return status
         time.sleep(0.2)
     raise TimeoutError(f"{ref} still running after {timeout}s")
+
+
+def outputs(api, ref: str, path: Path, timeout: float = 30, **kwargs) -> list:
+    """Download a finished version's outputs, waiting out the lag before Kaggle lists them."""
+    deadline = time.time() + timeout
+    while True:
+        files, _ = api.kernels_output(ref, str(path), **kwargs)
+        log_file = Path(path) / f"{ref.split('/')[1]}.log"  # written from the listing's log field
+        if [f for f in files if Path(f) != log_file] or time.time() > deadline:
+            return files
+        time.sleep(0.2)
 
 
 def admin(url: str, path: str, body: dict | None = None) -> dict:

@@ -15,12 +15,24 @@ import requests
 from kaggle_runner.config import load_preset
 from kaggle_runner.emulator.server import EmulatorServer
 from kaggle_runner.render import render_kernel
-from tests.emulator_helpers import KEY, USER, admin, official_client, wait_for, write_dataset, write_kernel
+from tests.emulator_helpers import (
+    KEY,
+    USER,
+    admin,
+    official_client,
+    outputs,
+    quick_realism,
+    status_of,
+    wait_for,
+    write_dataset,
+    write_kernel,
+)
 
 
 @pytest.fixture
 def emulator(tmp_path):
-    with EmulatorServer(tmp_path / "emu", username=USER, key=KEY, session_limit=60, kill_grace_seconds=2) as server:
+    with EmulatorServer(tmp_path / "emu", username=USER, key=KEY, session_limit=60, kill_grace_seconds=2,
+                        realism=quick_realism()) as server:
         yield server
 
 
@@ -43,7 +55,7 @@ def test_push_status_output_and_logs(api, emulator, tmp_path, capsys):
     pushed = api.kernels_push(str(folder), timeout="30")
     assert pushed.version_number == 1 and not pushed.error
     assert wait_for(api, f"{USER}/hello-kernel") == "COMPLETE"
-    files, _ = api.kernels_output(f"{USER}/hello-kernel", str(tmp_path / "out"))
+    outputs(api, f"{USER}/hello-kernel", tmp_path / "out")
     assert (tmp_path / "out/result.txt").read_text() == "42"
     assert (tmp_path / "out/sub/data.bin").stat().st_size == 300_000
     log = json.loads((tmp_path / "out/hello-kernel.log").read_text())
@@ -78,6 +90,7 @@ def test_kernel_reads_an_attached_dataset(api, emulator, tmp_path):
     write_dataset(tmp_path / "ds", "my-dataset", {"numbers.txt": b"1 2 3"})
     created = api.dataset_create_new(str(tmp_path / "ds"), quiet=True)
     assert created.status == "ok", created.error
+    time.sleep(emulator.backend.realism.pin_window)  # a brand-new dataset is not mountable at once
     code = ("import os, pathlib\nroot = pathlib.Path(os.environ['KAGGLE_RUNNER_INPUT_DIR'])\n"
             "print('read:', (root / 'datasets/alice/my-dataset/numbers.txt').read_text())\n")
     api.kernels_push(str(write_kernel(tmp_path / "k", code, dataset_sources=[f"{USER}/my-dataset"])))
@@ -89,8 +102,9 @@ def test_dataset_create_version_status_and_delete_old_versions(api, emulator, tm
     admin(emulator.url, "faults", {"dataset_delay": 0.6})
     folder = write_dataset(tmp_path / "ds", "ckpt-dataset", {"a.bin": b"a" * 1000})
     assert api.dataset_create_new(str(folder), quiet=True).status == "ok"
+    time.sleep(emulator.backend.realism.dataset_404_window)
     assert api.dataset_status(f"{USER}/ckpt-dataset") != "ready"
-    time.sleep(0.7)
+    time.sleep(0.5)
     assert api.dataset_status(f"{USER}/ckpt-dataset") == "ready"
     again = api.dataset_create_new(str(folder), quiet=True)
     assert "already in use" in again.error
@@ -117,6 +131,7 @@ def test_bad_key_gets_401_and_no_credentials_on_disk(emulator, monkeypatch, tmp_
 
 
 def test_session_over_its_limit_is_stopped_and_keeps_its_files(api, emulator, tmp_path):
+    admin(emulator.url, "realism", {"sigterm_before_kill": True})
     code = ("import signal, sys, time, pathlib\n"
             "pathlib.Path('partial.txt').write_text('half')\n"
             "def bye(*a):\n    pathlib.Path('got_sigterm.txt').write_text('yes'); sys.exit(0)\n"
@@ -126,11 +141,12 @@ def test_session_over_its_limit_is_stopped_and_keeps_its_files(api, emulator, tm
     status = api.kernels_status(f"{USER}/hello-kernel")
     assert status.failure_message == ("Your notebook was stopped because it exceeded the max allowed "
                                       "execution duration.")
-    api.kernels_output(f"{USER}/hello-kernel", str(tmp_path / "out"))
+    outputs(api, f"{USER}/hello-kernel", tmp_path / "out")
     assert (tmp_path / "out/partial.txt").exists() and (tmp_path / "out/got_sigterm.txt").exists()
 
 
 def test_ignoring_sigterm_gets_sigkill_after_the_grace_period(api, emulator, tmp_path):
+    admin(emulator.url, "realism", {"sigterm_before_kill": True})
     code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n"
     api.kernels_push(str(write_kernel(tmp_path / "k", code)), timeout="1")
     assert wait_for(api, f"{USER}/hello-kernel", timeout=60) == "CANCEL_ACKNOWLEDGED"
@@ -145,13 +161,13 @@ def test_errors_show_the_failure_message(api, tmp_path):
 
 def test_restart_keeps_state_and_reports_interrupted_versions_as_error(tmp_path, monkeypatch):
     data = tmp_path / "emu"
-    with EmulatorServer(data, username=USER, key=KEY) as first:
+    with EmulatorServer(data, username=USER, key=KEY, realism=quick_realism()) as first:
         api = official_client(first.url, monkeypatch)
         api.kernels_push(str(write_kernel(tmp_path / "a", HELLO, slug="done-kernel", title="Done Kernel")))
         wait_for(api, f"{USER}/done-kernel")
         api.kernels_push(str(write_kernel(tmp_path / "b", "import time\ntime.sleep(60)\n")))
         time.sleep(0.5)
-    with EmulatorServer(data, username=USER, key=KEY) as second:
+    with EmulatorServer(data, username=USER, key=KEY, realism=quick_realism()) as second:
         api = official_client(second.url, monkeypatch)
         assert api.kernels_status(f"{USER}/done-kernel").status.name == "COMPLETE"
         interrupted = api.kernels_status(f"{USER}/hello-kernel")
@@ -179,6 +195,7 @@ def test_injected_faults_reach_the_client_as_kaggle_shows_them(api, emulator, tm
     assert api.dataset_create_new(str(folder), quiet=True).status == "ok"
 
     # A download dropped halfway is resumed with a Range request and ends complete.
+    outputs(api, f"{USER}/hello-kernel", tmp_path / "first")  # waits out the listing lag
     admin(emulator.url, "faults", {"drop_downloads": 1})
     api.kernels_output(f"{USER}/hello-kernel", str(tmp_path / "out"), file_pattern="data.bin")
     assert (tmp_path / "out/sub/data.bin").stat().st_size == 300_000
@@ -193,7 +210,7 @@ def test_held_queue_keeps_versions_queued(api, emulator, tmp_path):
     admin(emulator.url, "faults", {"hold_queued": True})
     api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
     time.sleep(0.5)
-    assert api.kernels_status(f"{USER}/hello-kernel").status.name == "QUEUED"
+    assert status_of(api, f"{USER}/hello-kernel") == "QUEUED"
     admin(emulator.url, "faults", {"hold_queued": False})
     assert wait_for(api, f"{USER}/hello-kernel") == "COMPLETE"
 
@@ -261,6 +278,7 @@ def test_concurrent_clients_are_safe(api, emulator, tmp_path):
 
     api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
     wait_for(api, f"{USER}/hello-kernel")
+    outputs(api, f"{USER}/hello-kernel", tmp_path / "first")
 
     def work(i: int):
         if i % 3 == 0:

@@ -10,10 +10,18 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
-from urllib.parse import quote
 
-from kaggle_runner.emulator.errors import BadRequest
-from kaggle_runner.emulator.state import WEEKLY_GPU_SECONDS, WEEKLY_TPU_SECONDS, Backend, SessionLimitReached
+from kaggle_runner.emulator.errors import BadRequest, NotFound
+from kaggle_runner.emulator.state import (
+    CANCEL_DENIED_MESSAGE,
+    NO_RUNS_MESSAGE,
+    TERMINAL,
+    WEEKLY_GPU_SECONDS,
+    WEEKLY_TPU_SECONDS,
+    Backend,
+    SessionLimitReached,
+    check_name,
+)
 
 
 @dataclass
@@ -21,20 +29,39 @@ class Context:
     backend: Backend
     base_url: str
     user: str
+    sign: Callable[[str], str] = lambda path: path  # the server's signed URL for a path
 
 
 def _required(body: dict, key: str) -> str:
     value = body.get(key)
     if value in (None, ""):
         raise BadRequest(f"Missing required field '{key}'")
+    if not isinstance(value, str):
+        raise BadRequest(f"Field '{key}' must be a string")
     return value
+
+
+def _name(body: dict, key: str) -> str:
+    return check_name(_required(body, key), key)
+
+
+def _int(body: dict, key: str, default: int | None = None) -> int:
+    value = body.get(key)
+    if value in (None, ""):
+        if default is None:
+            raise BadRequest(f"Missing required field '{key}'")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isascii() \
+            or not str(value).strip().lstrip("-").isdigit():
+        raise BadRequest(f"Field '{key}' must be an integer, not {value!r}")
+    return int(value)
 
 
 def _split_ref(ref: str) -> tuple[str, str]:
     parts = ref.strip("/").split("/")
     if len(parts) != 2 or not all(parts):
         raise BadRequest(f"Invalid reference {ref!r}: expected owner/slug")
-    return parts[0], parts[1]
+    return check_name(parts[0], "owner"), check_name(parts[1], "slug")
 
 
 def _duration(seconds: float) -> str:
@@ -50,25 +77,34 @@ def save_kernel(ctx: Context, body: dict) -> dict:
         raise BadRequest("The emulator runs Python kernels only")
     if kernel_type not in ("script", "notebook"):
         raise BadRequest(f"Unsupported kernel type {kernel_type!r}")
+    sources = body.get("datasetDataSources") or []
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        raise BadRequest("datasetDataSources must be a list of owner/slug strings")
+    timeout = _int(body, "sessionTimeoutSeconds", 0) or None
+    if timeout is not None and timeout < 0:
+        raise BadRequest("sessionTimeoutSeconds must not be negative")
+    shape = body.get("machineShape")
     settings = {
-        "language": language, "kernel_type": kernel_type, "is_private": body.get("isPrivate", False),
-        "enable_gpu": body.get("enableGpu", False), "enable_internet": body.get("enableInternet", False),
-        "machine_shape": body.get("machineShape"), "dataset_sources": body.get("datasetDataSources", []),
-        "session_timeout_seconds": body.get("sessionTimeoutSeconds"),
+        "language": language, "kernel_type": kernel_type, "is_private": bool(body.get("isPrivate", False)),
+        "enable_gpu": bool(body.get("enableGpu", False)), "enable_internet": bool(body.get("enableInternet", False)),
+        "machine_shape": shape if isinstance(shape, str) and shape else None, "dataset_sources": sources,
+        "session_timeout_seconds": timeout,
         "quick_save": body.get("kernelExecutionType") == "QUICK_SAVE",
     }
     try:
         kernel, version, invalid = ctx.backend.save_kernel(owner, slug, body.get("newTitle"),
                                                            _required(body, "text"), settings)
-    except SessionLimitReached as exc:  # Kaggle answers 200 with the refusal in `error`
-        return {"error": str(exc)}
+    except SessionLimitReached as exc:  # Kaggle answers 200 with the refusal in `error`, version 0
+        return {"error": str(exc), "versionNumber": 0}
     return {"ref": f"/code/{owner}/{slug}", "url": f"{ctx.base_url}/code/{owner}/{slug}",
             "versionNumber": version.number, "kernelId": kernel.id, "invalidDatasetSources": invalid}
 
 
 def get_kernel_session_status(ctx: Context, body: dict) -> dict:
-    _, version = ctx.backend.get_version(_required(body, "userName"), _required(body, "kernelSlug"),
+    _, version = ctx.backend.get_version(_name(body, "userName"), _name(body, "kernelSlug"),
                                          body.get("versionLabel"))
+    if ctx.backend.clock() - version.created_at < ctx.backend.realism.status_404_window:
+        raise NotFound(NO_RUNS_MESSAGE)  # the run does not exist yet, straight after a push
     reply = {"status": version.status}
     if version.failure_message:
         reply["failureMessage"] = version.failure_message
@@ -76,14 +112,17 @@ def get_kernel_session_status(ctx: Context, body: dict) -> dict:
 
 
 def list_kernel_session_output(ctx: Context, body: dict) -> dict:
-    owner, slug = _required(body, "userName"), _required(body, "kernelSlug")
+    owner, slug = _name(body, "userName"), _name(body, "kernelSlug")
     _, version = ctx.backend.get_version(owner, slug, body.get("versionLabel"))
-    files = ctx.backend.output_files(owner, slug, version)
-    page_size = int(body.get("pageSize") or 20)
-    start = int(body.get("pageToken") or 0)
+    listed = ctx.backend.outputs_listed(version)
+    files = ctx.backend.output_files(owner, slug, version) if listed else []
+    page_size = _int(body, "pageSize", 20)
+    start = _int(body, "pageToken", 0)
+    if page_size < 1 or start < 0:
+        raise BadRequest("pageSize must be positive and pageToken a page the listing handed out")
     page = files[start:start + page_size]
-    reply = {"files": [{"fileName": rel, "url": f"{ctx.base_url}/files/{owner}/{slug}/{version.number}/"
-                        f"{quote(rel)}"} for rel, _ in page],
+    reply = {"files": [{"fileName": rel, "url": ctx.sign(f"/files/{owner}/{slug}/{version.number}/{rel}")}
+                       for rel, _ in page],
              "nextPageToken": str(start + page_size) if start + page_size < len(files) else ""}
     if start == 0:
         reply["log"] = json.dumps(ctx.backend.read_log_events(owner, slug, version))
@@ -91,15 +130,18 @@ def list_kernel_session_output(ctx: Context, body: dict) -> dict:
 
 
 def cancel_kernel_session(ctx: Context, body: dict) -> dict:
-    kernel, version = ctx.backend.find_session(int(_required(body, "kernelSessionId")))
-    if version.status in ("COMPLETE", "ERROR", "CANCEL_ACKNOWLEDGED"):
+    session_id = _int(body, "kernelSessionId")
+    if ctx.backend.realism.cancel_refused:
+        return {"errorMessage": CANCEL_DENIED_MESSAGE}
+    kernel, version = ctx.backend.find_session(session_id)
+    if version.status in TERMINAL:
         return {"errorMessage": f"Kernel session is already {version.status.lower()}"}
     ctx.backend.runner.cancel(kernel, version)
     return {}
 
 
 def get_kernel(ctx: Context, body: dict) -> dict:
-    owner, slug = _required(body, "userName"), _required(body, "kernelSlug")
+    owner, slug = _name(body, "userName"), _name(body, "kernelSlug")
     kernel, version = ctx.backend.get_version(owner, slug, body.get("versionLabel"))
     source = (ctx.backend.kernel_dir(owner, slug, version.number) / version.code_file).read_text()
     return {"metadata": {"id": kernel.id, "ref": f"{owner}/{slug}", "title": kernel.title,
@@ -112,7 +154,7 @@ def get_kernel(ctx: Context, body: dict) -> dict:
 
 
 def list_kernels(ctx: Context, body: dict) -> dict:
-    search = (body.get("search") or "").lower()
+    search = str(body.get("search") or "").lower()
     kernels = [k for k in ctx.backend.kernels.values() if search in k.slug or search in k.title.lower()]
     return {"kernels": [{"id": k.id, "ref": f"{k.owner}/{k.slug}", "title": k.title, "author": k.owner,
                          "slug": k.slug, "totalVotes": 0} for k in kernels], "nextPageToken": ""}
@@ -120,16 +162,32 @@ def list_kernels(ctx: Context, body: dict) -> dict:
 
 def accelerator_quota(ctx: Context, body: dict) -> dict:
     _, refresh = ctx.backend.quota_window()
+    realism = ctx.backend.realism
+    used, reserved = ctx.backend.gpu_seconds()
+    gpu = {"timeUsed": used, "timeReserved": reserved,
+           "totalTimeAllowed": realism.weekly_gpu_seconds or WEEKLY_GPU_SECONDS}
+    tpu = {"timeUsed": 0.0, "timeReserved": 0.0, "totalTimeAllowed": WEEKLY_TPU_SECONDS}
+
+    def shape(quota: dict) -> dict:
+        if realism.quota_fields_absent:  # as a proto leaves out what it does not set
+            quota = {k: v for k, v in quota.items() if v and k != "timeReserved"}
+        return {k: _duration(v) for k, v in quota.items()}
+
     return {"quotaRefreshTime": refresh.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "gpuQuota": {"timeUsed": _duration(ctx.backend.gpu_seconds_used()),
-                         "totalTimeAllowed": _duration(WEEKLY_GPU_SECONDS)},
-            "tpuQuota": {"timeUsed": _duration(0), "totalTimeAllowed": _duration(WEEKLY_TPU_SECONDS)}}
+            "gpuQuota": shape(gpu), "tpuQuota": shape(tpu)}
 
 
 # -- datasets and blobs ------------------------------------------------------------------------------
 def start_blob_upload(ctx: Context, body: dict) -> dict:
-    blob = ctx.backend.start_blob_upload(_required(body, "name"), int(body.get("contentLength", 0)))
-    return {"token": blob.token, "createUrl": f"{ctx.base_url}/upload/{blob.token}"}
+    blob = ctx.backend.start_blob_upload(_required(body, "name"), _int(body, "contentLength", 0))
+    return {"token": blob.token, "createUrl": ctx.sign(f"/upload/{blob.token}")}
+
+
+def _tokens(files: object) -> list[str]:
+    if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("token"), str)
+                                              for f in files):
+        raise BadRequest("files must be a list of objects with a token")
+    return [f["token"] for f in files]
 
 
 def _created(dataset) -> dict:
@@ -138,11 +196,11 @@ def _created(dataset) -> dict:
 
 
 def create_dataset(ctx: Context, body: dict) -> dict:
-    owner, slug = _required(body, "ownerSlug"), _required(body, "slug")
+    owner, slug = _name(body, "ownerSlug"), _name(body, "slug")
     title = _required(body, "title")
     if not 6 <= len(title) <= 50:
         raise BadRequest("The dataset title must be between 6 and 50 characters")
-    tokens = [f["token"] for f in body.get("files", [])]
+    tokens = _tokens(body.get("files") or [])
     create = {"title": title, "license_name": body.get("licenseName") or "unknown",
               "is_private": body.get("isPrivate", False)}
     dataset = ctx.backend.create_dataset_version(owner, slug, tokens, "Initial release", False, create=create)
@@ -150,16 +208,18 @@ def create_dataset(ctx: Context, body: dict) -> dict:
 
 
 def create_dataset_version(ctx: Context, body: dict) -> dict:
-    owner, slug = _required(body, "ownerSlug"), _required(body, "datasetSlug")
+    owner, slug = _name(body, "ownerSlug"), _name(body, "datasetSlug")
     version_body = body.get("body") or {}
-    tokens = [f["token"] for f in version_body.get("files", [])]
-    dataset = ctx.backend.create_dataset_version(owner, slug, tokens, version_body.get("versionNotes", ""),
+    if not isinstance(version_body, dict):
+        raise BadRequest("body must be an object")
+    tokens = _tokens(version_body.get("files") or [])
+    dataset = ctx.backend.create_dataset_version(owner, slug, tokens, str(version_body.get("versionNotes", "")),
                                                  bool(version_body.get("deleteOldVersions", False)))
     return _created(dataset)
 
 
 def create_dataset_version_by_id(ctx: Context, body: dict) -> dict:
-    wanted = int(_required(body, "id"))
+    wanted = _int(body, "id")
     for dataset in ctx.backend.datasets.values():
         if dataset.id == wanted:
             return create_dataset_version(ctx, {"ownerSlug": dataset.owner, "datasetSlug": dataset.slug,
@@ -168,11 +228,11 @@ def create_dataset_version_by_id(ctx: Context, body: dict) -> dict:
 
 
 def get_dataset_status(ctx: Context, body: dict) -> dict:
-    return {"status": ctx.backend.dataset_status(_required(body, "ownerSlug"), _required(body, "datasetSlug"))}
+    return {"status": ctx.backend.dataset_status(_name(body, "ownerSlug"), _name(body, "datasetSlug"))}
 
 
 def get_dataset(ctx: Context, body: dict) -> dict:
-    dataset = ctx.backend.get_dataset(_required(body, "ownerSlug"), _required(body, "datasetSlug"))
+    dataset = ctx.backend.visible_dataset(_name(body, "ownerSlug"), _name(body, "datasetSlug"))
     return {"id": dataset.id, "ref": f"{dataset.owner}/{dataset.slug}", "title": dataset.title,
             "isPrivate": dataset.is_private, "currentVersionNumber": len(dataset.versions)}
 

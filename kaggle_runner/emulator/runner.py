@@ -15,8 +15,19 @@ from pathlib import Path
 
 from kaggle_runner.emulator.state import MAX_GPU_SESSIONS, TIMEOUT_MESSAGE, Backend, Kernel, Version
 
-# Never hand the emulator's (or the user's) credentials to a kernel.
-SCRUBBED_ENV_PREFIXES = ("KAGGLE_", "KAGGLE_RUNNER_EMULATOR")
+# What a process the emulator starts may inherit: nothing else (no KAGGLE_* credentials, no tokens).
+ALLOWED_ENV = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "VIRTUAL_ENV",
+                         "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRANSFORMERS_OFFLINE"})
+ALLOWED_ENV_PREFIXES = ("LC_", "PYTHON")
+DEFAULT_GPU = "NvidiaTeslaT4"
+
+
+def allowed_environment(env: dict[str, str] | None = None, *extra: str) -> dict[str, str]:
+    """The allow-listed part of `env` (default os.environ), plus the names in `extra`."""
+    env = os.environ if env is None else env
+    return {k: v for k, v in env.items()
+            if k in ALLOWED_ENV or k in extra or k.startswith(ALLOWED_ENV_PREFIXES)
+            or (k.startswith("HF_") and k.endswith("OFFLINE"))}
 
 
 def notebook_to_script(notebook_text: str) -> str:
@@ -60,15 +71,20 @@ class Runner:
         code = (folder / version.code_file).read_text(encoding="utf-8")
         script = folder / "__kernel__.py"
         script.write_text(notebook_to_script(code) if version.kernel_type == "notebook" else code)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED_ENV_PREFIXES)}
+        env = allowed_environment()
         env.update(KAGGLE_RUNNER_INPUT_DIR=str(inputs), KAGGLE_RUNNER_SCRATCH_DIR=str(scratch),
+                   KAGGLE_CONTAINER_NAME=f"kernel-session-{version.session_id}",
                    PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        gpu = version.enable_gpu and not backend.realism.no_gpu
+        if gpu:  # the GPU asked for, emulated on the CPU; absent when the session "came without one"
+            env["KAGGLE_RUNNER_EMULATED_GPU"] = version.machine_shape or DEFAULT_GPU
         log_path = backend.log_path(kernel.owner, kernel.slug, version)
         started = backend.clock()
         with open(log_path, "w", encoding="utf-8") as log:
             if version.enable_gpu:
                 note = (f"kaggle-runner emulator: this version asked for a GPU ({version.machine_shape}); "
-                        "it runs on this machine's CPU.\n")
+                        + ("it runs on this machine's CPU.\n" if gpu else
+                           "this session came without one and runs on this machine's CPU.\n"))
                 log.write(json.dumps({"stream_name": "stdout", "time": 0.0, "data": note}) + "\n")
         process = subprocess.Popen([self.python, "-u", str(script)], cwd=working, env=env, stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -103,7 +119,7 @@ class Runner:
         while process.poll() is None:
             if not timed_out and backend.clock() - version.started_at > limit:
                 timed_out = True
-                self._terminate(process)
+                self._terminate(process, sigterm=backend.realism.sigterm_before_kill)
             time.sleep(0.1)
         for reader in readers:
             reader.join(timeout=5)
@@ -111,10 +127,12 @@ class Runner:
             self.processes.pop(key, None)
             cancelled = key in self.cancelled
         ended = backend.clock()
+        backend.set_version_status(kernel, version, version.status, ended_at=ended)
         if backend.faults.stuck_running and not cancelled:
             with self.lock:
                 self.stuck[key] = process.returncode  # still "RUNNING" until someone cancels it
             return
+        self._upload_outputs(working)
         if cancelled:
             backend.set_version_status(kernel, version, "CANCEL_ACKNOWLEDGED", ended_at=ended,
                                        exit_code=process.returncode)
@@ -134,8 +152,21 @@ class Runner:
         shutil.rmtree(working.parent / "scratch", ignore_errors=True)
         self.start_queued()
 
-    def _terminate(self, process: subprocess.Popen) -> None:
-        """SIGTERM, a grace period to save, then SIGKILL, for the whole process group."""
+    def _upload_outputs(self, working: Path) -> None:
+        """Kaggle keeps the status RUNNING while it uploads the outputs: a fixed lag plus time per byte."""
+        realism = self.backend.realism
+        size = sum(p.stat().st_size for p in working.rglob("*") if p.is_file()) if working.is_dir() else 0
+        deadline = time.time() + realism.output_lag + size / 1e9 * realism.output_seconds_per_gb
+        while time.time() < deadline and not self.backend.closed:
+            time.sleep(min(0.05, max(0.0, deadline - time.time())))
+
+    def _terminate(self, process: subprocess.Popen, sigterm: bool = True) -> None:
+        """SIGTERM, a grace period to save, then SIGKILL, for the whole process group (or SIGKILL at once)."""
+        if not sigterm:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            return
+
         def kill_later():
             deadline = time.time() + self.backend.kill_grace_seconds
             while process.poll() is None and time.time() < deadline:

@@ -7,14 +7,19 @@ The official client reaches RPCs at {base}/v1/{service}/{Method} (PROD-style end
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import json
 import logging
+import math
+import os
 import re
+import secrets
 import signal
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
@@ -22,13 +27,35 @@ from werkzeug.serving import make_server
 from werkzeug.utils import send_file
 from werkzeug.wrappers import Request, Response
 
-from kaggle_runner.emulator.errors import BadRequest, KaggleApiError, NotFound, Unauthenticated
+from kaggle_runner.emulator.errors import BadRequest, KaggleApiError, NotFound, PermissionDenied, Unauthenticated
 from kaggle_runner.emulator.handlers import RPCS, Context
+from kaggle_runner.emulator.realism import Realism, TokenBucket
 from kaggle_runner.emulator.runner import Runner
-from kaggle_runner.emulator.state import Backend
+from kaggle_runner.emulator.state import Backend, check_name
 
 API_VERSION = "1"
 CONTENT_RANGE = re.compile(r"bytes (?:(\d+)-(\d+)|\*)/(\d+)")
+DOWNLOAD_URL_TTL = 3600  # seconds an output-file URL stays valid
+UPLOAD_URL_TTL = 7 * 24 * 3600  # the client resumes an upload for up to 6 days
+log = logging.getLogger(__name__)
+
+
+def _secret_file(path: Path, make) -> str:
+    """A 0600 file's content, created with `make()` the first time."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(make())
+    return path.read_text().strip()
+
+
+def data_dir_key(data_dir: Path) -> tuple[str, Path]:
+    """The API key of an emulator started without one: random, kept 0600 in its data dir."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(data_dir) / "emulator-key"
+    return _secret_file(path, lambda: secrets.token_urlsafe(24)), path
 
 URLS = Map([
     Rule("/healthz", endpoint="health", methods=["GET"]),
@@ -41,7 +68,15 @@ URLS = Map([
     Rule("/admin/faults", endpoint="admin_faults", methods=["POST"]),
     Rule("/admin/reset", endpoint="admin_reset", methods=["POST"]),
     Rule("/admin/state", endpoint="admin_state", methods=["GET"]),
+    Rule("/admin/realism", endpoint="admin_realism", methods=["POST"]),
 ])
+
+
+def _json_body(request: Request) -> object:
+    try:
+        return json.loads(request.get_data() or b"{}")
+    except ValueError:
+        raise BadRequest("Request body is not JSON") from None
 
 
 def json_response(data: dict, status: int = 200, headers: dict | None = None) -> Response:
@@ -55,6 +90,10 @@ class EmulatorApp:
         self.backend = backend
         self._key = key
         self._token = token
+        # Signs output and upload URLs; kept in the data dir so a restarted emulator honours its uploads'.
+        self._url_secret = _secret_file(backend.data_dir / ".url-secret", lambda: secrets.token_hex(32)).encode()
+        self.download_ttl, self.upload_ttl = DOWNLOAD_URL_TTL, UPLOAD_URL_TTL
+        self.bucket = TokenBucket(backend.realism)
         self.base_url = ""  # set once the server knows its port
         self.request_count = 0  # lets tests prove that bad input sent nothing
 
@@ -64,36 +103,55 @@ class EmulatorApp:
         scheme, _, value = header.partition(" ")
         if scheme == "Basic":
             try:
-                user, _, key = base64.b64decode(value).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
+                user, _, key = base64.b64decode(value, validate=True).partition(b":")
+            except ValueError:
                 raise Unauthenticated() from None
-            if hmac.compare_digest(user, self.backend.username) and hmac.compare_digest(key, self._key):
-                return user
-        elif scheme == "Bearer" and self._token and hmac.compare_digest(value, self._token):
+            if hmac.compare_digest(user, self.backend.username.encode()) & hmac.compare_digest(key, self._key.encode()):
+                return self.backend.username
+        elif scheme == "Bearer" and self._token and hmac.compare_digest(value.encode(), self._token.encode()):
             return self.backend.username
         raise Unauthenticated()
+
+    # -- signed URLs (no credentials travel with them, as with Kaggle's storage URLs) ------------------
+    def _signature(self, path: str, expires: int) -> str:
+        return hmac.new(self._url_secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def sign(self, path: str, ttl: float | None = None) -> str:
+        ttl = (self.upload_ttl if path.startswith("/upload/") else self.download_ttl) if ttl is None else ttl
+        expires = int(time.time() + ttl)
+        return f"{self.base_url}{quote(path)}?expires={expires}&signature={self._signature(path, expires)}"
+
+    def verify(self, request: Request) -> None:
+        expires, signature = request.args.get("expires", ""), request.args.get("signature", "")
+        if not (expires.isascii() and expires.isdigit()) or not signature.isascii():
+            raise PermissionDenied("Missing or malformed URL signature")
+        if not hmac.compare_digest(signature.encode(), self._signature(request.path, int(expires)).encode()):
+            raise PermissionDenied("Invalid URL signature")
+        if int(expires) < time.time():
+            raise PermissionDenied("This URL has expired")
 
     # -- endpoints -----------------------------------------------------------------------------------
     def on_health(self, request: Request) -> Response:
         return json_response({"ok": True, "username": self.backend.username})
 
     def on_rpc(self, request: Request, service: str, method: str) -> Response:
-        try:
-            body = json.loads(request.get_data() or b"{}")
-        except ValueError:
-            raise BadRequest("Request body is not JSON") from None
+        body = _json_body(request)
+        if not isinstance(body, dict):
+            raise BadRequest("Request body must be a JSON object")
         if (service, method) == ("security.OAuthService", "IntrospectToken"):
-            active = bool(self._token) and hmac.compare_digest(str(body.get("token", "")), self._token or "")
+            active = bool(self._token) and hmac.compare_digest(str(body.get("token", "")).encode(),
+                                                               (self._token or "").encode())
             return json_response({"active": active, "username": self.backend.username if active else ""})
         handler = RPCS.get((service, method))
         if handler is None:
             raise NotFound(f"Method {service}/{method} is not served by the emulator")
         user = self.authenticate(request)
         self.backend.check_fault(method)
-        return json_response(handler(Context(self.backend, self.base_url, user), body))
+        return json_response(handler(Context(self.backend, self.base_url, user, self.sign), body))
 
     def on_log_stream(self, request: Request, owner: str, slug: str) -> Response:
         self.authenticate(request)
+        check_name(owner, "owner"), check_name(slug, "slug")
         self.backend.check_fault("LogStream")
         _, version = self.backend.get_version(owner, slug, request.args.get("versionLabel"))
         if version.status not in ("QUEUED", "RUNNING", "CANCEL_REQUESTED"):
@@ -116,6 +174,7 @@ class EmulatorApp:
         return Response(events(), mimetype="text/event-stream", content_type="text/event-stream; charset=utf-8")
 
     def on_download(self, request: Request, owner: str, slug: str, number: int, relpath: str) -> Response:
+        self.verify(request)
         self.backend.check_fault("DownloadOutput")
         _, version = self.backend.get_version(owner, slug, f"v{number}")
         files = dict(self.backend.output_files(owner, slug, version))
@@ -148,6 +207,7 @@ class EmulatorApp:
         return response
 
     def on_upload(self, request: Request, token: str) -> Response:
+        self.verify(request)
         try:
             self.backend.check_fault("UploadBlob")
         except KaggleApiError as fault:
@@ -166,6 +226,9 @@ class EmulatorApp:
             if not match or match.group(1) is None:
                 raise BadRequest(f"Bad Content-Range {content_range!r}")
             start = int(match.group(1))
+        length = request.headers.get("Content-Length")
+        if length is not None and not (length.isascii() and length.strip().isdigit()):
+            raise BadRequest("Content-Length must be a number")
         blob = self.backend.write_blob(token, start, request.stream, request.content_length)
         if blob.received >= blob.content_length:
             return json_response({}, status=200)
@@ -173,7 +236,15 @@ class EmulatorApp:
 
     def on_admin_faults(self, request: Request) -> Response:
         self.authenticate(request)
-        return json_response(self.backend.set_faults(json.loads(request.get_data() or b"{}")))
+        spec = _json_body(request)
+        if not isinstance(spec, dict):
+            raise BadRequest("Expected a JSON object of faults")
+        return json_response(self.backend.set_faults(spec))
+
+    def on_admin_realism(self, request: Request) -> Response:
+        self.authenticate(request)
+        with self.backend.lock:
+            return json_response(self.backend.realism.update(_json_body(request)))
 
     def on_admin_reset(self, request: Request) -> Response:
         self.authenticate(request)
@@ -187,16 +258,30 @@ class EmulatorApp:
 
     # -- WSGI ----------------------------------------------------------------------------------------
     def dispatch(self, request: Request) -> Response:
-        if not request.path.startswith(("/admin/", "/healthz")):
-            self.request_count += 1
         adapter = URLS.bind_to_environ(request.environ)
         try:
+            if not request.path.startswith(("/admin/", "/healthz")):
+                self.request_count += 1
+                self._rate_limit(request)
             endpoint, values = adapter.match()
             return getattr(self, f"on_{endpoint}")(request, **values)
         except KaggleApiError as error:
             return json_response(error.body(), status=error.status, headers=error.headers)
         except HTTPException as error:
             return json_response({"code": error.code, "message": error.description}, status=error.code or 500)
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeError) as error:
+            # Malformed input that slipped past the checks: a one-line 400, never a traceback.
+            log.debug("malformed request to %s", request.path, exc_info=True)
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            return json_response({"code": 400, "message": f"Malformed request: {message}"[:300]}, status=400)
+
+    def _rate_limit(self, request: Request) -> None:
+        """Kaggle's rate limit: a token bucket over every API request, reads included."""
+        wait = self.bucket.take()
+        if wait > 0:
+            request.get_data()  # drain the body so the client reads our status, not a reset
+            raise KaggleApiError("Too Many Requests", status=429,
+                                 headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
     def __call__(self, environ, start_response):
         return self.dispatch(Request(environ))(environ, start_response)
@@ -205,16 +290,21 @@ class EmulatorApp:
 class EmulatorServer:
     """A threaded emulator on a port of this machine; start() returns once it answers."""
 
-    def __init__(self, data_dir: Path, username: str = "local", key: str = "local-key", host: str = "127.0.0.1",
+    def __init__(self, data_dir: Path, username: str = "local", key: str | None = None, host: str = "127.0.0.1",
                  port: int = 0, token: str | None = None, session_limit: float | None = None,
-                 dataset_delay: float = 0.0, kill_grace_seconds: float = 10.0):
+                 dataset_delay: float = 0.0, kill_grace_seconds: float = 10.0, realism: Realism | None = None):
+        self.key = key or secrets.token_urlsafe(24)  # never a constant anyone could guess
         self.backend = Backend(Path(data_dir), username, session_limit=session_limit,
-                               dataset_delay=dataset_delay, kill_grace_seconds=kill_grace_seconds)
+                               dataset_delay=dataset_delay, kill_grace_seconds=kill_grace_seconds, realism=realism)
         self.runner = Runner(self.backend)
-        self.app = EmulatorApp(self.backend, key, token)
+        self.app = EmulatorApp(self.backend, self.key, token)
         # Per-request access lines would drown the launcher's own output; errors still show.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        self.server = make_server(host, port, self.app, threaded=True)
+        try:
+            self.server = make_server(host, port, self.app, threaded=True)
+        except BaseException:
+            self.backend.close()  # free the data dir
+            raise
         self.host, self.port = host, self.server.server_port
         display_host = "localhost" if host in ("127.0.0.1", "localhost") else host
         self.url = f"http://{display_host}:{self.port}" if self.port != 80 else f"http://{display_host}"
@@ -242,10 +332,12 @@ class EmulatorServer:
 
 def serve_forever(host: str, port: int, data_dir: Path, username: str, key: str,
                   session_limit: float | None = None, dataset_delay: float = 0.0,
-                  token: str | None = None, ready_file: Path | None = None) -> None:
+                  token: str | None = None, ready_file: Path | None = None, realism: Realism | None = None) -> None:
     server = EmulatorServer(data_dir, username=username, key=key, host=host, port=port, token=token,
-                            session_limit=session_limit, dataset_delay=dataset_delay)
-    print(f"kaggle-runner emulator listening on {server.url} (user {username}, data in {data_dir})", flush=True)
+                            session_limit=session_limit, dataset_delay=dataset_delay, realism=realism)
+    kind = " (realism off)" if realism is not None and realism == Realism.off() else ""
+    print(f"kaggle-runner emulator listening on {server.url} (user {username}, data in {data_dir}){kind}",
+          flush=True)
     if ready_file is not None:
         ready_file.write_text(json.dumps({"url": server.url, "port": server.port}))
     server.runner.start_queued()

@@ -6,9 +6,14 @@ finds everything it had; versions that were running when it stopped are reported
 
 from __future__ import annotations
 
+import fcntl
+import gzip
 import json
 import os
+import re
+import secrets
 import shutil
+import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kaggle_runner.emulator.errors import BadRequest, Conflict, InjectedFault, NotFound, PermissionDenied
+from kaggle_runner.emulator.realism import Realism
 
 WEEKLY_GPU_SECONDS = 30 * 3600
 WEEKLY_TPU_SECONDS = 20 * 3600
@@ -30,10 +36,26 @@ ACTIVE = ("QUEUED", "RUNNING", "CANCEL_REQUESTED")
 # Kaggle's wording when a push would start a third GPU session (the kaggle client prints it after
 # "Kernel push error: "; quoted in Kaggle/kaggle-cli#185 and in tools that match on it).
 GPU_SESSION_LIMIT_MESSAGE = f"Maximum batch GPU session count of {MAX_GPU_SESSIONS} reached."
+NO_RUNS_MESSAGE = "No runs found for this kernel"
+KERNEL_DENIED_MESSAGE = "Permission 'kernels.get' was denied"
+CANCEL_DENIED_MESSAGE = "Permission 'kernelSessions.cancel' was denied"
+TERMINAL = ("COMPLETE", "ERROR", "CANCEL_ACKNOWLEDGED")
+# Owners and slugs as Kaggle spells them; anything else (`..`, slashes, NUL) never reaches a path.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+
+
+def weekly_quota_message(seconds: float) -> str:
+    return f"Maximum weekly GPU quota of {seconds / 3600:.2f} hours reached."
+
+
+def check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not NAME.fullmatch(value):
+        raise BadRequest(f"Invalid {what} {value!r}")
+    return value
 
 
 class SessionLimitReached(Exception):
-    """A push refused because every GPU session the account may hold is in use; no version is created."""
+    """A push refused (GPU sessions in use, weekly GPU quota spent): Kaggle answers 200 with `error`."""
 
 
 @dataclass
@@ -48,10 +70,14 @@ class Version:
     machine_shape: str | None = None
     session_timeout_seconds: int | None = None
     dataset_sources: list[str] = field(default_factory=list)
+    # The dataset version each source was pinned to at push time (None: nothing mountable yet).
+    dataset_versions: dict[str, int | None] = field(default_factory=dict)
     created_at: float = 0.0
     started_at: float | None = None
-    ended_at: float | None = None
+    ended_at: float | None = None  # the process exited
+    terminal_at: float | None = None  # the status became terminal (outputs uploaded)
     exit_code: int | None = None
+    session_id: int = 0  # random, unguessable; the kernel sees it only in KAGGLE_CONTAINER_NAME
 
 
 @dataclass
@@ -113,9 +139,16 @@ def _from_dict(cls, data: dict):
 class Backend:
     def __init__(self, data_dir: Path, username: str, session_limit: float | None = None,
                  dataset_delay: float = 0.0, clock: Callable[[], float] = time.time,
-                 kill_grace_seconds: float = 10.0):
+                 kill_grace_seconds: float = 10.0, realism: Realism | None = None):
         self.data_dir = Path(data_dir).resolve()  # kernels run with their own cwd
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.data_dir / ".lock", "a")  # noqa: SIM115 - held while serving
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise RuntimeError(f"another emulator is serving {self.data_dir}") from None
+        self.realism = realism if realism is not None else Realism()
         self.username = username
         self.session_limit = session_limit or DEFAULT_SESSION_LIMIT
         self.kill_grace_seconds = kill_grace_seconds
@@ -149,14 +182,19 @@ class Backend:
         self.blobs = {t: _from_dict(Blob, b) for t, b in data["blobs"].items()}
         for kernel in self.kernels.values():
             for version in kernel.versions:
+                if not version.session_id:
+                    version.session_id = self._new_session_id()
                 if version.status in ACTIVE:
                     version.status, version.failure_message = "ERROR", RESTART_MESSAGE
                     version.ended_at = version.ended_at or self.clock()
+                    version.terminal_at = self.clock()
         self._save()
 
     def close(self) -> None:
         """Stop persisting: threads of a stopped emulator must not overwrite a restarted one's state."""
         with self.lock:
+            if not self.closed:
+                self._lock_file.close()  # releases the data dir for a restarted emulator
             self.closed = True
 
     def _save(self) -> None:
@@ -212,12 +250,21 @@ class Backend:
             return False
 
     # -- kernels -------------------------------------------------------------------------------------
+    def _confined(self, *parts: str) -> Path:
+        """A path under the data dir built from owner/slug names, refused if it would leave it."""
+        path = self.data_dir.joinpath(*parts).resolve()
+        if not path.is_relative_to(self.data_dir):
+            raise BadRequest("Invalid path")
+        return path
+
     def kernel_dir(self, owner: str, slug: str, number: int) -> Path:
-        return self.data_dir / "kernels" / owner / slug / f"v{number}"
+        return self._confined("kernels", check_name(owner, "owner"), check_name(slug, "slug"), f"v{int(number)}")
 
     def get_kernel(self, owner: str, slug: str) -> Kernel:
         kernel = self.kernels.get(f"{owner}/{slug}")
         if kernel is None:
+            if self.realism.never_pushed_403:  # Kaggle does not say whether a kernel exists
+                raise PermissionDenied(KERNEL_DENIED_MESSAGE)
             raise NotFound(f"Kernel {owner}/{slug} not found")
         return kernel
 
@@ -227,14 +274,14 @@ class Backend:
             raise NotFound(f"Kernel {owner}/{slug} has no versions")
         if not label:
             return kernel, kernel.versions[-1]
-        try:
-            number = int(str(label).lstrip("v"))
-            return kernel, kernel.versions[number - 1]
-        except (ValueError, IndexError):
-            raise NotFound(f"Kernel {owner}/{slug} has no version {label}") from None
+        digits = str(label).removeprefix("v")
+        if not digits.isascii() or not digits.isdigit() or not 1 <= int(digits) <= len(kernel.versions):
+            raise NotFound(f"Kernel {owner}/{slug} has no version {label}")
+        return kernel, kernel.versions[int(digits) - 1]
 
     def save_kernel(self, owner: str, slug: str, title: str | None, text: str, settings: dict) -> tuple:
         """A push: a new version of the kernel (created on first push), queued to run."""
+        check_name(owner, "owner"), check_name(slug, "slug")
         if owner != self.username:
             raise PermissionDenied(f"User {self.username} cannot push kernels owned by {owner}")
         with self.lock:
@@ -242,6 +289,9 @@ class Backend:
             gpu_session = settings["enable_gpu"] and not settings.get("quick_save")
             if gpu_session and self.gpu_sessions_in_use() >= MAX_GPU_SESSIONS:
                 raise SessionLimitReached(GPU_SESSION_LIMIT_MESSAGE)
+            weekly = self.realism.weekly_gpu_seconds
+            if gpu_session and weekly > 0 and sum(self.gpu_seconds()) >= weekly:
+                raise SessionLimitReached(weekly_quota_message(weekly))
             kernel = self.kernels.get(ref)
             if kernel is None:
                 if not title:
@@ -255,18 +305,21 @@ class Backend:
             valid, invalid = [], []
             for source in settings["dataset_sources"]:
                 (valid if self._dataset_ref(source) in self.datasets else invalid).append(source)
+            now = self.clock()
+            pins = {s: self._mountable_version(self.datasets[self._dataset_ref(s)], now) for s in valid}
             version = Version(number=len(kernel.versions) + 1, kernel_type=settings["kernel_type"],
                               code_file="train.ipynb" if settings["kernel_type"] == "notebook" else "train.py",
                               enable_gpu=settings["enable_gpu"], enable_internet=settings["enable_internet"],
                               machine_shape=settings["machine_shape"], dataset_sources=valid,
-                              session_timeout_seconds=settings["session_timeout_seconds"],
-                              created_at=self.clock())
+                              dataset_versions=pins, session_timeout_seconds=settings["session_timeout_seconds"],
+                              created_at=now, session_id=self._new_session_id())
             folder = self.kernel_dir(owner, slug, version.number)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / version.code_file).write_text(text, encoding="utf-8")
             kernel.versions.append(version)
             if settings.get("quick_save"):
-                version.status, version.started_at, version.ended_at = "COMPLETE", self.clock(), self.clock()
+                version.status, version.started_at, version.ended_at = "COMPLETE", now, now
+                version.terminal_at = now
             self._save()
         if self.runner and not settings.get("quick_save"):
             self.runner.start_queued()
@@ -275,14 +328,21 @@ class Backend:
     def gpu_sessions_in_use(self, statuses: tuple[str, ...] = ACTIVE) -> int:
         return sum(1 for k in self.kernels.values() for v in k.versions if v.status in statuses and v.enable_gpu)
 
+    def _new_session_id(self) -> int:
+        """Kaggle's public API never returns the session id that cancel needs; nor is it derivable."""
+        taken = {v.session_id for k in self.kernels.values() for v in k.versions}
+        while True:
+            candidate = 10**11 + secrets.randbelow(9 * 10**11)  # twelve digits
+            if candidate not in taken:
+                return candidate
+
     def session_id(self, kernel: Kernel, version: Version) -> int:
-        # Kaggle's public API never returns the session id that cancel needs; the emulator derives it.
-        return kernel.id * 1000 + version.number
+        return version.session_id
 
     def find_session(self, session_id: int) -> tuple[Kernel, Version]:
         for kernel in self.kernels.values():
             for version in kernel.versions:
-                if self.session_id(kernel, version) == session_id:
+                if version.session_id == session_id:
                     return kernel, version
         raise NotFound(f"Kernel session {session_id} not found")
 
@@ -290,11 +350,19 @@ class Backend:
                            failure_message: str | None = None, **times: float | int | None) -> None:
         with self.lock:
             version.status = status
+            if status in TERMINAL and version.terminal_at is None:
+                version.terminal_at = self.clock()
             if failure_message is not None:
                 version.failure_message = failure_message
             for key, value in times.items():
                 setattr(version, key, value)
             self._save()
+
+    def outputs_listed(self, version: Version) -> bool:
+        """Kaggle lists no outputs while a version runs, nor for a while after its terminal status."""
+        if version.status not in TERMINAL:
+            return False
+        return self.clock() - (version.terminal_at or 0.0) >= self.realism.output_lag
 
     def output_files(self, owner: str, slug: str, version: Version) -> list[tuple[str, Path]]:
         root = self.kernel_dir(owner, slug, version.number) / "working"
@@ -326,16 +394,23 @@ class Backend:
         start = midnight - timedelta(days=since_saturday)
         return start.timestamp(), start + timedelta(days=7)
 
-    def gpu_seconds_used(self) -> float:
+    def gpu_seconds(self) -> tuple[float, float]:
+        """This quota week's GPU time: (used by ended sessions, held by running ones so far)."""
         with self.lock:
             start, _ = self.quota_window()
-            used = 0.0
+            used = reserved = 0.0
             for kernel in self.kernels.values():
                 for v in kernel.versions:
                     if v.enable_gpu and v.started_at:
-                        end = v.ended_at or self.clock()
-                        used += max(0.0, end - max(v.started_at, start))
-            return used
+                        seconds = max(0.0, (v.ended_at or self.clock()) - max(v.started_at, start))
+                        if v.ended_at is None:
+                            reserved += seconds
+                        else:
+                            used += seconds
+            return used, reserved
+
+    def gpu_seconds_used(self) -> float:
+        return sum(self.gpu_seconds())
 
     # -- datasets and blobs --------------------------------------------------------------------------
     @staticmethod
@@ -344,7 +419,7 @@ class Backend:
         return "/".join(parts[:2])
 
     def dataset_dir(self, owner: str, slug: str, number: int) -> Path:
-        return self.data_dir / "datasets" / owner / slug / f"v{number}"
+        return self._confined("datasets", check_name(owner, "owner"), check_name(slug, "slug"), f"v{int(number)}")
 
     def get_dataset(self, owner: str, slug: str) -> Dataset:
         dataset = self.datasets.get(f"{owner}/{slug}")
@@ -352,24 +427,44 @@ class Backend:
             raise NotFound(f"Dataset {owner}/{slug} not found")
         return dataset
 
+    def visible_dataset(self, owner: str, slug: str) -> Dataset:
+        """GetDataset/GetDatasetStatus: a version just created answers 404 for a while."""
+        dataset = self.get_dataset(owner, slug)
+        if self.clock() - dataset.versions[-1].created_at < self.realism.dataset_404_window:
+            raise NotFound(f"Dataset {owner}/{slug} not found")
+        return dataset
+
     def dataset_status(self, owner: str, slug: str) -> str:
         with self.lock:
-            dataset = self.get_dataset(owner, slug)
+            dataset = self.visible_dataset(owner, slug)
             newest = dataset.versions[-1]
             ready = self.clock() - newest.created_at >= self.faults.dataset_delay
-            return "ready" if ready else "blobsCopiedToSds"
+            # Kaggle can answer for the previous version, already ready, while the new one processes.
+            stale = self.realism.pin_window > 0 and len(dataset.versions) > 1
+            return "ready" if ready or stale else "blobsCopiedToSds"
+
+    def _mountable_version(self, dataset: Dataset, now: float) -> int | None:
+        """The version a push made now attaches: the newest one settled for pin_window (and processed)."""
+        settle = max(self.realism.pin_window, self.faults.dataset_delay)
+        settled = [v for v in dataset.versions if now - v.created_at >= settle]
+        return settled[-1].number if settled else None
 
     def start_blob_upload(self, name: str, content_length: int) -> Blob:
-        if "/" in name or name in ("", ".", ".."):
+        name = name.replace("\\", "/").rsplit("/", 1)[-1]  # Kaggle flattens sub-paths
+        if name in ("", ".", "..") or "\0" in name:
             raise BadRequest(f"Invalid blob name {name!r}")
+        if content_length < 0:
+            raise BadRequest("contentLength must not be negative")
         with self.lock:
-            blob = Blob(token=f"blob-{self._new_id()}", name=name, content_length=content_length)
+            blob = Blob(token=secrets.token_urlsafe(24), name=name, content_length=content_length)
             self.blobs[blob.token] = blob
             self._save()
             return blob
 
     def blob_path(self, token: str) -> Path:
-        return self.data_dir / "blobs" / token
+        if token not in self.blobs:
+            raise NotFound("Upload session not found or expired")
+        return self._confined("blobs", token)
 
     def write_blob(self, token: str, start: int, stream, length: int | None) -> Blob:
         """Append bytes at `start`; whatever arrives before a dropped connection is kept (resumable)."""
@@ -408,6 +503,7 @@ class Backend:
     def create_dataset_version(self, owner: str, slug: str, tokens: list[str], notes: str,
                                delete_old: bool, create: dict | None = None) -> Dataset:
         """CreateDataset (with `create`: title, license, privacy) or CreateDatasetVersion."""
+        check_name(owner, "owner"), check_name(slug, "slug")
         if owner != self.username:
             raise PermissionDenied(f"User {self.username} cannot write datasets owned by {owner}")
         with self.lock:
@@ -446,17 +542,50 @@ class Backend:
             return dataset
 
     def mount_inputs(self, version: Version, input_dir: Path) -> None:
-        """Attach datasets as Kaggle does now: <input>/datasets/<owner>/<slug>/<files>."""
+        """Attach each dataset at the version pinned when the kernel was pushed, in this version's layout:
+        <input>/datasets/<owner>/<slug>/ or <input>/<slug>/ (both seen in 2026). Archives are extracted."""
+        layout = self.realism.layout_for(version.number)
         with self.lock:
             for source in version.dataset_sources:
                 owner, slug = self._dataset_ref(source).split("/")
+                number = version.dataset_versions.get(source, len(self.get_dataset(owner, slug).versions))
+                if number is None:
+                    continue  # nothing was mountable when the kernel was pushed
                 dataset = self.get_dataset(owner, slug)
-                newest = dataset.versions[-1]
-                target = input_dir / "datasets" / owner / slug
+                target = input_dir / "datasets" / owner / slug if layout == "datasets" else input_dir / slug
                 target.mkdir(parents=True, exist_ok=True)
-                for name in newest.files:
-                    source_file = self.dataset_dir(owner, slug, newest.number) / name
-                    try:
-                        os.link(source_file, target / name)
-                    except OSError:
-                        shutil.copyfile(source_file, target / name)
+                for name in dataset.versions[number - 1].files:
+                    source_file = self.dataset_dir(owner, slug, number) / name
+                    if source_file.is_file():
+                        _attach(source_file, target, name)
+
+
+def _attach(source: Path, target: Path, name: str) -> None:
+    """Hard-link a dataset file into place, or extract it as Kaggle does for .zip, .tar(.gz) and .gz files."""
+    lower = name.lower()
+    for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+        if lower.endswith(suffix):
+            folder = target / name[: -len(suffix)]
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                if suffix == ".zip":
+                    shutil.unpack_archive(source, folder, "zip")  # refuses members that leave `folder`
+                else:
+                    with tarfile.open(source) as archive:
+                        archive.extractall(folder, filter="data")
+                return
+            except (OSError, tarfile.TarError, shutil.ReadError, ValueError):
+                shutil.rmtree(folder, ignore_errors=True)
+                break  # not a readable archive: mounted as it is
+    else:
+        if lower.endswith(".gz"):
+            try:
+                with gzip.open(source) as packed, open(target / name[:-3], "wb") as plain:
+                    shutil.copyfileobj(packed, plain)
+                return
+            except (OSError, EOFError):
+                (target / name[:-3]).unlink(missing_ok=True)
+    try:
+        os.link(source, target / name)
+    except OSError:
+        shutil.copyfile(source, target / name)
