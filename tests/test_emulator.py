@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -293,3 +295,260 @@ def test_concurrent_clients_are_safe(api, emulator, tmp_path):
     assert results[0::3] == ["ok"] * 8 and set(results[1::3]) == {"COMPLETE"} and len(set(results[2::3])) == 1
     assert len(emulator.backend.datasets) == 8
     json.loads((emulator.backend.data_dir / "state.json").read_text())
+
+
+# -- Kaggle's unkindness, on by default (Realism), each behaviour with its knob ---------------------------
+READ_INPUTS = ("import os, pathlib\nroot = pathlib.Path(os.environ['KAGGLE_RUNNER_INPUT_DIR'])\n"
+               "for p in sorted(root.rglob('*')):\n"
+               "    if p.is_file():\n        print('input:', p.relative_to(root).as_posix(), p.read_text())\n")
+
+
+def _inputs(api, ref: str) -> dict[str, str]:
+    assert wait_for(api, ref) == "COMPLETE"
+    lines = [e["data"].strip() for e in json.loads(api.kernels_logs(ref)) if e["data"].startswith("input: ")]
+    return dict(line.removeprefix("input: ").split(" ", 1) for line in lines)
+
+
+def _cancel(api, session_id: int) -> str:
+    from kagglesdk.kernels.types.kernels_api_service import ApiCancelKernelSessionRequest
+
+    request = ApiCancelKernelSessionRequest()
+    request.kernel_session_id = session_id
+    with api.build_kaggle_client() as kaggle:
+        return kaggle.kernels.kernels_api_client.cancel_kernel_session(request).error_message
+
+
+def test_realism_is_on_by_default_and_off_is_kind(tmp_path):
+    from kaggle_runner.emulator.realism import Realism
+
+    with EmulatorServer(tmp_path / "emu", username=USER, key=KEY) as server:
+        assert server.backend.realism == Realism()
+        assert Realism().rate_limit and Realism().pin_window and Realism().never_pushed_403
+        values = admin(server.url, "realism", {"status_404_window": 0.25, "mount_layout": "slug"})
+        assert values["status_404_window"] == 0.25 and values["mount_layout"] == "slug" and "pin_window" in values
+        for bad in ({"mount_layout": "x"}, {"rate_limit": -1}, {"no_gpu": "yes"}, {"nonsense": 1}):
+            response = requests.post(f"{server.url}/admin/realism", json=bad, auth=(USER, KEY), timeout=10)
+            assert response.status_code == 400 and server.backend.realism.mount_layout == "slug"
+    off = Realism.off()
+    assert (off.rate_limit, off.pin_window, off.output_lag, off.weekly_gpu_seconds, off.mount_layout,
+            off.sigterm_before_kill, off.never_pushed_403) == (0, 0, 0, 0, "datasets", True, False)
+
+
+def test_kind_emulator_answers_at_once(tmp_path, monkeypatch):
+    from kaggle_runner.emulator.realism import Realism
+
+    with EmulatorServer(tmp_path / "emu", username=USER, key=KEY, realism=Realism.off()) as server:
+        api = official_client(server.url, monkeypatch)
+        write_dataset(tmp_path / "ds", "my-dataset", {"n.txt": b"1"})
+        api.dataset_create_new(str(tmp_path / "ds"), quiet=True)
+        assert api.dataset_status(f"{USER}/my-dataset") == "ready"
+        api.kernels_push(str(write_kernel(tmp_path / "k", READ_INPUTS, dataset_sources=[f"{USER}/my-dataset"])))
+        assert api.kernels_status(f"{USER}/hello-kernel").status.name in ("QUEUED", "RUNNING", "COMPLETE")
+        assert _inputs(api, f"{USER}/hello-kernel") == {"datasets/alice/my-dataset/n.txt": "1"}
+        files, _ = api.kernels_output(f"{USER}/hello-kernel", str(tmp_path / "out"))
+        assert len(files) == 1  # only the log: the kernel wrote nothing, and nothing lags
+
+
+def test_a_push_right_after_a_dataset_version_mounts_the_previous_one(api, emulator, tmp_path):
+    folder = write_dataset(tmp_path / "ds", "my-dataset", {"n.txt": b"one"})
+    api.dataset_create_new(str(folder), quiet=True)
+    kernel = write_kernel(tmp_path / "k", READ_INPUTS, dataset_sources=[f"{USER}/my-dataset"])
+    api.kernels_push(str(kernel))  # a brand-new dataset: not mountable yet
+    assert _inputs(api, f"{USER}/hello-kernel") == {}
+    time.sleep(emulator.backend.realism.pin_window)
+    (folder / "n.txt").write_text("two")
+    assert api.dataset_create_version(str(folder), "v2", quiet=True).status == "ok"
+    with pytest.raises(requests.HTTPError) as missing:  # a new version answers 404 for a moment
+        api.dataset_status(f"{USER}/my-dataset")
+    assert missing.value.response.status_code == 404
+    time.sleep(emulator.backend.realism.dataset_404_window)
+    assert api.dataset_status(f"{USER}/my-dataset") == "ready"  # "ready", yet a push now gets version 1
+    api.kernels_push(str(kernel))
+    assert _inputs(api, f"{USER}/hello-kernel") == {"my-dataset/n.txt": "one"}  # version 2: <input>/<slug>/
+    time.sleep(emulator.backend.realism.pin_window)
+    api.kernels_push(str(kernel))
+    assert _inputs(api, f"{USER}/hello-kernel") == {"datasets/alice/my-dataset/n.txt": "two"}
+    admin(emulator.url, "realism", {"pin_window": 0, "dataset_404_window": 0})
+    (folder / "n.txt").write_text("three")
+    api.dataset_create_version(str(folder), "v3", quiet=True)
+    assert api.dataset_status(f"{USER}/my-dataset") == "ready"
+    api.kernels_push(str(kernel))
+    assert _inputs(api, f"{USER}/hello-kernel") == {"my-dataset/n.txt": "three"}
+
+
+def test_mount_layouts_and_archives(api, emulator, tmp_path):
+    import gzip
+    import io
+    import zipfile
+
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w") as archive:
+        archive.writestr("inner/a.txt", "zipped")
+    write_dataset(tmp_path / "ds", "my-dataset", {"c.zip": packed.getvalue(), "g.txt.gz": gzip.compress(b"gz"),
+                                                   "plain.txt": b"plain"})
+    api.dataset_create_new(str(tmp_path / "ds"), quiet=True)
+    time.sleep(emulator.backend.realism.pin_window)
+    kernel = write_kernel(tmp_path / "k", READ_INPUTS, dataset_sources=[f"{USER}/my-dataset"])
+    api.kernels_push(str(kernel))
+    assert _inputs(api, f"{USER}/hello-kernel") == {
+        "datasets/alice/my-dataset/c/inner/a.txt": "zipped", "datasets/alice/my-dataset/g.txt": "gz",
+        "datasets/alice/my-dataset/plain.txt": "plain"}
+    api.kernels_push(str(kernel))  # "alternate": the next version sees the other layout
+    assert set(_inputs(api, f"{USER}/hello-kernel")) == {"my-dataset/c/inner/a.txt", "my-dataset/g.txt",
+                                                          "my-dataset/plain.txt"}
+    admin(emulator.url, "realism", {"mount_layout": "datasets"})
+    api.kernels_push(str(kernel))
+    assert "datasets/alice/my-dataset/plain.txt" in _inputs(api, f"{USER}/hello-kernel")
+
+
+def test_status_answers_no_runs_found_right_after_a_push(api, emulator, tmp_path):
+    api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
+    with pytest.raises(requests.HTTPError) as early:
+        api.kernels_status(f"{USER}/hello-kernel")
+    assert early.value.response.status_code == 404 and "No runs found for this kernel" in str(early.value)
+    assert wait_for(api, f"{USER}/hello-kernel") == "COMPLETE"
+    admin(emulator.url, "realism", {"status_404_window": 0})
+    api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
+    assert api.kernels_status(f"{USER}/hello-kernel").status.name in ("QUEUED", "RUNNING", "COMPLETE")
+
+
+def test_a_never_pushed_kernel_is_permission_denied(api, emulator, tmp_path):
+    ref = f"{USER}/never-pushed"
+    for call in (api.kernels_status, lambda r: api.kernels_output(r, str(tmp_path / "o")), api.kernels_logs):
+        with pytest.raises(ValueError, match="Permission 'kernels.get' was denied"):
+            call(ref)
+    with pytest.raises(requests.HTTPError) as pull:
+        api.kernels_pull(ref, str(tmp_path / "pulled"))
+    assert pull.value.response.status_code == 403
+    admin(emulator.url, "realism", {"never_pushed_403": False})
+    with pytest.raises(requests.HTTPError) as missing:
+        api.kernels_status(ref)
+    assert missing.value.response.status_code == 404
+
+
+def test_weekly_gpu_quota_refuses_gpu_pushes_and_quota_reports_reserved_time(api, emulator, tmp_path):
+    def quota() -> dict:
+        url = f"{emulator.url}/v1/kernels.KernelsApiService/GetAcceleratorQuotaStatistics"
+        return requests.post(url, json={}, auth=(USER, KEY), timeout=10).json()["gpuQuota"]
+
+    admin(emulator.url, "realism", {"weekly_gpu_seconds": 0.5})
+    api.kernels_push(str(write_kernel(tmp_path / "k", "import time\ntime.sleep(1.5)\n")))
+    time.sleep(1)
+    running = quota()
+    assert float(running["timeReserved"][:-1]) > 0 and running["totalTimeAllowed"] == "0.500s"
+    wait_for(api, f"{USER}/hello-kernel")
+    ended = quota()
+    assert float(ended["timeUsed"][:-1]) >= 1 and float(ended["timeReserved"][:-1]) == 0
+    refused = api.kernels_push(str(tmp_path / "k"))
+    assert refused.error == "Maximum weekly GPU quota of 0.00 hours reached." and refused.version_number == 0
+    cpu = write_kernel(tmp_path / "cpu", HELLO, slug="cpu-kernel", title="CPU Kernel", enable_gpu=False)
+    assert not api.kernels_push(str(cpu)).error  # CPU sessions spend no GPU quota
+    admin(emulator.url, "realism", {"quota_fields_absent": True})
+    assert "timeReserved" not in quota()
+    admin(emulator.url, "realism", {"weekly_gpu_seconds": 0})
+    assert api.kernels_push(str(tmp_path / "k")).version_number == 2
+
+
+def test_a_new_version_does_not_stop_the_running_one(api, emulator, tmp_path):
+    folder = write_kernel(tmp_path / "k", "import time\ntime.sleep(3)\n", enable_gpu=False)
+    api.kernels_push(str(folder))
+    time.sleep(0.5)
+    assert api.kernels_push(str(folder)).version_number == 2
+    time.sleep(0.5)
+    assert emulator.backend.get_version(USER, "hello-kernel", "v1")[1].status == "RUNNING"
+    for version in emulator.backend.get_kernel(USER, "hello-kernel").versions:
+        emulator.runner.cancel(emulator.backend.get_kernel(USER, "hello-kernel"), version)
+
+
+def test_rate_limit_answers_429_with_retry_after(api, emulator, tmp_path):
+    admin(emulator.url, "realism", {"rate_limit": 5, "rate_window": 10})
+    statuses = []
+    for _ in range(8):
+        response = requests.post(f"{emulator.url}/v1/kernels.KernelsApiService/ListKernels", json={},
+                                 auth=(USER, KEY), timeout=10)
+        statuses.append(response.status_code)
+        assert requests.get(f"{emulator.url}/healthz", timeout=10).ok  # not counted
+    assert statuses[:5] == [200] * 5 and statuses[5:] == [429] * 3
+    assert int(response.headers["Retry-After"]) >= 1
+    with pytest.raises(requests.HTTPError) as limited:  # reads included; the client does not retry them
+        api.kernels_status(f"{USER}/hello-kernel")
+    assert limited.value.response.status_code == 429
+    admin(emulator.url, "realism", {"rate_limit": 0})
+    assert all(requests.post(f"{emulator.url}/v1/kernels.KernelsApiService/ListKernels", json={},
+                             auth=(USER, KEY), timeout=10).ok for _ in range(10))
+
+
+def test_outputs_are_listed_only_after_the_upload_lag(api, emulator, tmp_path):
+    admin(emulator.url, "realism", {"output_lag": 0.6})
+    code = "import pathlib, time\npathlib.Path('early.txt').write_text('x')\ntime.sleep(1)\n"
+    api.kernels_push(str(write_kernel(tmp_path / "k", code, enable_gpu=False)))
+    ref, backend = f"{USER}/hello-kernel", emulator.backend
+    version = backend.get_kernel(USER, "hello-kernel").versions[0]
+    while version.ended_at is None:
+        assert version.status in ("QUEUED", "RUNNING")
+        files, _ = api.kernels_output(ref, str(tmp_path / "running"))
+        assert [Path(f).name for f in files] == ["hello-kernel.log"]  # nothing listed while it runs
+        time.sleep(0.1)
+    assert version.status == "RUNNING"  # the process ended; Kaggle is still uploading its outputs
+    assert wait_for(api, ref) == "COMPLETE"
+    files, _ = api.kernels_output(ref, str(tmp_path / "lagging"))
+    assert [Path(f).name for f in files] == ["hello-kernel.log"]  # terminal, and still not listed
+    assert version.terminal_at - version.ended_at >= 0.6
+    assert outputs(api, ref, tmp_path / "out") and (tmp_path / "out/early.txt").exists()
+    admin(emulator.url, "realism", {"output_lag": 0, "status_404_window": 0})
+    api.kernels_push(str(tmp_path / "k"))
+    wait_for(api, ref)
+    files, _ = api.kernels_output(ref, str(tmp_path / "at-once"))
+    assert "early.txt" in {Path(f).name for f in files}
+
+
+def test_cancel_takes_only_the_random_session_id_the_kernel_sees(api, emulator, tmp_path):
+    code = "import os, time\nprint('container', os.environ['KAGGLE_CONTAINER_NAME'], flush=True)\ntime.sleep(30)\n"
+    api.kernels_push(str(write_kernel(tmp_path / "k", code)))
+    ref = f"{USER}/hello-kernel"
+    kernel, version = emulator.backend.get_version(USER, "hello-kernel", None)
+    for _ in range(100):
+        if "container" in api.kernels_logs(ref):
+            break
+        time.sleep(0.1)
+    name = api.kernels_logs(ref).split("container ", 1)[1].split()[0]
+    digits = re.findall(r"\d+", name)
+    assert name.startswith("kernel-session-") and len(digits) == 1 and len(digits[0]) >= 12
+    session_id = int(digits[0])
+    assert session_id == version.session_id and session_id != kernel.id * 1000 + version.number
+    with pytest.raises(requests.HTTPError):
+        _cancel(api, kernel.id * 1000 + version.number)
+    admin(emulator.url, "realism", {"cancel_refused": True})
+    assert "denied" in _cancel(api, session_id)
+    time.sleep(emulator.backend.realism.status_404_window)
+    assert status_of(api, ref) == "RUNNING"
+    admin(emulator.url, "realism", {"cancel_refused": False})
+    assert not _cancel(api, session_id)
+    assert wait_for(api, ref) == "CANCEL_ACKNOWLEDGED"
+
+
+def test_gpu_versions_are_marked_emulated_unless_the_session_came_without_one(api, emulator, tmp_path):
+    code = "import os\nprint('gpu=' + os.environ.get('KAGGLE_RUNNER_EMULATED_GPU', 'none'))\n"
+    ref = f"{USER}/hello-kernel"
+    api.kernels_push(str(write_kernel(tmp_path / "k", code, machine_shape="NvidiaTeslaT4")))
+    wait_for(api, ref)
+    assert "gpu=NvidiaTeslaT4" in api.kernels_logs(ref)
+    api.kernels_push(str(write_kernel(tmp_path / "c", code, enable_gpu=False)))
+    wait_for(api, ref)
+    assert "gpu=none" in api.kernels_logs(ref)  # CPU versions never get it
+    admin(emulator.url, "realism", {"no_gpu": True})
+    api.kernels_push(str(write_kernel(tmp_path / "k", code)))
+    wait_for(api, ref)
+    assert "gpu=none" in api.kernels_logs(ref) and "came without one" in api.kernels_logs(ref)
+
+
+def test_session_limit_kills_without_sigterm_by_default(api, emulator, tmp_path):
+    code = ("import signal, sys, time, pathlib\npathlib.Path('partial.txt').write_text('half')\n"
+            "def bye(*a):\n    pathlib.Path('got_sigterm.txt').write_text('yes'); sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, bye)\nprint('started', flush=True)\ntime.sleep(60)\n")
+    api.kernels_push(str(write_kernel(tmp_path / "k", code)), timeout="1")
+    assert wait_for(api, f"{USER}/hello-kernel", timeout=30) == "CANCEL_ACKNOWLEDGED"
+    assert "exceeded the max allowed execution duration" in api.kernels_status(f"{USER}/hello-kernel").failure_message
+    assert emulator.backend.get_kernel(USER, "hello-kernel").versions[0].exit_code == -9  # 137 in a shell
+    outputs(api, f"{USER}/hello-kernel", tmp_path / "out")
+    assert (tmp_path / "out/partial.txt").exists() and not (tmp_path / "out/got_sigterm.txt").exists()

@@ -62,7 +62,7 @@ class Realism:
         """Apply a JSON subset (unknown keys and bad values are refused whole); return every value."""
         if not isinstance(spec, dict):
             raise BadRequest("Expected a JSON object of realism settings")
-        types = {f.name: type(getattr(self, f.name)) for f in fields(self)}
+        types = {f.name: {"bool": bool, "int": int, "float": float, "str": str}[str(f.type)] for f in fields(self)}
         changes = {}
         for key, value in spec.items():
             kind = types.get(key)
