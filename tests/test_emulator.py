@@ -552,3 +552,145 @@ def test_session_limit_kills_without_sigterm_by_default(api, emulator, tmp_path)
     assert emulator.backend.get_kernel(USER, "hello-kernel").versions[0].exit_code == -9  # 137 in a shell
     outputs(api, f"{USER}/hello-kernel", tmp_path / "out")
     assert (tmp_path / "out/partial.txt").exists() and not (tmp_path / "out/got_sigterm.txt").exists()
+
+
+# -- trust boundaries -------------------------------------------------------------------------------------
+def _rpc(url: str, method: str, body, service: str = "kernels.KernelsApiService", **kwargs) -> requests.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body)
+    kwargs.setdefault("auth", (USER, KEY))
+    return requests.post(f"{url}/v1/{service}/{method}", data=data, timeout=10,
+                         headers={"Content-Type": "application/json"}, **kwargs)
+
+
+def test_trust_output_and_upload_urls_are_signed_and_expire(api, emulator, tmp_path):
+    from urllib.parse import urlsplit
+
+    api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
+    wait_for(api, f"{USER}/hello-kernel")
+    outputs(api, f"{USER}/hello-kernel", tmp_path / "out")
+    listing = _rpc(emulator.url, "ListKernelSessionOutput", {"userName": USER, "kernelSlug": "hello-kernel"}).json()
+    url = next(f["url"] for f in listing["files"] if f["fileName"] == "result.txt")
+    assert requests.get(url, timeout=10).content == b"42"
+    parts = urlsplit(url)
+    assert "signature=" in parts.query and "expires=" in parts.query
+    bare = f"{emulator.url}{parts.path}"
+    tampered = url[:-4] + ("0000" if not url.endswith("0000") else "1111")
+    other_file = url.replace("result.txt", "sub/data.bin")
+    for bad in (bare, tampered, other_file, emulator.app.sign(parts.path, ttl=-5)):
+        response = requests.get(bad, timeout=10)
+        assert response.status_code == 403, bad
+    start = _rpc(emulator.url, "StartBlobUpload", {"name": "x.bin", "contentLength": 3},
+                 service="blobs.BlobApiService").json()
+    again = _rpc(emulator.url, "StartBlobUpload", {"name": "x.bin", "contentLength": 3},
+                 service="blobs.BlobApiService").json()
+    assert len(start["token"]) >= 20 and start["token"] != again["token"] and not start["token"].startswith("blob-")
+    unsigned = f"{emulator.url}{urlsplit(start['createUrl']).path}"
+    assert requests.put(unsigned, data=b"abc", timeout=10).status_code == 403
+    assert requests.put(start["createUrl"] + "0", data=b"abc", timeout=10).status_code == 403
+    assert requests.put(start["createUrl"], data=b"abc", timeout=10).status_code == 200
+
+
+def test_trust_keys_are_random_unless_given(tmp_path):
+    from kaggle_runner.emulator.server import data_dir_key
+
+    with EmulatorServer(tmp_path / "a", username=USER) as first, \
+            EmulatorServer(tmp_path / "b", username=USER) as second:
+        assert first.key != second.key and first.key != "local-key" and len(first.key) >= 20
+        assert requests.post(f"{first.url}/admin/state", auth=(USER, "local-key"), timeout=10).status_code == 405
+        assert requests.get(f"{first.url}/admin/state", auth=(USER, "local-key"), timeout=10).status_code == 401
+    key, path = data_dir_key(tmp_path / "c")
+    assert data_dir_key(tmp_path / "c") == (key, path) and len(key) >= 20  # one per data dir, kept
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_trust_kernels_get_an_allow_listed_environment(api, emulator, tmp_path, monkeypatch):
+    code = "import os\nprint('env:', ' '.join(sorted(os.environ)))\n"
+    admin(emulator.url, "faults", {"hold_queued": True})
+    api.kernels_push(str(write_kernel(tmp_path / "k", code)))
+    with monkeypatch.context() as secrets:  # what the emulator's own environment may hold
+        secrets.setenv("KAGGLE_KEY", "real-account-key")
+        secrets.setenv("KAGGLE_API_TOKEN", "real-token")
+        secrets.setenv("AWS_SECRET_ACCESS_KEY", "cloud-secret")
+        secrets.setenv("KAGGLE_RUNNER_EMULATOR_KEY", "emulator-key")
+        admin(emulator.url, "faults", {"hold_queued": False})  # the kernel starts now
+    wait_for(api, f"{USER}/hello-kernel")
+    line = next(e["data"] for e in json.loads(api.kernels_logs(f"{USER}/hello-kernel")) if e["data"].startswith("env:"))
+    names = set(line.split()[1:])
+    assert {n for n in names if n.startswith("KAGGLE")} == {
+        "KAGGLE_CONTAINER_NAME", "KAGGLE_RUNNER_INPUT_DIR", "KAGGLE_RUNNER_SCRATCH_DIR", "KAGGLE_RUNNER_EMULATED_GPU"}
+    assert "AWS_SECRET_ACCESS_KEY" not in names and "PATH" in names
+
+
+def test_trust_malformed_requests_get_a_one_line_4xx(api, emulator, tmp_path):
+    import base64
+    import socket
+    from urllib.parse import urlsplit
+
+    api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
+    wait_for(api, f"{USER}/hello-kernel")
+    url = emulator.url
+    non_ascii = {"Authorization": "Basic " + base64.b64encode("alicé:kéy".encode()).decode()}
+    responses = [
+        requests.post(f"{url}/v1/kernels.KernelsApiService/ListKernels", data="{}", headers=non_ascii, timeout=10),
+        _rpc(url, "ListKernelSessionOutput", {"userName": USER, "kernelSlug": "hello-kernel", "pageToken": "abc"}),
+        _rpc(url, "ListKernelSessionOutput", {"userName": USER, "kernelSlug": "hello-kernel", "pageSize": "x"}),
+        _rpc(url, "GetKernelSessionStatus", {"userName": USER, "kernelSlug": "hello-kernel", "versionLabel": "v0"}),
+        _rpc(url, "GetKernelSessionStatus", {"userName": USER, "kernelSlug": "hello-kernel", "versionLabel": "vx"}),
+        _rpc(url, "GetKernelSessionStatus", {"userName": "..", "kernelSlug": ".."}),
+        _rpc(url, "SaveKernel", {"slug": f"{USER}/..", "newTitle": "Escape", "text": "print(1)"}),
+        _rpc(url, "SaveKernel", {"slug": f"{USER}/hello-kernel", "text": "print(1)", "sessionTimeoutSeconds": "x"}),
+        _rpc(url, "CancelKernelSession", {"kernelSessionId": "12ab"}),
+        _rpc(url, "StartBlobUpload", {"name": "a.bin", "contentLength": "x"}, service="blobs.BlobApiService"),
+        _rpc(url, "CreateDataset", {"ownerSlug": USER, "slug": "../../etc", "title": "Escaping Data"},
+             service="datasets.DatasetApiService"),
+        _rpc(url, "CreateDataset", {"ownerSlug": USER, "slug": "good-slug", "title": "Some Data", "files": [{}]},
+             service="datasets.DatasetApiService"),
+        _rpc(url, "GetKernel", b"{not json"),
+        _rpc(url, "GetKernel", b"[1, 2]"),
+        requests.post(f"{url}/admin/faults", data=b"[", auth=(USER, KEY), timeout=10),
+        requests.post(f"{url}/admin/faults", json={"drop_downloads": "many"}, auth=(USER, KEY), timeout=10),
+    ]
+    for response in responses:
+        assert 400 <= response.status_code < 500, (response.request.body, response.status_code, response.text)
+        assert "\n" not in response.text.strip() and "message" in response.json(), response.text
+    assert not (emulator.backend.data_dir / "kernels" / "v1").exists()
+    assert not list(emulator.backend.data_dir.parent.glob("etc*"))
+
+    start = _rpc(url, "StartBlobUpload", {"name": "a.bin", "contentLength": 3}, service="blobs.BlobApiService").json()
+    target = urlsplit(start["createUrl"])
+    with socket.create_connection((target.hostname, target.port), timeout=10) as sock:
+        sock.sendall(f"PUT {target.path}?{target.query} HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n"
+                     "Connection: close\r\n\r\nabc".encode())
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.split(b" ")[1].startswith(b"4"), reply[:200]
+
+
+def test_trust_two_first_local_uses_start_one_emulator_with_a_clean_environment(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kaggle_runner.local import ensure_background_emulator, stop_background_emulator
+
+    monkeypatch.setenv("KAGGLE_KEY", "real-account-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "cloud-secret")
+    workspace = tmp_path / "ws"
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            urls = list(pool.map(lambda _: ensure_background_emulator(workspace), range(2)))
+        assert urls[0] == urls[1]
+        data_dir = str(workspace / "emulator" / "data")
+        servers = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if data_dir in cmdline.read_bytes().decode(errors="replace"):
+                    servers.append(cmdline.parent)
+            except OSError:
+                continue
+        assert len(servers) == 1
+        environ = (servers[0] / "environ").read_bytes().split(b"\0")
+        names = {item.split(b"=", 1)[0].decode() for item in environ if item}
+        assert "KAGGLE_KEY" not in names and "AWS_SECRET_ACCESS_KEY" not in names
+        assert "KAGGLE_RUNNER_EMULATOR_KEY" in names
+    finally:
+        stop_background_emulator(workspace)
