@@ -399,6 +399,9 @@ def test_mount_layouts_and_archives(api, emulator, tmp_path):
     admin(emulator.url, "realism", {"mount_layout": "datasets"})
     api.kernels_push(str(kernel))
     assert "datasets/alice/my-dataset/plain.txt" in _inputs(api, f"{USER}/hello-kernel")
+    start = _rpc(emulator.url, "StartBlobUpload", {"name": "deep/sub/f.txt", "contentLength": 1},
+                 service="blobs.BlobApiService").json()
+    assert emulator.backend.blobs[start["token"]].name == "f.txt"  # blob uploads flatten sub-paths
 
 
 def test_status_answers_no_runs_found_right_after_a_push(api, emulator, tmp_path):
