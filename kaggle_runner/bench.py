@@ -93,8 +93,7 @@ def prepare_kernel_run(config: RunConfig, steps: int, warmup: int, device: str =
     data = synthetic_data(config, vocab, windows_per_step * (steps + warmup))
     model = kernel.prepare_model(settings, vocab, torch_device)
     run = kernel.build_training(settings, data, model, torch_device, kernel_dtype, total_steps=steps + warmup)
-    run["order"] = kernel.epoch_order(config.seed, 1, data["train_windows"])
-    run["model"] = kernel.maybe_compile(run["eager_model"], settings, torch_device)
+    run.model = kernel.maybe_compile(run.eager_model, settings, torch_device)
     model.train()
     return {"run": run, "settings": settings, "device": torch_device, "dtype": kernel_dtype, "model": model}
 
@@ -119,7 +118,7 @@ def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device
     float(loss)  # one host sync at the end, as the kernel does at log steps
     synchronize()
     elapsed = time.perf_counter() - started
-    tokens_per_second = steps * run["tokens_per_step"] / elapsed
+    tokens_per_second = steps * run.tokens_per_step / elapsed
     if torch_device.type == "cuda":
         peak_memory = torch.cuda.max_memory_allocated() / 2**20
         device_name = torch.cuda.get_device_name()
@@ -140,12 +139,12 @@ def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device
         "flops_formula": FLOPS_FORMULA,
         "peak_flops": peak,
         "torch": torch.__version__,
-        "compiled": run["model"] is not run["eager_model"],
+        "compiled": run.model is not run.eager_model,
         "cpu_dropout_kernels": any(isinstance(module, kernel.CpuDropout) for module in model.modules()),
         "config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
                    "vocab_size": vocab_size_of(config), "max_length": config.max_length,
-                   "micro_batch_size": run["micro_batch_size"],
-                   "gradient_accumulation_steps": run["accumulation"], "dtype": dtype_name},
+                   "micro_batch_size": run.micro_batch_size,
+                   "gradient_accumulation_steps": run.accumulation, "dtype": dtype_name},
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -48,8 +49,38 @@ def kernel_source() -> str:
     return resources.files(TEMPLATE_PACKAGE).joinpath("kernel.py").read_text(encoding="utf-8")
 
 
-def render_script(config: RunConfig) -> str:
-    values = config.kernel_config()
+CHAIN_CHECKPOINT_KEYS = {"file": str, "sha256": str, "global_step": int, "dataset": str,
+                         "best_sha256": (str, type(None))}
+
+
+def chain_checkpoint_value(chain_checkpoint: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The chain's checkpoint as the kernel's CONFIG["chain_checkpoint"]: the only checkpoint it will resume from.
+
+    {"file": "checkpoint_epoch1_step40.pt", "sha256": hex, "global_step": 40, "dataset": "owner/slug-ckpt",
+    "best_sha256": hex or None}; checked here so a bad value fails at render time, not on Kaggle.
+    """
+    if chain_checkpoint is None:
+        return None
+    value = {"best_sha256": None, **chain_checkpoint}
+    if set(value) != set(CHAIN_CHECKPOINT_KEYS):
+        raise RenderError(f"chain_checkpoint needs exactly the keys {sorted(CHAIN_CHECKPOINT_KEYS)}, "
+                          f"got {sorted(value)}")
+    for key, kind in CHAIN_CHECKPOINT_KEYS.items():
+        if not isinstance(value[key], kind) or isinstance(value[key], bool):
+            raise RenderError(f"chain_checkpoint[{key!r}] has the wrong type: {value[key]!r}")
+    if not value["file"] or "/" in value["file"] or "\\" in value["file"] or value["file"] in (".", ".."):
+        raise RenderError(f"chain_checkpoint file {value['file']!r} must be a plain file name")
+    for key in ("sha256", "best_sha256"):
+        if value[key] is not None and not re.fullmatch(r"[0-9a-f]{64}", value[key]):
+            raise RenderError(f"chain_checkpoint[{key!r}] is not a sha256 hex digest: {value[key]!r}")
+    owner, _, slug = value["dataset"].partition("/")
+    if not owner or not slug or "/" in slug:
+        raise RenderError(f"chain_checkpoint dataset {value['dataset']!r} is not owner/slug")
+    return value
+
+
+def render_script(config: RunConfig, chain_checkpoint: dict[str, Any] | None = None) -> str:
+    values = {**config.kernel_config(), "chain_checkpoint": chain_checkpoint_value(chain_checkpoint)}
     config_json = json.dumps(values, indent=2, ensure_ascii=True)
     script = _environment().get_template("train.py.j2").render(
         config_json=config_json, kernel_source=kernel_source().rstrip() + "\n",
@@ -125,11 +156,15 @@ def kernel_metadata(config: RunConfig, username: str, code_file: str,
 
 
 def render_kernel(config: RunConfig, out_dir: str | Path, username: str,
-                  extra_dataset_sources: list[str] | None = None) -> RenderedKernel:
-    """The kernel folder; the config's dataset_sources are attached, plus any extra (the chain's dataset)."""
+                  extra_dataset_sources: list[str] | None = None,
+                  chain_checkpoint: dict[str, Any] | None = None) -> RenderedKernel:
+    """The kernel folder; the config's dataset_sources are attached, plus any extra (the chain's datasets).
+
+    chain_checkpoint names the one checkpoint the kernel may resume from (see chain_checkpoint_value).
+    """
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    script = render_script(config)
+    script = render_script(config, chain_checkpoint)
     if config.kernel_type == "notebook":
         code_file = folder / NOTEBOOK_NAME
         code_file.write_text(json.dumps(script_to_notebook(script), indent=1) + "\n", encoding="utf-8")

@@ -1,10 +1,25 @@
-# The training kernel's logic. kaggle-runner renders it, below a CONFIG block, into one standalone
-# script that Kaggle runs (see train.py.j2); tests import it as kaggle_runner.kernel_template.kernel.
-# It imports only what Kaggle's image has (torch, transformers, tokenizers, datasets, numpy).
+"""A GPT-2 training kernel for Kaggle, rendered by kaggle-runner below a CONFIG block (see train.py.j2).
 
-# ---------------------------------------------------------------------------------------------------
+It trains GPT-2 from scratch, keeps rotating checkpoints plus best_model.pt, and when a session ends early
+(time budget, segment_steps, SIGTERM) it saves a checkpoint from which the chain's next session resumes
+(bitwise the same trajectory on a CPU). It talks to the launcher only through files and JSON log lines.
+
+Contents, in reading order:
+  Model               GPT-2 and its loss, optimizer, schedule, precision, torch.compile
+  Data                documents, tokenizer, packed token arrays, windows
+  The training state  the Run dataclass: what a step changes and a checkpoint keeps
+  The step and loop   optimizer_step (out-of-memory halving), divergence, evaluation, samples, stops, train
+  Checkpoints         save and rotate; resume only from the chain's own verified checkpoint
+  Platform survival   the GPU check, the session event, processes (DDP), signals, atomic files, CPU speedups
+  main                one session: check, set up, train, one ending
+
+It imports only what Kaggle's image has (torch, transformers, tokenizers, datasets, numpy); tests import it
+as kaggle_runner.kernel_template.kernel.
+"""
+
+# ===================================================================================================
 # Imports and the outside world: where inputs are, where outputs go, how we report
-# ---------------------------------------------------------------------------------------------------
+# ===================================================================================================
 import ast
 import contextlib
 import glob
@@ -12,7 +27,9 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -22,17 +39,23 @@ import sysconfig
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-KERNEL_FORMAT = 1  # bumped when the checkpoint layout changes incompatibly
+CHECKPOINT_FORMAT = 2  # bumped when the checkpoint layout changes (2: tensors and plain types only)
+MANIFEST_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 RUN_STATE_NAME = "run_state.json"
 HISTORY_NAME = "training_history.json"
+BEST_MODEL_NAME = "best_model.pt"
 EOS_TOKEN = "<|endoftext|>"
+DIVERGENCE_STEPS = 3  # optimizer steps in a row with a non-finite loss before the run stops as diverged
 
 
 def input_root() -> Path:
@@ -62,95 +85,6 @@ def emit(event: str, **fields) -> None:
         print(json.dumps({"event": event, **fields}, default=float), flush=True)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Processes: one per GPU (Kaggle's NvidiaTeslaT4 shape has two) with DistributedDataParallel.
-# Rank 0 alone logs and writes files; every rank trains on its share of each optimizer step.
-# ---------------------------------------------------------------------------------------------------
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_primary() -> bool:
-    return rank() == 0
-
-
-def wanted_processes(config: dict) -> int:
-    return int(config.get("world_size") or max(1, torch.cuda.device_count()))
-
-
-def can_start_workers() -> bool:
-    """Workers re-run this script, as torchrun would; a notebook has no script to re-run."""
-    script = sys.argv[0] if sys.argv else ""
-    return script.endswith(".py") and os.path.isfile(script) and "RANK" not in os.environ
-
-
-def run_workers(count: int) -> int:
-    """Start one process per rank, pass SIGTERM/SIGINT on to them, and return the first failure's code."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    workers = [subprocess.Popen([sys.executable, os.path.abspath(sys.argv[0])],
-                                env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(count),
-                                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-               for r in range(count)]
-
-    def forward(signum, _frame):
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    failed_at = None
-    while any(w.poll() is None for w in workers):
-        if failed_at is None and any(w.poll() not in (None, 0) for w in workers):
-            failed_at = time.time()
-        if failed_at is not None and time.time() - failed_at > 10:
-            for worker in workers:  # the survivors would wait forever in a collective
-                if worker.poll() is None:
-                    worker.kill()
-        time.sleep(0.2)
-    codes = [w.returncode for w in workers]
-    return next((code for code in codes if code != 0), 0)
-
-
-# Decisions taken every step (whether to stop) travel over a gloo group of their own: over NCCL each would
-# need a CUDA tensor and a host sync (.item()) per step, stalling the GPU's queue.
-CONTROL_GROUP: dict = {"group": None}
-
-
-def init_distributed(device: torch.device) -> None:
-    if world_size() > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank(), world_size=world_size())
-        CONTROL_GROUP["group"] = dist.new_group(backend="gloo")
-
-
-def agree(value: int) -> int:
-    """The largest `value` any rank holds: every rank takes the same decision."""
-    if world_size() == 1:
-        return value
-    import torch.distributed as dist
-
-    flag = torch.tensor([value])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=CONTROL_GROUP["group"])
-    return int(flag.item())
-
-
-def share_tokenizer(tokenizer_json: str | None) -> str:
-    """Rank 0's tokenizer for every rank (a trained BPE must be the same everywhere)."""
-    import torch.distributed as dist
-
-    box = [tokenizer_json]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class KernelStop(Exception):
     """Training cannot go on; carries the reason written to run_state.json and the exit code."""
 
@@ -160,90 +94,115 @@ class KernelStop(Exception):
         self.exit_code = exit_code
 
 
-# ---------------------------------------------------------------------------------------------------
-# Files: atomic writes, checksums, the manifest, run_state.json
-# ---------------------------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# ===================================================================================================
+# Model: GPT-2 with its loss, the optimizer and schedule, precision, torch.compile
+# ===================================================================================================
+def build_model(config: dict, vocab_size: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    padded_vocab = (vocab_size + 63) // 64 * 64  # multiples of 64 keep the LM head's matmul on fast paths
+    model_config = GPT2Config(
+        vocab_size=padded_vocab, n_positions=config["max_length"], n_embd=config["n_embd"],
+        n_layer=config["n_layer"], n_head=config["n_head"], resid_pdrop=config["dropout"],
+        embd_pdrop=config["dropout"], attn_pdrop=config["dropout"], bos_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1, tie_word_embeddings=True, attn_implementation="sdpa",
+        # GPT-2's tanh GELU as one fused kernel instead of gelu_new's five elementwise ops (same formula).
+        activation_function="gelu_pytorch_tanh",
+    )
+    torch.manual_seed(config["seed"])
+    return GPT2LMHeadModel(model_config)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through a temp file, fsync, rename: a kill mid-write never leaves a torn `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def prepare_model(config: dict, vocab_size: int, device: torch.device):
+    """The model on its device, with CPU dropout kernels where eager CPU training uses dropout."""
+    model = build_model(config, vocab_size).to(device)
+    if device.type == "cpu" and config["dropout"] > 0 and not compile_wanted(config, device):
+        use_cpu_dropout_kernels(model)
+    return model
+
+
+def count_parameters(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())  # tied LM head counted once
+    embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+    return {"total": total, "without_embeddings": total - embeddings}
+
+
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token loss; labels are the inputs shifted once, here and nowhere else."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+class LossModule(torch.nn.Module):
+    """The model and its loss as one module: what DDP wraps and torch.compile compiles.
+
+    The logits (micro-batch x length x 50k vocabulary) are the step's largest tensor. Left outside the compiled
+    graph, the fp32 upcast, softmax and their backward ran as separate eager kernels: 40 of the 57 ms of GPU
+    time per seed-shape step on an H100. Inside it, inductor fuses them into a few passes over the logits.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return lm_loss(self.model, batch)
+
+
+def build_optimizer(model, config: dict):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config["weight_decay"]},
+              {"params": no_decay, "weight_decay": 0.0}]
+    try:  # fused AdamW: one kernel for all parameters, on CUDA and (torch >= 2.4) on CPU
+        return torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(0.9, 0.95), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(0.9, 0.95))
+
+
+def build_scheduler(optimizer, config: dict, total_steps: int):
+    warmup, floor = config["warmup_steps"], config["min_lr_ratio"]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def pick_device_and_dtype(prefer: str = "auto") -> tuple[torch.device, torch.dtype]:
+    if prefer != "cpu" and torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        # sm_75 (T4) reports bf16 as supported but emulates it slowly: decide by compute capability.
+        major, _ = torch.cuda.get_device_capability()
+        return torch.device("cuda", local_rank), torch.bfloat16 if major >= 8 else torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def compile_wanted(config: dict, device: torch.device) -> bool:
+    return config["compile"] == "on" or (config["compile"] == "auto" and device.type == "cuda")
+
+
+def maybe_compile(model, config: dict, device: torch.device):
+    if not compile_wanted(config, device):
+        return model
     try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide outputs from other users of the folder
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        return torch.compile(model)
+    except Exception as exc:
+        log(f"torch.compile unavailable ({type(exc).__name__}: {exc}); training uncompiled")
+        return model
 
 
-def write_json(path: Path, data) -> None:
-    atomic_write(path, lambda h: h.write(json.dumps(data, indent=2, default=float).encode()))
-
-
-def read_manifest(root: Path) -> dict:
-    path = root / MANIFEST_NAME
-    if path.exists():
-        try:
-            manifest = json.loads(path.read_text())
-            if manifest.get("kaggle_runner_manifest") == KERNEL_FORMAT:
-                return manifest
-        except (OSError, ValueError):
-            pass
-    return {"kaggle_runner_manifest": KERNEL_FORMAT, "files": {}}
-
-
-def record_in_manifest(root: Path, relpath: str, **info) -> None:
-    manifest = read_manifest(root)
-    file = root / relpath
-    manifest["files"][relpath] = {"sha256": sha256_of(file), "size": file.stat().st_size, **info}
-    write_json(root / MANIFEST_NAME, manifest)
-
-
-def drop_from_manifest(root: Path, relpaths) -> None:
-    manifest = read_manifest(root)
-    for relpath in relpaths:
-        manifest["files"].pop(relpath, None)
-    write_json(root / MANIFEST_NAME, manifest)
-
-
-def write_run_state(status: str, reason: str, state: dict | None = None, message: str = "") -> None:
-    if not is_primary():
-        return
-    state = state or {}
-    write_json(working_dir() / RUN_STATE_NAME, {
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "global_step": state.get("global_step", 0),
-        "total_steps": state.get("total_steps"),
-        "epoch": state.get("epoch", 1),
-        "newest_checkpoint": state.get("newest_checkpoint"),
-        "best_val_loss": state.get("best_val_loss"),
-        "updated_at": time.time(),
-    })
-
-
-# ---------------------------------------------------------------------------------------------------
+# ===================================================================================================
 # Data: documents per split, a tokenizer, and one packed token array per split
-# ---------------------------------------------------------------------------------------------------
+# ===================================================================================================
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".raw"}
+
+
 def with_retries(what: str, fn, attempts: int = 4, first_delay: float = 5.0):
     for attempt in range(1, attempts + 1):
         try:
@@ -305,21 +264,32 @@ def wikitext_documents(config: dict) -> dict[str, list[str]]:
     return splits
 
 
+def text_file_patterns(path: str) -> list[str]:
+    """Where text_files_path may point. Kaggle mounts a dataset at <input>/datasets/<owner>/<slug>/ or at
+    <input>/<slug>/ (both seen in 2026), so a relative path is tried inside every attached dataset too."""
+    if os.path.isabs(path):
+        return [path]
+    root = input_root()
+    return [path, str(root / path), str(root / "datasets" / "*" / path), str(root / "*" / path),
+            str(root / "datasets" / "*" / "*" / path)]
+
+
 def text_file_documents(config: dict) -> dict[str, list[str]]:
-    pattern = config["text_files_path"]
-    candidates = [pattern] if os.path.isabs(pattern) else [pattern, str(input_root() / pattern)]
+    path = config["text_files_path"]
+    patterns = text_file_patterns(path)
     files: list[str] = []
-    for candidate in candidates:
-        if os.path.isdir(candidate):
-            files = sorted(str(p) for p in Path(candidate).rglob("*") if p.is_file() and p.suffix in
-                           {".txt", ".md", ".text", ".raw"})
-        else:
-            files = sorted(glob.glob(candidate, recursive=True))
+    for pattern in patterns:
+        for match in sorted(glob.glob(pattern, recursive=True)):
+            if os.path.isdir(match):
+                files += sorted(str(p) for p in Path(match).rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            elif os.path.isfile(match):
+                files.append(match)
         if files:
             break
     if not files:
-        raise KernelStop("data_error", f"text_files_path {pattern!r} matches no text files (looked in "
-                         f"{', '.join(candidates)}). Attach the dataset that holds them to the kernel.")
+        raise KernelStop("data_error", f"text_files_path {path!r} matches no text files (looked in "
+                         f"{', '.join(patterns)}). Attach the dataset that holds them to the kernel.")
+    log(f"Data: {len(files)} text file(s) from {os.path.dirname(files[0])}")
     texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
     if len(texts) == 1:  # one file: its last 5% is the validation split
         cut = int(len(texts[0]) * 0.95)
@@ -413,14 +383,23 @@ def token_file_name(split: str, fingerprint: str) -> str:
     return f"tokens-{split}-{fingerprint}.npy"
 
 
-def find_cached_tokens(name: str) -> Path | None:
-    """Token arrays an earlier segment left, attached as a dataset, verified when a manifest lists them."""
-    root = input_root()
-    for path in sorted(root.rglob(name)) if root.is_dir() else []:
-        info = read_manifest(path.parent)["files"].get(name)
-        if info is None or (path.stat().st_size == info["size"] and sha256_of(path) == info["sha256"]):
+def token_dataset_folders(config: dict) -> list[Path]:
+    """The chain's token dataset, '<slug>-data', under either mount layout. No other dataset is searched."""
+    root, name = input_root(), f"{config['slug']}-data"
+    return [*sorted(root.glob(f"datasets/*/{name}")), root / name]
+
+
+def find_cached_tokens(name: str, config: dict) -> Path | None:
+    """Token arrays an earlier segment left, attached as the chain's token dataset, listed in the manifest
+    beside them with a matching sha256."""
+    for folder in token_dataset_folders(config):
+        path = folder / name
+        if not path.is_file():
+            continue
+        info = read_manifest(folder)["files"].get(name)
+        if info and path.stat().st_size == info.get("size") and sha256_of(path) == info.get("sha256"):
             return path
-        log(f"Skipping cached tokens {path}: checksum does not match the manifest")
+        log(f"Skipping cached tokens {path}: not listed in the manifest beside it, or its checksum differs")
     return None
 
 
@@ -441,7 +420,8 @@ def prepare_data(config: dict, saved_tokenizer_json: str | None = None) -> dict:
     splits, tokenizer = None, None
     if saved_tokenizer_json and config.get("cache_tokens", True):
         fingerprint = data_fingerprint(saved_tokenizer_json, config)
-        cached = {split: find_cached_tokens(token_file_name(split, fingerprint)) for split in ("train", "validation")}
+        cached = {split: find_cached_tokens(token_file_name(split, fingerprint), config)
+                  for split in ("train", "validation")}
         if all(cached.values()):  # no documents to load, nothing to tokenize
             from tokenizers import Tokenizer
 
@@ -479,43 +459,789 @@ def gather_windows(tokens: np.ndarray, window_ids, length: int) -> torch.Tensor:
     return torch.from_numpy(rows)
 
 
+# ===================================================================================================
+# The training state: what a step changes, and what a checkpoint keeps
+# ===================================================================================================
+@dataclass(eq=False)
+class Run:
+    """One session's training: what it trains with, where it stands, and how this session is going.
+
+    CHECKPOINTED names the fields a checkpoint saves and a resume restores (checkpoint_payload and
+    restore_checkpoint both read it); the model, optimizer, scheduler, scaler and RNG states travel with them.
+    """
+
+    CHECKPOINTED: ClassVar[tuple[str, ...]] = ("epoch", "global_step", "position", "micro_batch_size",
+                                               "accumulation", "best_val_loss", "history")
+
+    # What training works with
+    data: dict
+    device: torch.device
+    raw_model: torch.nn.Module  # the GPT2LMHeadModel whose weights are saved
+    eager_model: torch.nn.Module  # its LossModule, DDP-wrapped on several processes
+    model: torch.nn.Module  # what a step calls: eager_model, compiled when compile is on
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any  # a GradScaler for fp16 (T4), else None
+    autocast: Callable
+    total_steps: int
+    tokens_per_step: int
+    tokenizer_json: str | None
+    vocab_size: int  # the tokenizer's, not the padded embedding's
+    order: np.ndarray  # this epoch's window order
+    # Where training stands (saved in checkpoints; see CHECKPOINTED)
+    micro_batch_size: int  # halved by an out-of-memory error, and stays halved
+    accumulation: int
+    epoch: int = 1
+    global_step: int = 0
+    position: int = 0  # windows of this epoch's order already trained on
+    best_val_loss: float | None = None
+    history: list = field(default_factory=list)
+    # This session
+    ddp: Any = None
+    first_step: int = 0  # global_step when this session began (segment_steps counts from here)
+    resumed_from: dict | None = None
+    newest_checkpoint: str | None = None
+    last_saved_step: int | None = None
+    tokens_this_segment: int = 0
+    wall_time_before: float = 0.0
+    segment_started: float = field(default_factory=time.time)
+    deadline: float = math.inf
+    # On the device, so no step waits for the host: [non-finite losses in a row now, longest such run]
+    nonfinite: torch.Tensor | None = None
+
+
+def build_training(config: dict, data: dict, raw_model, device: torch.device, dtype: torch.dtype,
+                   total_steps: int) -> Run:
+    """Optimizer, schedule, precision and counters around a model: what optimizer_step needs (bench uses it)."""
+    optimizer = build_optimizer(raw_model, config)
+    loss_module = LossModule(raw_model)
+    if device.type == "cuda":
+        def autocast():
+            return torch.autocast("cuda", dtype=dtype)
+    else:
+        autocast = contextlib.nullcontext
+    windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
+    return Run(data=data, device=device, raw_model=raw_model, eager_model=loss_module, model=loss_module,
+               optimizer=optimizer, scheduler=build_scheduler(optimizer, config, total_steps),
+               scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, autocast=autocast,
+               total_steps=total_steps, tokens_per_step=windows_per_step * config["max_length"],
+               tokenizer_json=data.get("tokenizer_json"), vocab_size=raw_model.config.vocab_size,
+               order=epoch_order(config["seed"], 1, data["train_windows"]),
+               micro_batch_size=config["batch_size"], accumulation=config["gradient_accumulation_steps"],
+               nonfinite=torch.zeros(2, dtype=torch.int32, device=device))
+
+
+# ===================================================================================================
+# The step and the loop
+# ===================================================================================================
+def optimizer_step(run: Run, config: dict) -> torch.Tensor:
+    """One optimizer step over batch_size * gradient_accumulation_steps windows; returns the loss on the device
+    (read it only at log steps: a host sync every step would stall the GPU's queue).
+
+    On out-of-memory the step starts over with half the micro-batch and twice the accumulation, so the
+    effective batch, and the windows it covers, stay the same.
+    """
+    data, device, length = run.data, run.device, config["max_length"]
+    windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
+    order = run.order[run.position:run.position + windows_per_step]
+    share = windows_per_step // world_size()
+    mine = order[rank() * share:(rank() + 1) * share]
+    while True:
+        chunks = [mine[i:i + run.micro_batch_size] for i in range(0, len(mine), run.micro_batch_size)]
+        run.accumulation = len(chunks)
+        try:
+            run.optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=device)
+            for i, ids in enumerate(chunks):
+                if simulated_oom(run.global_step + 1) and i == 0:
+                    raise torch.OutOfMemoryError("simulated CUDA out of memory (KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP)")
+                if run.ddp is not None:  # gradients cross processes once per optimizer step
+                    run.ddp.require_backward_grad_sync = i == len(chunks) - 1
+                batch = gather_windows(data["train"], ids, length)
+                if device.type == "cuda":
+                    batch = batch.pin_memory()
+                batch = batch.to(device, non_blocking=True)
+                with run.autocast():
+                    loss = run.model(batch) / (len(mine) / len(ids))
+                if simulated_nan(run.global_step + 1):
+                    loss = loss * float("nan")
+                if run.scaler is not None:
+                    run.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                total += loss.detach()
+            break
+        except torch.OutOfMemoryError as exc:
+            run.optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if run.micro_batch_size == 1:
+                raise KernelStop("out_of_memory", f"out of memory at micro-batch 1 ({exc}); reduce max_length, "
+                                 "n_embd or n_layer") from None
+            run.micro_batch_size //= 2
+            run.accumulation = math.ceil(len(mine) / run.micro_batch_size)
+            log(f"Out of memory at step {run.global_step + 1}: micro-batch now {run.micro_batch_size}, "
+                f"accumulation {run.accumulation} (effective batch unchanged); retrying the step")
+            emit("oom", global_step=run.global_step + 1, micro_batch_size=run.micro_batch_size,
+                 accumulation=run.accumulation)
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), config["max_grad_norm"])
+    if run.scaler is not None:  # skips the update when fp16 gradients overflowed: normal, not divergence
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.position += windows_per_step
+    run.global_step += 1
+    in_a_row = (run.nonfinite[0] + 1) * (~torch.isfinite(total)).int()
+    run.nonfinite = torch.stack((in_a_row, torch.maximum(run.nonfinite[1], in_a_row)))
+    return total
+
+
+def loss_is_finite(run: Run) -> bool:
+    """Whether the last step's loss was finite; stops the run as diverged after DIVERGENCE_STEPS non-finite
+    losses in a row. Reads the device-side counter: call it at log, eval and save steps, not every step."""
+    in_a_row, longest = (agree(int(value)) for value in run.nonfinite.tolist())
+    if longest >= DIVERGENCE_STEPS:
+        raise KernelStop("diverged", f"the training loss was not finite for {longest} optimizer steps in a row "
+                         f"(seen at step {run.global_step}); lower learning_rate or raise warmup_steps. The newest "
+                         f"checkpoint, {run.newest_checkpoint}, is the last one with a finite loss.")
+    return in_a_row == 0
+
+
+@torch.no_grad()
+def evaluate(run: Run, config: dict) -> float:
+    """Mean loss over a fixed subset of the validation split (the same windows every time)."""
+    model, device = run.model, run.device
+    model.eval()
+    length, batch = config["max_length"], run.micro_batch_size
+    n_windows = min(run.data["validation_windows"], config["eval_batches"] * config["batch_size"])
+    losses, weights = [], []
+    for start in range(0, n_windows, batch):
+        ids = range(start, min(start + batch, n_windows))
+        windows = gather_windows(run.data["validation"], ids, length).to(device, non_blocking=True)
+        with run.autocast():
+            losses.append(model(windows).float().item())
+        weights.append(len(ids))
+    model.train()
+    return float(np.average(losses, weights=weights))
+
+
+@torch.no_grad()
+def sample_text(run: Run, config: dict) -> str:
+    """Continue sample_prompt; runs on its own RNG so training draws the same numbers with or without it."""
+    tokenizer, model, device = run.data["tokenizer"], run.raw_model, run.device
+    ids = tokenizer.encode(config["sample_prompt"]).ids or [tokenizer.token_to_id(EOS_TOKEN)]
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config["seed"])
+        model.eval()
+        tokens = torch.tensor([ids], device=device)
+        for _ in range(config["sample_tokens"]):
+            logits = model(input_ids=tokens[:, -config["max_length"]:]).logits[0, -1, :run.vocab_size]
+            top = torch.topk(logits.float(), k=min(40, logits.numel()))
+            choice = top.indices[torch.multinomial(F.softmax(top.values / 0.8, dim=-1), 1)]
+            tokens = torch.cat([tokens, choice.view(1, 1)], dim=1)
+        model.train()
+    return tokenizer.decode(tokens[0].tolist())
+
+
+def record_evaluation(run: Run, config: dict, train_loss: float | None) -> None:
+    val_loss = evaluate(run, config)
+    elapsed = time.time() - run.segment_started
+    entry = {"step": run.global_step, "epoch": run.epoch, "train_loss": train_loss, "val_loss": val_loss,
+             "perplexity": math.exp(min(val_loss, 50)), "lr": run.scheduler.get_last_lr()[0],
+             "tokens_per_second": run.tokens_this_segment / max(elapsed, 1e-9),
+             "wall_time": run.wall_time_before + elapsed}
+    run.history.append(entry)
+    if is_primary():
+        write_json(working_dir() / HISTORY_NAME, run.history)
+    log(f"  eval  step {entry['step']:>6}  val loss {val_loss:.4f}  perplexity {entry['perplexity']:.2f}")
+    emit("eval", **entry)
+    if math.isfinite(val_loss) and (run.best_val_loss is None or val_loss < run.best_val_loss):
+        run.best_val_loss = val_loss
+        save_best_model(run, config, val_loss)
+
+
+def log_progress(run: Run, loss: float) -> None:
+    elapsed = time.time() - run.segment_started
+    tokens_per_second = run.tokens_this_segment / max(elapsed, 1e-9)
+    remaining = (run.total_steps - run.global_step) * run.tokens_per_step / max(tokens_per_second, 1e-9)
+    memory = torch.cuda.max_memory_allocated() / 2**20 if run.device.type == "cuda" else None
+    lr = run.scheduler.get_last_lr()[0]
+    log(f"step {run.global_step:>6}/{run.total_steps}  epoch {run.epoch}  loss {loss:.4f}  lr {lr:.2e}  "
+        f"{tokens_per_second:,.0f} tok/s" + (f"  gpu {memory:,.0f} MiB" if memory is not None else ""))
+    emit("progress", global_step=run.global_step, total_steps=run.total_steps, epoch=run.epoch, loss=loss, lr=lr,
+         tokens_per_second=tokens_per_second, eta_seconds=remaining, gpu_memory_mb=memory)
+
+
+# Ways a session stops early with a checkpoint, in rising priority when ranks see different ones.
+STOP_REASONS = (None, "step_budget", "time_budget", "interrupted")
+
+
+def stop_reason(run: Run, config: dict) -> str | None:
+    if STOP_REQUEST["signal"]:
+        return "interrupted"
+    if time.time() >= run.deadline:  # the platform guard: session_timeout_seconds - safety_margin_seconds
+        return "time_budget"
+    if config.get("segment_steps") and run.global_step - run.first_step >= config["segment_steps"]:
+        return "step_budget"
+    return None
+
+
+def agreed_stop_reason(run: Run, config: dict) -> str | None:
+    """A stop every rank takes at the same step (the signal or deadline may reach them at different times)."""
+    return STOP_REASONS[agree(STOP_REASONS.index(stop_reason(run, config)))]
+
+
+def train(run: Run, config: dict) -> str:
+    """Runs until training completes ('complete') or a stop is requested (its reason)."""
+    windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
+    last_loss = None
+    while run.global_step < run.total_steps:
+        reason = agreed_stop_reason(run, config)
+        if reason:
+            return reason
+        if run.position + windows_per_step > len(run.order):  # epoch end: leftover windows wait
+            record_evaluation(run, config, last_loss)
+            if config["sample_tokens"] and is_primary():
+                text = sample_text(run, config)
+                log(f"  sample after epoch {run.epoch}: {text!r}")
+                emit("sample", epoch=run.epoch, text=text)
+            run.epoch += 1
+            run.position = 0
+            run.order = epoch_order(config["seed"], run.epoch, run.data["train_windows"])
+            continue
+        try:
+            loss = optimizer_step(run, config)
+        except (KernelStop, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            if run.model is run.eager_model:
+                raise
+            # torch.compile fails lazily, at the first step: fall back to eager and redo the step.
+            log(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:300]}); training uncompiled")
+            run.model = run.eager_model
+            continue
+        run.tokens_this_segment += run.tokens_per_step
+        step = run.global_step
+        log_now = step % config["log_steps"] == 0 or step == run.total_steps
+        eval_now = step % config["eval_steps"] == 0 and step < run.total_steps
+        save_now = step % config["save_steps"] == 0
+        if not (log_now or eval_now or save_now):
+            continue
+        finite = loss_is_finite(run)  # the one host sync: raises KernelStop('diverged')
+        if log_now:
+            last_loss = float(loss)
+            log_progress(run, last_loss)
+        if eval_now:
+            record_evaluation(run, config, float(loss))
+        if save_now and finite:
+            save_checkpoint(run, config)
+        elif save_now:
+            log(f"Not saving a checkpoint at step {step}: its loss is not finite")
+    record_evaluation(run, config, last_loss)
+    loss_is_finite(run)
+    return "complete"
+
+
+def finish(run: Run, config: dict) -> None:
+    """final_model/ in Hugging Face format: loads with AutoModelForCausalLM and AutoTokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not is_primary():
+        return
+    target = working_dir() / "final_model"
+    run.raw_model.save_pretrained(target)
+    PreTrainedTokenizerFast(tokenizer_object=run.data["tokenizer"], eos_token=EOS_TOKEN,
+                            bos_token=EOS_TOKEN, unk_token=EOS_TOKEN).save_pretrained(target)
+    if config["sample_tokens"]:
+        text = sample_text(run, config)
+        log(f"  sample at the end: {text!r}")
+        emit("sample", epoch=run.epoch, text=text)
+
+
+# ===================================================================================================
+# Checkpoints and resume: save with rotation; resume only from the chain's own checkpoint, verified
+# ===================================================================================================
+def rng_state() -> dict:
+    """Every generator training draws from, as tensors and plain values: loads with weights_only=True."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "python": {"version": version, "internal": list(internal), "gauss": gauss}}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+    if state["cuda"] and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError, ValueError):  # a different GPU count: keep fresh CUDA RNGs
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_payload(run: Run, config: dict) -> dict:
+    return {
+        "kernel_format": CHECKPOINT_FORMAT,
+        "config": config,  # read first on resume: a checkpoint of another model shape is refused
+        "model": run.raw_model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "rng": rng_state(),
+        **{name: getattr(run, name) for name in Run.CHECKPOINTED},
+        "tokenizer_json": run.tokenizer_json, "vocab_size": run.vocab_size, "total_steps": run.total_steps,
+        "world_size": world_size(),
+    }
+
+
+def restore_checkpoint(run: Run, checkpoint: dict) -> None:
+    run.raw_model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    if run.scaler is not None and checkpoint["scaler"]:
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    for name in Run.CHECKPOINTED:
+        setattr(run, name, checkpoint[name])
+    set_rng_state(checkpoint["rng"])
+
+
+def save_torch(path: Path, payload: dict) -> None:
+    atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def save_checkpoint(run: Run, config: dict) -> str:
+    root = working_dir()
+    name = f"checkpoints/checkpoint_epoch{run.epoch}_step{run.global_step}.pt"
+    run.newest_checkpoint = name
+    run.last_saved_step = run.global_step
+    if not is_primary():
+        return name
+    save_torch(root / name, checkpoint_payload(run, config))
+    record_in_manifest(root, name, kind="checkpoint", global_step=run.global_step, epoch=run.epoch)
+    rotate_checkpoints(root, config["max_checkpoints"])
+    emit("checkpoint", path=name, global_step=run.global_step, epoch=run.epoch)
+    return name
+
+
+def rotate_checkpoints(root: Path, keep: int) -> None:
+    """Keep the `keep` newest checkpoints; best_model.pt lives outside checkpoints/ and is never touched."""
+    manifest = read_manifest(root)
+    ours = sorted(((info.get("global_step", -1), rel) for rel, info in manifest["files"].items()
+                   if info.get("kind") == "checkpoint"), reverse=True)
+    stale = [rel for _, rel in ours[keep:]]
+    for rel in stale:
+        with contextlib.suppress(FileNotFoundError):
+            (root / rel).unlink()
+    if stale:
+        drop_from_manifest(root, stale)
+
+
+def save_best_model(run: Run, config: dict, val_loss: float) -> None:
+    if not is_primary():
+        return
+    save_torch(working_dir() / BEST_MODEL_NAME, {
+        "kernel_format": CHECKPOINT_FORMAT, "model": run.raw_model.state_dict(), "config": config,
+        "global_step": run.global_step, "epoch": run.epoch, "val_loss": val_loss,
+        "tokenizer_json": run.tokenizer_json, "vocab_size": run.vocab_size,
+    })
+    record_in_manifest(working_dir(), BEST_MODEL_NAME, kind="best", global_step=run.global_step,
+                       epoch=run.epoch, val_loss=val_loss)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    path: Path
+    sha256: str
+    best_sha256: str | None  # best_model.pt beside it is restored only with this sha256 (or its manifest's)
+
+
+def dataset_folders(dataset: str) -> list[Path]:
+    """Where Kaggle mounts dataset owner/slug: <input>/datasets/<owner>/<slug>/ or <input>/<slug>/ (both seen
+    in 2026)."""
+    owner, _, slug = dataset.partition("/")
+    return [input_root() / "datasets" / owner / slug, input_root() / slug]
+
+
+def find_chain_checkpoint(chain: dict) -> ResumePoint:
+    """The chain's checkpoint, by exact name and sha256: in its dataset's folder first, then anywhere under
+    the input root. Other datasets are data: their manifests and checkpoints are never read."""
+    name, wanted = chain["file"], chain["sha256"]
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise KernelStop("resume_error", f"chain_checkpoint file {name!r} is not a plain file name")
+    root = input_root()
+    folders = dataset_folders(chain["dataset"])
+    candidates = [folder / name for folder in folders] + (sorted(root.rglob(name)) if root.is_dir() else [])
+    seen, mismatched = set(), []
+    for path in candidates:
+        if not path.is_file() or path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        if sha256_of(path) == wanted:
+            return ResumePoint(path, wanted, chain.get("best_sha256"))
+        mismatched.append(str(path))
+    found = []
+    for folder in folders:
+        if folder.is_dir():
+            checkpoints = sorted(p.name for p in folder.iterdir() if p.suffix == ".pt" and p.name != BEST_MODEL_NAME)
+            found.append(f"{folder} holds {', '.join(checkpoints) or 'no checkpoint'}")
+    if mismatched:
+        found.append(f"{', '.join(mismatched)} has another sha256")
+    raise KernelStop("resume_missing", (
+        f"the chain's checkpoint {name} (step {chain.get('global_step')}, sha256 {wanted[:12]}) from dataset "
+        f"{chain['dataset']} is not under {root}: "
+        + ("; ".join(found) if found else "that dataset is not attached")
+        + ". Kaggle mounts the dataset version current when the kernel was pushed, so a push right after an "
+          "upload can still see the previous version; push again once the new version is ready."))
+
+
+def find_resume_point(config: dict) -> ResumePoint | None:
+    """The chain's checkpoint when the launcher names one; else the user's resume_from_checkpoint (their own
+    config, so trusted); else None: train from scratch."""
+    if config.get("chain_checkpoint"):
+        return find_chain_checkpoint(config["chain_checkpoint"])
+    explicit = config.get("resume_from_checkpoint")
+    if not explicit:
+        return None
+    path = Path(explicit)
+    if not path.is_file():
+        raise KernelStop("config_error", f"resume_from_checkpoint {explicit!r} does not exist; attach the "
+                         "dataset that holds it, or remove the key to start from scratch")
+    return ResumePoint(path, sha256_of(path), None)
+
+
+SHAPE_KEYS = ("n_embd", "n_layer", "n_head", "max_length")
+
+
+def load_checkpoint(point: ResumePoint, config: dict) -> dict:
+    """The checkpoint as tensors and plain values (weights_only=True runs no pickled code), refused with a
+    clear message when it holds a model of another shape than the config's."""
+    try:
+        checkpoint = torch.load(point.path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise KernelStop("resume_error", f"cannot read checkpoint {point.path} ({type(exc).__name__}: "
+                         f"{str(exc)[:300]})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("kernel_format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("kernel_format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise KernelStop("resume_error", f"{point.path} is not a checkpoint this kernel can resume (format "
+                         f"{found}, expected {CHECKPOINT_FORMAT})")
+    saved = checkpoint.get("config") or {}
+    differences = [f"{key} {saved.get(key)} (config: {config[key]})" for key in SHAPE_KEYS
+                   if saved.get(key) != config[key]]
+    if saved.get("tokenizer") != config["tokenizer"] or (
+            config["tokenizer"] == "bpe" and saved.get("bpe_vocab_size") != config["bpe_vocab_size"]):
+        differences.append(f"vocabulary {saved.get('tokenizer')}/{saved.get('bpe_vocab_size')} "
+                           f"(config: {config['tokenizer']}/{config['bpe_vocab_size']})")
+    if differences:
+        raise KernelStop("resume_error", f"checkpoint {point.path.name} holds a model of another shape: "
+                         f"{', '.join(differences)}. A checkpoint resumes only into the same shape: put these "
+                         "keys back, or start a new run under another slug.")
+    log(f"Resuming from {point.path} (step {checkpoint['global_step']}, epoch {checkpoint['epoch']})")
+    return checkpoint
+
+
+def restore_best_model(point: ResumePoint) -> None:
+    """Carry best_model.pt from beside the verified checkpoint into this version's output, if it verifies."""
+    source, target = point.path.parent / BEST_MODEL_NAME, working_dir() / BEST_MODEL_NAME
+    if not is_primary() or not source.is_file() or target.exists():
+        return
+    info = read_manifest(point.path.parent)["files"].get(BEST_MODEL_NAME) or {}
+    wanted = point.best_sha256 or info.get("sha256")
+    if not wanted or sha256_of(source) != wanted:
+        log(f"Not restoring {source}: its sha256 does not match the chain's")
+        return
+    shutil.copyfile(source, target)
+    record_in_manifest(working_dir(), BEST_MODEL_NAME,
+                       **{"kind": "best", **{k: v for k, v in info.items() if k not in ("sha256", "size")}})
+
+
+# ===================================================================================================
+# Platform survival: the GPU check and the session event
+# ===================================================================================================
+def arch_supported(major: int, minor: int, arch_list: list[str]) -> bool:
+    """Whether torch's CUDA build runs on a device of this compute capability: a cubin for sm_XY runs on
+    sm_XZ with Z >= Y; PTX (compute_XY) is compiled for any device at or above XY."""
+    if not arch_list:
+        return True
+    for arch in arch_list:
+        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)[a-z]*", arch)
+        if not match:
+            continue
+        built = (int(match.group(2)), int(match.group(3)))
+        if (match.group(1) == "sm" and built[0] == major and built[1] <= minor) or (
+                match.group(1) == "compute" and built <= (major, minor)):
+            return True
+    return False
+
+
+def gpu_problem() -> str | None:
+    """Why this session has no GPU torch can use, or None. Kaggle sometimes gives a CPU, or a retired P100."""
+    if not torch.cuda.is_available():
+        return "no CUDA device: this session has only a CPU"
+    arch_list = torch.cuda.get_arch_list()
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        if not arch_supported(major, minor, arch_list):
+            return (f"{torch.cuda.get_device_name(index)} (sm_{major}{minor}), which torch {torch.__version__} "
+                    f"built for {', '.join(arch_list)} cannot use")
+    return None
+
+
+def check_gpu(config: dict) -> None:
+    """Stop at once without a usable GPU: a CPU would spend the whole session on a fraction of the work."""
+    if config.get("allow_cpu"):
+        return
+    emulated = os.environ.get("KAGGLE_RUNNER_EMULATED_GPU")
+    if emulated:
+        log(f"GPU: {emulated}, emulated on the CPU (KAGGLE_RUNNER_EMULATED_GPU, set by the local emulator)")
+        return
+    problem = gpu_problem()
+    if problem:
+        raise KernelStop("no_gpu", f"{problem}. This kernel asked for a GPU; set allow_cpu = true to train on "
+                         "whatever device the session has.")
+
+
+def announce_session() -> None:
+    """Who and what this session is: the launcher reads the session id (for cancel) from the container name."""
+    from importlib import metadata
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cuda = torch.cuda.is_available()
+    emit("session", container=os.environ.get("KAGGLE_CONTAINER_NAME"), python=platform.python_version(),
+         torch=str(torch.__version__), transformers=version("transformers"), datasets=version("datasets"),
+         gpu=torch.cuda.get_device_name(0) if cuda else None, gpu_count=torch.cuda.device_count() if cuda else 0,
+         emulated_gpu=os.environ.get("KAGGLE_RUNNER_EMULATED_GPU"))
+
+
 # ---------------------------------------------------------------------------------------------------
-# Model and precision
+# Processes: one per GPU (Kaggle's NvidiaTeslaT4 shape has two) with DistributedDataParallel.
+# Rank 0 alone logs and writes files; every rank trains on its share of each optimizer step.
 # ---------------------------------------------------------------------------------------------------
-def pick_device_and_dtype(prefer: str = "auto") -> tuple[torch.device, torch.dtype]:
-    if prefer != "cpu" and torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        # sm_75 (T4) reports bf16 as supported but emulates it slowly: decide by compute capability.
-        major, _ = torch.cuda.get_device_capability()
-        return torch.device("cuda", local_rank), torch.bfloat16 if major >= 8 else torch.float16
-    return torch.device("cpu"), torch.float32
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
-def build_model(config: dict, vocab_size: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    padded_vocab = (vocab_size + 63) // 64 * 64  # multiples of 64 keep the LM head's matmul on fast paths
-    model_config = GPT2Config(
-        vocab_size=padded_vocab, n_positions=config["max_length"], n_embd=config["n_embd"],
-        n_layer=config["n_layer"], n_head=config["n_head"], resid_pdrop=config["dropout"],
-        embd_pdrop=config["dropout"], attn_pdrop=config["dropout"], bos_token_id=vocab_size - 1,
-        eos_token_id=vocab_size - 1, tie_word_embeddings=True, attn_implementation="sdpa",
-        # GPT-2's tanh GELU as one fused kernel instead of gelu_new's five elementwise ops (same formula).
-        activation_function="gelu_pytorch_tanh",
-    )
-    torch.manual_seed(config["seed"])
-    return GPT2LMHeadModel(model_config)
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def prepare_model(config: dict, vocab_size: int, device: torch.device):
-    """The model on its device, with CPU dropout kernels where eager CPU training uses dropout."""
-    model = build_model(config, vocab_size).to(device)
-    if device.type == "cpu" and config["dropout"] > 0 and not compile_wanted(config, device):
-        use_cpu_dropout_kernels(model)
-    return model
+def is_primary() -> bool:
+    return rank() == 0
 
 
+def is_worker() -> bool:
+    """A process run_workers started (the parent already announced the session and checked the GPU)."""
+    return "KAGGLE_RUNNER_WORKER" in os.environ
+
+
+def wanted_processes(config: dict) -> int:
+    return int(config.get("world_size") or max(1, torch.cuda.device_count()))
+
+
+def can_start_workers() -> bool:
+    """Workers re-run this script, as torchrun would; a notebook has no script to re-run."""
+    script = sys.argv[0] if sys.argv else ""
+    return script.endswith(".py") and os.path.isfile(script) and "RANK" not in os.environ
+
+
+def run_workers(count: int) -> int:
+    """Start one process per rank, pass SIGTERM/SIGINT on to them, and return the first failure's code."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workers = [subprocess.Popen([sys.executable, os.path.abspath(sys.argv[0])],
+                                env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(count),
+                                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                     "KAGGLE_RUNNER_WORKER": "1"})
+               for r in range(count)]
+
+    def forward(signum, _frame):
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    failed_at = None
+    while any(w.poll() is None for w in workers):
+        if failed_at is None and any(w.poll() not in (None, 0) for w in workers):
+            failed_at = time.time()
+        if failed_at is not None and time.time() - failed_at > 10:
+            for worker in workers:  # the survivors would wait forever in a collective
+                if worker.poll() is None:
+                    worker.kill()
+        time.sleep(0.2)
+    codes = [w.returncode for w in workers]
+    return next((code for code in codes if code != 0), 0)
+
+
+# Decisions taken every step (whether to stop) travel over a gloo group of their own: over NCCL each would
+# need a CUDA tensor and a host sync (.item()) per step, stalling the GPU's queue.
+CONTROL_GROUP: dict = {"group": None}
+
+
+def init_distributed(device: torch.device) -> None:
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank(), world_size=world_size())
+        CONTROL_GROUP["group"] = dist.new_group(backend="gloo")
+
+
+def agree(value: int) -> int:
+    """The largest `value` any rank holds: every rank takes the same decision."""
+    if world_size() == 1:
+        return value
+    import torch.distributed as dist
+
+    flag = torch.tensor([value])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=CONTROL_GROUP["group"])
+    return int(flag.item())
+
+
+def share_tokenizer(tokenizer_json: str | None) -> str:
+    """Rank 0's tokenizer for every rank (a trained BPE must be the same everywhere)."""
+    import torch.distributed as dist
+
+    box = [tokenizer_json]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Signals and test switches: SIGTERM/SIGINT ask for a clean stop at the next step boundary
+# ---------------------------------------------------------------------------------------------------
+STOP_REQUEST: dict = {"signal": None}
+
+
+def install_signal_handlers() -> None:
+    def request_stop(signum, _frame):
+        STOP_REQUEST["signal"] = signal.Signals(signum).name
+        log(f"Received {STOP_REQUEST['signal']}: saving an emergency checkpoint at the end of this step")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+
+
+def simulated_oom(global_step: int) -> bool:
+    """Test switch: KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP=N raises OOM once at step N; 'N+' at every try from N."""
+    spec = os.environ.get("KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP", "")
+    if not spec:
+        return False
+    always = spec.endswith("+")
+    step = int(spec.rstrip("+"))
+    if always:
+        return global_step >= step
+    if global_step == step and not STOP_REQUEST.get("oom_simulated"):
+        STOP_REQUEST["oom_simulated"] = True
+        return True
+    return False
+
+
+def simulated_nan(global_step: int) -> bool:
+    """Test switch: KAGGLE_RUNNER_SIMULATE_NAN_AT_STEP=N makes the loss NaN from step N on."""
+    spec = os.environ.get("KAGGLE_RUNNER_SIMULATE_NAN_AT_STEP", "")
+    return bool(spec) and global_step >= int(spec)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files: atomic writes, checksums, the manifest, run_state.json
+# ---------------------------------------------------------------------------------------------------
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temp file, fsync, rename: a kill mid-write never leaves a torn `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide outputs from other users of the folder
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_json(path: Path, data) -> None:
+    atomic_write(path, lambda h: h.write(json.dumps(data, indent=2, default=float).encode()))
+
+
+def read_manifest(root: Path) -> dict:
+    path = root / MANIFEST_NAME
+    if path.exists():
+        try:
+            manifest = json.loads(path.read_text())
+            if manifest.get("kaggle_runner_manifest") == MANIFEST_FORMAT and isinstance(manifest.get("files"), dict):
+                return manifest
+        except (OSError, ValueError):
+            pass
+    return {"kaggle_runner_manifest": MANIFEST_FORMAT, "files": {}}
+
+
+def record_in_manifest(root: Path, relpath: str, **info) -> None:
+    manifest = read_manifest(root)
+    file = root / relpath
+    manifest["files"][relpath] = {"sha256": sha256_of(file), "size": file.stat().st_size, **info}
+    write_json(root / MANIFEST_NAME, manifest)
+
+
+def drop_from_manifest(root: Path, relpaths) -> None:
+    manifest = read_manifest(root)
+    for relpath in relpaths:
+        manifest["files"].pop(relpath, None)
+    write_json(root / MANIFEST_NAME, manifest)
+
+
+def write_run_state(status: str, reason: str, run: Run | None, message: str) -> None:
+    if not is_primary():
+        return
+    write_json(working_dir() / RUN_STATE_NAME, {
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "global_step": run.global_step if run else 0,
+        "total_steps": run.total_steps if run else None,
+        "epoch": run.epoch if run else 1,
+        "newest_checkpoint": run.newest_checkpoint if run else None,
+        "best_val_loss": run.best_val_loss if run else None,
+        "resumed_from": run.resumed_from if run else None,
+        "updated_at": time.time(),
+    })
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU speedups: dropout and attention kernels for eager training on a CPU
+# ---------------------------------------------------------------------------------------------------
 # On CPU, torch draws dropout masks with bernoulli_, one draw per element, and its fused attention kernel
 # has no dropout, so attention with attn_pdrop > 0 falls back to SDPA's math path. Measured on the tiny
 # preset (2 cores), bernoulli_ took a fifth of the step; one 64-bit draw split into four 16-bit numbers is
@@ -582,458 +1308,11 @@ def use_cpu_dropout_kernels(model) -> None:
                 setattr(parent, name, CpuDropout(child.p))
 
 
-def count_parameters(model) -> dict:
-    total = sum(p.numel() for p in model.parameters())  # tied LM head counted once
-    embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
-    return {"total": total, "without_embeddings": total - embeddings}
-
-
-def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Next-token loss; labels are the inputs shifted once, here and nowhere else."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(input_ids=inputs).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-
-
-class LossModule(torch.nn.Module):
-    """The model and its loss as one module: what DDP wraps and torch.compile compiles.
-
-    The logits (micro-batch x length x 50k vocabulary) are the step's largest tensor. Left outside the compiled
-    graph, the fp32 upcast, softmax and their backward ran as separate eager kernels: 40 of the 57 ms of GPU
-    time per seed-shape step on an H100. Inside it, inductor fuses them into a few passes over the logits.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return lm_loss(self.model, batch)
-
-
-def build_optimizer(model, config: dict, device: torch.device):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config["weight_decay"]},
-              {"params": no_decay, "weight_decay": 0.0}]
-    try:  # fused AdamW: one kernel for all parameters, on CUDA and (torch >= 2.4) on CPU
-        return torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(0.9, 0.95), fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(0.9, 0.95))
-
-
-def build_scheduler(optimizer, config: dict, total_steps: int):
-    warmup, floor = config["warmup_steps"], config["min_lr_ratio"]
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def compile_wanted(config: dict, device: torch.device) -> bool:
-    return config["compile"] == "on" or (config["compile"] == "auto" and device.type == "cuda")
-
-
-def maybe_compile(model, config: dict, device: torch.device):
-    if not compile_wanted(config, device):
-        return model
-    try:
-        return torch.compile(model)
-    except Exception as exc:
-        log(f"torch.compile unavailable ({type(exc).__name__}: {exc}); training uncompiled")
-        return model
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints: save with rotation, find the newest valid one, load
-# ---------------------------------------------------------------------------------------------------
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError, ValueError):  # a different GPU count: keep fresh CUDA RNGs
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_torch(path: Path, payload: dict) -> None:
-    atomic_write(path, lambda handle: torch.save(payload, handle))
-
-
-def save_checkpoint(run: dict, config: dict) -> str:
-    root = working_dir()
-    name = f"checkpoints/checkpoint_epoch{run['epoch']}_step{run['global_step']}.pt"
-    run["newest_checkpoint"] = name
-    run["last_saved_step"] = run["global_step"]
-    if not is_primary():
-        return name
-    save_torch(root / name, {
-        "kernel_format": KERNEL_FORMAT,
-        "model": run["raw_model"].state_dict(),
-        "optimizer": run["optimizer"].state_dict(),
-        "scheduler": run["scheduler"].state_dict(),
-        "scaler": run["scaler"].state_dict() if run["scaler"] is not None else None,
-        "epoch": run["epoch"], "global_step": run["global_step"], "position": run["position"],
-        "micro_batch_size": run["micro_batch_size"], "accumulation": run["accumulation"],
-        "best_val_loss": run["best_val_loss"], "history": run["history"], "rng": rng_state(),
-        "config": config, "tokenizer_json": run["tokenizer_json"], "vocab_size": run["vocab_size"],
-        "total_steps": run["total_steps"], "world_size": world_size(),
-    })
-    record_in_manifest(root, name, kind="checkpoint", global_step=run["global_step"], epoch=run["epoch"])
-    rotate_checkpoints(root, config["max_checkpoints"])
-    emit("checkpoint", path=name, global_step=run["global_step"], epoch=run["epoch"])
-    return name
-
-
-def rotate_checkpoints(root: Path, keep: int) -> None:
-    """Keep the `keep` newest checkpoints; best_model.pt lives outside checkpoints/ and is never touched."""
-    manifest = read_manifest(root)
-    ours = sorted(((info.get("global_step", -1), rel) for rel, info in manifest["files"].items()
-                   if info.get("kind") == "checkpoint"), reverse=True)
-    stale = [rel for _, rel in ours[keep:]]
-    for rel in stale:
-        with contextlib.suppress(FileNotFoundError):
-            (root / rel).unlink()
-    if stale:
-        drop_from_manifest(root, stale)
-
-
-def save_best_model(run: dict, config: dict, val_loss: float) -> None:
-    if not is_primary():
-        return
-    save_torch(working_dir() / "best_model.pt", {
-        "kernel_format": KERNEL_FORMAT, "model": run["raw_model"].state_dict(), "config": config,
-        "global_step": run["global_step"], "epoch": run["epoch"], "val_loss": val_loss,
-        "tokenizer_json": run["tokenizer_json"], "vocab_size": run["vocab_size"],
-    })
-    record_in_manifest(working_dir(), "best_model.pt", kind="best", global_step=run["global_step"],
-                       epoch=run["epoch"], val_loss=val_loss)
-
-
-def checkpoint_candidates(root: Path) -> list[tuple[int, Path, dict]]:
-    """Checkpoints listed in any kaggle-runner manifest under `root`, newest first."""
-    found = []
-    for manifest_path in sorted(root.rglob(MANIFEST_NAME)) if root.is_dir() else []:
-        manifest = read_manifest(manifest_path.parent)
-        for rel, info in manifest["files"].items():
-            if info.get("kind") == "checkpoint":
-                found.append((info.get("global_step", -1), manifest_path.parent / rel, info))
-    return sorted(found, key=lambda item: item[0], reverse=True)
-
-
-def find_resume_checkpoint(config: dict) -> Path | None:
-    explicit = config.get("resume_from_checkpoint")
-    if explicit:
-        path = Path(explicit)
-        if not path.exists():
-            raise KernelStop("config_error", f"resume_from_checkpoint {explicit!r} does not exist; attach the "
-                             "dataset that holds it, or remove the key to resume automatically")
-        return path
-    for step, path, info in checkpoint_candidates(input_root()):
-        if path.exists() and path.stat().st_size == info.get("size") and sha256_of(path) == info["sha256"]:
-            return path
-        log(f"Skipping checkpoint {path} (step {step}): missing or its checksum does not match the manifest")
-    return None
-
-
-def restore_best_model(source_checkpoint: Path) -> None:
-    """Carry best_model.pt from the attached dataset into this version's output, if it verifies."""
-    manifest = read_manifest(source_checkpoint.parent)
-    info = manifest["files"].get("best_model.pt")
-    source = source_checkpoint.parent / "best_model.pt"
-    target = working_dir() / "best_model.pt"
-    if is_primary() and info and source.exists() and not target.exists() and sha256_of(source) == info["sha256"]:
-        shutil.copyfile(source, target)
-        record_in_manifest(working_dir(), "best_model.pt", **{k: v for k, v in info.items()
-                                                              if k not in ("sha256", "size")})
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation and samples
-# ---------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(run: dict, config: dict) -> float:
-    """Mean loss over a fixed subset of the validation split (the same windows every time)."""
-    model, device = run["model"], run["device"]
-    model.eval()
-    length, batch = config["max_length"], run["micro_batch_size"]
-    n_windows = min(run["data"]["validation_windows"], config["eval_batches"] * config["batch_size"])
-    losses, weights = [], []
-    for start in range(0, n_windows, batch):
-        ids = range(start, min(start + batch, n_windows))
-        windows = gather_windows(run["data"]["validation"], ids, length).to(device, non_blocking=True)
-        with run["autocast"]():
-            losses.append(model(windows).float().item())
-        weights.append(len(ids))
-    model.train()
-    return float(np.average(losses, weights=weights))
-
-
-@torch.no_grad()
-def sample_text(run: dict, config: dict) -> str:
-    """Continue sample_prompt; runs on its own RNG so training draws the same numbers with or without it."""
-    tokenizer, model, device = run["data"]["tokenizer"], run["raw_model"], run["device"]
-    ids = tokenizer.encode(config["sample_prompt"]).ids or [tokenizer.token_to_id(EOS_TOKEN)]
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(config["seed"])
-        model.eval()
-        tokens = torch.tensor([ids], device=device)
-        for _ in range(config["sample_tokens"]):
-            logits = model(input_ids=tokens[:, -config["max_length"]:]).logits[0, -1, :run["vocab_size"]]
-            top = torch.topk(logits.float(), k=min(40, logits.numel()))
-            choice = top.indices[torch.multinomial(F.softmax(top.values / 0.8, dim=-1), 1)]
-            tokens = torch.cat([tokens, choice.view(1, 1)], dim=1)
-        model.train()
-    return tokenizer.decode(tokens[0].tolist())
-
-
-# ---------------------------------------------------------------------------------------------------
-# Interruption: SIGTERM/SIGINT ask for a clean stop at the next step boundary
-# ---------------------------------------------------------------------------------------------------
-STOP_REQUEST = {"signal": None}
-
-
-def install_signal_handlers() -> None:
-    def request_stop(signum, _frame):
-        STOP_REQUEST["signal"] = signal.Signals(signum).name
-        log(f"Received {STOP_REQUEST['signal']}: saving an emergency checkpoint at the end of this step")
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, request_stop)
-
-
-def simulated_oom(global_step: int) -> bool:
-    """Test switch: KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP=N raises OOM once at step N; 'N+' at every try from N."""
-    spec = os.environ.get("KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP", "")
-    if not spec:
-        return False
-    always = spec.endswith("+")
-    step = int(spec.rstrip("+"))
-    if always:
-        return global_step >= step
-    if global_step == step and not STOP_REQUEST.get("oom_simulated"):
-        STOP_REQUEST["oom_simulated"] = True
-        return True
-    return False
-
-
-# ---------------------------------------------------------------------------------------------------
-# The training loop
-# ---------------------------------------------------------------------------------------------------
-def optimizer_step(run: dict, config: dict) -> float:
-    """One optimizer step over batch_size * gradient_accumulation_steps windows.
-
-    On out-of-memory the step starts over with half the micro-batch and twice the accumulation, so the
-    effective batch, and the windows it covers, stay the same.
-    """
-    data, device, length = run["data"], run["device"], config["max_length"]
-    windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
-    order = run["order"][run["position"]:run["position"] + windows_per_step]
-    share = windows_per_step // world_size()
-    mine = order[rank() * share:(rank() + 1) * share]
-    while True:
-        micro = run["micro_batch_size"]
-        chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
-        run["accumulation"] = len(chunks)
-        try:
-            run["optimizer"].zero_grad(set_to_none=True)
-            total = torch.zeros((), device=device)
-            for i, ids in enumerate(chunks):
-                if simulated_oom(run["global_step"] + 1) and i == 0:
-                    raise torch.OutOfMemoryError("simulated CUDA out of memory (KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP)")
-                if run.get("ddp") is not None:  # gradients cross processes once per optimizer step
-                    run["ddp"].require_backward_grad_sync = i == len(chunks) - 1
-                batch = gather_windows(data["train"], ids, length)
-                if device.type == "cuda":
-                    batch = batch.pin_memory()
-                batch = batch.to(device, non_blocking=True)
-                with run["autocast"]():
-                    loss = run["model"](batch) / (len(mine) / len(ids))
-                if run["scaler"] is not None:
-                    run["scaler"].scale(loss).backward()
-                else:
-                    loss.backward()
-                total += loss.detach()
-            break
-        except torch.OutOfMemoryError as exc:
-            run["optimizer"].zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if run["micro_batch_size"] == 1:
-                raise KernelStop("out_of_memory", f"out of memory at micro-batch 1 ({exc}); reduce max_length, "
-                                 "n_embd or n_layer") from None
-            run["micro_batch_size"] //= 2
-            run["accumulation"] = math.ceil(len(mine) / run["micro_batch_size"])
-            log(f"Out of memory at step {run['global_step'] + 1}: micro-batch now {run['micro_batch_size']}, "
-                f"accumulation {run['accumulation']} (effective batch unchanged); retrying the step")
-            emit("oom", global_step=run["global_step"] + 1, micro_batch_size=run["micro_batch_size"],
-                 accumulation=run["accumulation"])
-    if run["scaler"] is not None:
-        run["scaler"].unscale_(run["optimizer"])
-    torch.nn.utils.clip_grad_norm_(run["raw_model"].parameters(), config["max_grad_norm"])
-    if run["scaler"] is not None:
-        run["scaler"].step(run["optimizer"])
-        run["scaler"].update()
-    else:
-        run["optimizer"].step()
-    run["scheduler"].step()
-    run["position"] += windows_per_step
-    run["global_step"] += 1
-    return total  # a device tensor: read it only at log steps, to avoid a host sync every step
-
-
-def record_evaluation(run: dict, config: dict, train_loss: float | None) -> None:
-    val_loss = evaluate(run, config)
-    elapsed = time.time() - run["segment_started"]
-    entry = {"step": run["global_step"], "epoch": run["epoch"], "train_loss": train_loss, "val_loss": val_loss,
-             "perplexity": math.exp(min(val_loss, 50)), "lr": run["scheduler"].get_last_lr()[0],
-             "tokens_per_second": run["tokens_this_segment"] / max(elapsed, 1e-9),
-             "wall_time": run["wall_time_before"] + elapsed}
-    run["history"].append(entry)
-    if is_primary():
-        write_json(working_dir() / HISTORY_NAME, run["history"])
-    log(f"  eval  step {entry['step']:>6}  val loss {val_loss:.4f}  perplexity {entry['perplexity']:.2f}")
-    emit("eval", **entry)
-    if run["best_val_loss"] is None or val_loss < run["best_val_loss"]:
-        run["best_val_loss"] = val_loss
-        save_best_model(run, config, val_loss)
-
-
-def log_progress(run: dict, config: dict, loss: float) -> None:
-    elapsed = time.time() - run["segment_started"]
-    tokens_per_second = run["tokens_this_segment"] / max(elapsed, 1e-9)
-    remaining = (run["total_steps"] - run["global_step"]) * run["tokens_per_step"] / max(tokens_per_second, 1e-9)
-    memory = torch.cuda.max_memory_allocated() / 2**20 if run["device"].type == "cuda" else None
-    log(f"step {run['global_step']:>6}/{run['total_steps']}  epoch {run['epoch']}  loss {loss:.4f}  "
-        f"lr {run['scheduler'].get_last_lr()[0]:.2e}  {tokens_per_second:,.0f} tok/s"
-        + (f"  gpu {memory:,.0f} MiB" if memory is not None else ""))
-    emit("progress", global_step=run["global_step"], total_steps=run["total_steps"], epoch=run["epoch"],
-         loss=loss, lr=run["scheduler"].get_last_lr()[0], tokens_per_second=tokens_per_second,
-         eta_seconds=remaining, gpu_memory_mb=memory)
-
-
-STOP_REASONS = (None, "time_budget", "interrupted")
-
-
-def agreed_stop_reason(run: dict) -> str | None:
-    """A stop every rank takes at the same step (the signal or deadline may reach them at different times)."""
-    return STOP_REASONS[agree(STOP_REASONS.index(stop_reason(run)))]
-
-
-def stop_reason(run: dict) -> str | None:
-    if STOP_REQUEST["signal"]:
-        return "interrupted"
-    if time.time() >= run["deadline"]:
-        return "time_budget"
-    # Test switch: behave as if the time budget ran out right after step N (same path as the real one).
-    budget_step = os.environ.get("KAGGLE_RUNNER_TIME_BUDGET_AT_STEP")
-    if budget_step and run["global_step"] >= int(budget_step):
-        return "time_budget"
-    return None
-
-
-def train(run: dict, config: dict) -> str:
-    """Runs until training completes ('complete') or a stop is requested (the reason)."""
-    windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
-    last_loss = None
-    while run["global_step"] < run["total_steps"]:
-        reason = agreed_stop_reason(run)
-        if reason:
-            return reason
-        if run["position"] + windows_per_step > len(run["order"]):  # epoch end: leftover windows wait
-            record_evaluation(run, config, last_loss)
-            if config["sample_tokens"] and is_primary():
-                text = sample_text(run, config)
-                log(f"  sample after epoch {run['epoch']}: {text!r}")
-                emit("sample", epoch=run["epoch"], text=text)
-            run["epoch"] += 1
-            run["position"] = 0
-            run["order"] = epoch_order(config["seed"], run["epoch"], run["data"]["train_windows"])
-            continue
-        try:
-            loss = optimizer_step(run, config)
-        except (KernelStop, torch.OutOfMemoryError):
-            raise
-        except Exception as exc:
-            if run["model"] is run["eager_model"]:
-                raise
-            # torch.compile fails lazily, at the first step: fall back to eager and redo the step.
-            log(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:300]}); training uncompiled")
-            run["model"] = run["eager_model"]
-            continue
-        run["tokens_this_segment"] += run["tokens_per_step"]
-        step = run["global_step"]
-        if step % config["log_steps"] == 0 or step == run["total_steps"]:
-            last_loss = float(loss)
-            log_progress(run, config, last_loss)
-        if step % config["eval_steps"] == 0 and step < run["total_steps"]:
-            record_evaluation(run, config, float(loss))
-        if step % config["save_steps"] == 0:
-            save_checkpoint(run, config)
-    record_evaluation(run, config, last_loss)
-    return "complete"
-
-
-def finish(run: dict, config: dict) -> None:
-    """final_model/ in Hugging Face format: loads with AutoModelForCausalLM and AutoTokenizer."""
-    from transformers import PreTrainedTokenizerFast
-
-    if not is_primary():
-        return
-    target = working_dir() / "final_model"
-    run["raw_model"].save_pretrained(target)
-    PreTrainedTokenizerFast(tokenizer_object=run["data"]["tokenizer"], eos_token=EOS_TOKEN,
-                            bos_token=EOS_TOKEN, unk_token=EOS_TOKEN).save_pretrained(target)
-    if config["sample_tokens"]:
-        text = sample_text(run, config)
-        log(f"  sample at the end: {text!r}")
-        emit("sample", epoch=run["epoch"], text=text)
-
-
-def build_training(config: dict, data: dict, raw_model, device: torch.device, dtype: torch.dtype,
-                   total_steps: int) -> dict:
-    """Optimizer, schedule, precision and the run's counters: what optimizer_step needs (bench uses it too)."""
-    optimizer = build_optimizer(raw_model, config, device)
-    loss_module = LossModule(raw_model)
-    scheduler = build_scheduler(optimizer, config, total_steps)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    if device.type == "cuda":
-        def autocast():
-            return torch.autocast("cuda", dtype=dtype)
-    else:
-        autocast = contextlib.nullcontext
-    windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
-    return {"data": data, "device": device, "raw_model": raw_model, "optimizer": optimizer,
-            "scheduler": scheduler, "scaler": scaler, "autocast": autocast, "total_steps": total_steps,
-            "tokenizer_json": data.get("tokenizer_json"), "vocab_size": raw_model.config.vocab_size,
-            "epoch": 1, "global_step": 0, "position": 0, "micro_batch_size": config["batch_size"],
-            "accumulation": config["gradient_accumulation_steps"], "best_val_loss": None, "history": [],
-            "newest_checkpoint": None, "last_saved_step": None, "tokens_this_segment": 0,
-            "tokens_per_step": windows_per_step * config["max_length"], "wall_time_before": 0.0,
-            "segment_started": time.time(), "deadline": float("inf"), "model": loss_module,
-            "eager_model": loss_module, "ddp": None}
-
-
-def setup_run(config: dict, started: float) -> dict:
-    resume_path = find_resume_checkpoint(config)
-    checkpoint = None
-    if resume_path is not None:
-        try:
-            checkpoint = torch.load(resume_path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise KernelStop("resume_error", f"cannot read checkpoint {resume_path}: {exc}") from None
-        log(f"Resuming from {resume_path} (step {checkpoint['global_step']}, epoch {checkpoint['epoch']})")
-
+# ===================================================================================================
+# main: one session. Check the platform, set up (resume, data, model), train, and end in one place.
+# ===================================================================================================
+def setup_run(config: dict, started: float, resume: ResumePoint | None) -> Run:
+    checkpoint = load_checkpoint(resume, config) if resume else None  # before any data work
     device, dtype = pick_device_and_dtype()
     init_distributed(device)
     saved_tokenizer = checkpoint["tokenizer_json"] if checkpoint else None
@@ -1062,87 +1341,93 @@ def setup_run(config: dict, started: float) -> dict:
         total_steps = min(total_steps, config["max_steps"])
 
     run = build_training(config, data, raw_model, device, dtype, total_steps)
-    run["deadline"] = started + config["session_timeout_seconds"] - config["safety_margin_seconds"]
-    optimizer, scheduler, scaler = run["optimizer"], run["scheduler"], run["scaler"]
+    run.deadline = started + config["session_timeout_seconds"] - config["safety_margin_seconds"]
+    run.vocab_size = vocab_size  # the tokenizer's, not the padded embedding's
     if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        for key in ("epoch", "global_step", "position", "best_val_loss", "history"):
-            run[key] = checkpoint[key]
-        # A micro-batch halved by an out-of-memory error stays halved: the same effective batch either way.
-        run["micro_batch_size"] = checkpoint["micro_batch_size"]
-        run["accumulation"] = checkpoint["accumulation"]
-        run["wall_time_before"] = run["history"][-1]["wall_time"] if run["history"] else 0.0
-        set_rng_state(checkpoint["rng"])
-        restore_best_model(resume_path)
-        if run["history"] and is_primary():
-            write_json(working_dir() / HISTORY_NAME, run["history"])
+        restore_checkpoint(run, checkpoint)
+        run.order = epoch_order(config["seed"], run.epoch, data["train_windows"])
+        run.wall_time_before = run.history[-1]["wall_time"] if run.history else 0.0
+        run.resumed_from = {"file": resume.path.name, "sha256": resume.sha256, "global_step": run.global_step}
+        restore_best_model(resume)
+        if run.history and is_primary():
+            write_json(working_dir() / HISTORY_NAME, run.history)
+    run.first_step = run.global_step
     if not is_primary():  # different dropout masks on each rank's share of the batch
-        torch.manual_seed(config["seed"] + 7919 * rank() + run["global_step"])
-    run["vocab_size"] = vocab_size  # the tokenizer's, not the padded embedding's
-    run["order"] = epoch_order(config["seed"], run["epoch"], data["train_windows"])
+        torch.manual_seed(config["seed"] + 7919 * rank() + run.global_step)
     if world_size() > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        run["ddp"] = DistributedDataParallel(run["eager_model"], device_ids=device_ids)
-        run["eager_model"] = run["ddp"]
-    run["model"] = maybe_compile(run["eager_model"], config, device)
+        run.ddp = DistributedDataParallel(run.eager_model, device_ids=device_ids)
+        run.eager_model = run.ddp
+    run.model = maybe_compile(run.eager_model, config, device)
     raw_model.train()
-    emit("start", total_steps=total_steps, global_step=run["global_step"], epoch=run["epoch"],
+    emit("start", total_steps=total_steps, global_step=run.global_step, epoch=run.epoch,
          parameters=counts["total"], parameters_without_embeddings=counts["without_embeddings"],
-         device=str(device), dtype=str(dtype), resumed_from=str(resume_path) if resume_path else None,
-         steps_per_epoch=steps_per_epoch, world_size=world_size())
+         device=str(device), dtype=str(dtype), resumed_from=run.resumed_from, steps_per_epoch=steps_per_epoch,
+         world_size=world_size())
     return run
 
 
 def main(config: dict) -> int:
     started = time.time()
+    if is_primary() and not is_worker():
+        announce_session()
     log(f"kaggle-runner kernel: {config['title']} | python {sys.version.split()[0]} | "
         f"inputs {input_root()} | outputs {working_dir()}")
-    run: dict = {}
+    run: Run | None = None
     try:
+        if not is_worker():
+            check_gpu(config)
         processes = wanted_processes(config)
         windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
         if windows_per_step % processes:
             raise KernelStop("config_error", f"batch_size x gradient_accumulation_steps = {windows_per_step} windows "
                              f"per step cannot be shared evenly by {processes} processes; make it a multiple")
+        resume = find_resume_point(config)  # before data and model: a missing checkpoint stops in seconds
         if processes > 1 and can_start_workers():
             log(f"Starting {processes} training processes (DistributedDataParallel)")
-            return run_workers(processes)
+            return run_workers(processes)  # rank 0 ends the session: run_state.json, the end event
         if processes > 1 and "RANK" not in os.environ:
             log(f"{processes} devices, but a notebook cannot start worker processes: training on one")
         install_signal_handlers()
-        run = setup_run(config, started)
-        outcome = train(run, config)
-        if outcome == "complete":
+        run = setup_run(config, started, resume)
+        reason = train(run, config)
+        if reason == "complete":
             finish(run, config)
-            if run["last_saved_step"] != run["global_step"]:
-                save_checkpoint(run, config)
-            write_run_state("complete", "complete", run)
-            emit("end", status="complete", global_step=run["global_step"], epoch=run["epoch"])
-            log(f"Training complete at step {run['global_step']}.")
-            return 0
-        if run["last_saved_step"] != run["global_step"]:
-            save_checkpoint(run, config)
-        write_run_state("incomplete", outcome, run, message=f"stopped by {outcome} at step {run['global_step']}")
-        emit("end", status="incomplete", reason=outcome, global_step=run["global_step"], epoch=run["epoch"])
-        log(f"Stopped ({outcome}) at step {run['global_step']} of {run['total_steps']}; "
-            f"resume from {run['newest_checkpoint']}.")
-        return 0
+        message, exit_code = "", 0
     except KernelStop as stop:
-        log(f"ERROR ({stop.reason}): {stop}")
-        if run.get("global_step") and run.get("last_saved_step") != run["global_step"]:
-            with contextlib.suppress(Exception):
-                save_checkpoint(run, config)
-        write_run_state("incomplete", stop.reason, run, message=str(stop))
-        emit("end", status="incomplete", reason=stop.reason, global_step=run.get("global_step", 0))
-        return stop.exit_code
+        reason, message, exit_code = stop.reason, str(stop), stop.exit_code
+        log(f"ERROR ({reason}): {message}")
     except Exception as exc:
         traceback.print_exc()
-        write_run_state("incomplete", "error", run, message=f"{type(exc).__name__}: {exc}")
-        emit("end", status="incomplete", reason="error", global_step=run.get("global_step", 0))
-        return 1
+        reason, message, exit_code = "error", f"{type(exc).__name__}: {exc}", 1
+
+    # The one ending: a checkpoint of the last finite step unless it is saved already (not after an unexpected
+    # error, whose state may be half-updated, nor after divergence), then run_state.json and the end event.
+    if run is not None and reason not in ("error", "diverged") and run.last_saved_step != run.global_step \
+            and run.global_step > 0:
+        in_a_row, longest = run.nonfinite.tolist()
+        if longest >= DIVERGENCE_STEPS:
+            reason, exit_code = "diverged", 1
+            message = f"the training loss was not finite for {longest} optimizer steps in a row"
+        if in_a_row > 0:
+            log(f"Not saving a checkpoint at step {run.global_step}: its loss is not finite")
+        else:
+            try:
+                save_checkpoint(run, config)
+            except Exception as exc:
+                traceback.print_exc()
+                if exit_code == 0:
+                    reason, message, exit_code = "error", f"saving the last checkpoint failed: {exc}", 1
+    status = "complete" if reason == "complete" else "incomplete"
+    step = run.global_step if run else 0
+    if status == "complete":
+        log(f"Training complete at step {step}.")
+    elif exit_code == 0:
+        message = f"stopped by {reason} at step {step}"
+        log(f"Stopped ({reason}) at step {step} of {run.total_steps if run else '?'}; "
+            f"resume from {run.newest_checkpoint if run else None}.")
+    write_run_state(status, reason, run, message)
+    emit("end", status=status, reason=reason, global_step=step, epoch=run.epoch if run else 1)
+    return exit_code

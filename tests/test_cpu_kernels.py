@@ -82,8 +82,18 @@ def test_what_torch_compile_sees_includes_the_loss():
         return graph_module.forward
 
     batch = kernel.gather_windows(data["train"], range(2), config.max_length)
-    loss = torch.compile(run["eager_model"], backend=recording_backend)(batch)
+    loss = torch.compile(run.eager_model, backend=recording_backend)(batch)
     assert loss.dim() == 0
     assert any("cross_entropy" in op for op in traced_ops), sorted(traced_ops)
     torch.manual_seed(0)
-    assert torch.equal(run["eager_model"].eval()(batch), kernel.lm_loss(model.eval(), batch))
+    assert torch.equal(run.eager_model.eval()(batch), kernel.lm_loss(model.eval(), batch))
+
+
+def test_gpu_check_knows_which_devices_torch_can_run_on():
+    current = ["sm_75", "sm_80", "sm_86", "sm_90", "compute_90"]  # a torch 2.x CUDA 12 build
+    assert not kernel.arch_supported(6, 0, current)  # P100: retired from the build
+    assert kernel.arch_supported(7, 5, current)  # T4
+    assert kernel.arch_supported(8, 9, current)  # L4 runs sm_86 cubins
+    assert kernel.arch_supported(10, 0, current)  # newer than the build: PTX is compiled for it
+    assert not kernel.arch_supported(10, 0, ["sm_75", "sm_80"])
+    assert kernel.arch_supported(9, 0, ["sm_90a"])

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.kernel_helpers import render, run_kernel
-from tests.test_kernel import _resume_input
+from tests.kernel_helpers import attach_checkpoint, render, run_kernel
 
 pytestmark = pytest.mark.slow
 
@@ -18,10 +17,11 @@ def test_two_processes_share_each_step_and_only_rank_zero_writes(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:]
     assert "Starting 2 training processes" in run.stdout
     assert len(run.events("end")) == 1 and len(run.events("start")) == 1  # one voice in the log
+    assert len(run.events("session")) == 1
     assert run.events("start")[0]["world_size"] == 2
     state = run.run_state()
     assert state["status"] == "complete" and state["global_step"] == 12
-    checkpoint = torch.load(run.working / state["newest_checkpoint"], weights_only=False)
+    checkpoint = torch.load(run.working / state["newest_checkpoint"], weights_only=True)
     # Each rank takes half of every step's 8 x 2 windows: the effective batch is the config's.
     assert checkpoint["world_size"] * checkpoint["micro_batch_size"] * checkpoint["accumulation"] == 16
     history = json.loads((run.working / "training_history.json").read_text())
@@ -31,20 +31,23 @@ def test_two_processes_share_each_step_and_only_rank_zero_writes(tmp_path):
 
 
 def test_checkpoints_move_between_two_processes_and_one(tmp_path):
-    two = render(tmp_path / "two", ["world_size=2"])
-    one = render(tmp_path / "one", ["world_size=1"])
-    first = run_kernel(two, tmp_path / "first", env={"KAGGLE_RUNNER_TIME_BUDGET_AT_STEP": "8"})
-    assert first.run_state()["global_step"] == 8, first.stdout[-2000:]
-    _resume_input(first.working, tmp_path / "in1")
-    second = run_kernel(one, tmp_path / "second", input_dir=tmp_path / "in1",
-                        env={"KAGGLE_RUNNER_TIME_BUDGET_AT_STEP": "16"})
-    assert second.events("start")[0]["global_step"] == 8 and second.events("start")[0]["world_size"] == 1
+    """Also the chain's two mount layouts: <input>/<slug>/ and <input>/datasets/<owner>/<slug>/."""
+    first = run_kernel(render(tmp_path / "a", ["world_size=2", "segment_steps=8"]), tmp_path / "first")
+    assert first.run_state()["reason"] == "step_budget" and first.run_state()["global_step"] == 8, \
+        first.stdout[-2000:]
+    chain = attach_checkpoint(first.working, tmp_path / "in1", layout="legacy")
+    second = run_kernel(render(tmp_path / "b", ["world_size=1", "segment_steps=8"], chain), tmp_path / "second",
+                        input_dir=tmp_path / "in1")
+    start = second.events("start")[0]
+    assert start["global_step"] == 8 and start["world_size"] == 1 and start["resumed_from"]["global_step"] == 8
     assert second.run_state()["global_step"] == 16, second.stdout[-2000:]
-    _resume_input(second.working, tmp_path / "in2")
-    third = run_kernel(two, tmp_path / "third", input_dir=tmp_path / "in2")
+    chain = attach_checkpoint(second.working, tmp_path / "in2", layout="datasets")
+    third = run_kernel(render(tmp_path / "c", ["world_size=2"], chain), tmp_path / "third",
+                       input_dir=tmp_path / "in2")
     assert third.returncode == 0, third.stdout[-2000:]
-    assert third.events("start")[0]["global_step"] == 16
+    assert third.events("start")[0]["global_step"] == 16 and len(third.events("session")) == 1
     assert third.run_state()["status"] == "complete" and third.run_state()["global_step"] == 24
+    assert third.run_state()["resumed_from"]["file"] == "checkpoint_epoch1_step16.pt"
 
 
 def test_uneven_share_is_refused_clearly(tmp_path):

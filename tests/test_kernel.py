@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
-import shutil
+import math
+import os
+import re
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from kaggle_runner.config import load_preset
-from kaggle_runner.render import render_kernel, render_script, script_to_notebook
-from tests.kernel_helpers import FAST, render, run_kernel
+from kaggle_runner.render import RenderError, kernel_source, render_kernel, render_script, script_to_notebook
+from tests.kernel_helpers import FAST, attach_checkpoint, flat_dataset, mount, render, run_kernel
 
 pytestmark = pytest.mark.slow
 
 PAYLOAD = 'Hi """ \'\'\' {{ 7*7 }} {% raw %}\n__import__("os").system("touch PWNED") # \\" \\\\'
+
+
+def load(path):
+    return torch.load(path, weights_only=True)  # what the kernel does: no pickled code runs
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +38,15 @@ def finished(tmp_path_factory):
     config = config.model_copy(update={"sample_prompt": PAYLOAD})
     script = render_kernel(config, tmp / "kernel", "alice").code_file
     run = run_kernel(script, tmp / "working")
+    assert run.returncode == 0, run.stdout[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def segment(tmp_path_factory):
+    """A first segment ended by segment_steps=10: checkpoints at steps 8 and 10, token arrays, best_model.pt."""
+    tmp = tmp_path_factory.mktemp("segment")
+    run = run_kernel(render(tmp, ["segment_steps=10"]), tmp / "working")
     assert run.returncode == 0, run.stdout[-3000:]
     return run
 
@@ -48,7 +66,7 @@ def test_complete_run_writes_state_history_and_loadable_final_model(finished):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     state = finished.run_state()
-    assert state["status"] == "complete" and state["global_step"] == 24
+    assert state["status"] == "complete" and state["global_step"] == 24 and state["resumed_from"] is None
     history = json.loads((finished.working / "training_history.json").read_text())
     assert [h["step"] for h in history] == [8, 16, 24]
     assert {"step", "epoch", "train_loss", "val_loss", "perplexity", "lr", "tokens_per_second",
@@ -58,8 +76,10 @@ def test_complete_run_writes_state_history_and_loadable_final_model(finished):
     tokenizer = AutoTokenizer.from_pretrained(finished.working / "final_model")
     ids = tokenizer("Return the value", return_tensors="pt").input_ids
     assert model(ids).logits.shape[-1] >= tokenizer.vocab_size
-    best = torch.load(finished.working / "best_model.pt", weights_only=False)
+    best = load(finished.working / "best_model.pt")
     assert best["val_loss"] == min(h["val_loss"] for h in history)
+    checkpoint = load(finished.working / state["newest_checkpoint"])  # RNG states too: tensors and plain types
+    assert set(checkpoint["rng"]) == {"torch", "cuda", "numpy", "python"}
 
 
 def test_progress_lines_are_json_the_launcher_can_parse(finished):
@@ -67,7 +87,13 @@ def test_progress_lines_are_json_the_launcher_can_parse(finished):
     assert [p["global_step"] for p in progress] == [4, 8, 12, 16, 20, 24]
     assert all(p["tokens_per_second"] > 0 and p["total_steps"] == 24 for p in progress)
     start = finished.events("start")[0]
-    assert start["parameters"] > start["parameters_without_embeddings"] > 0
+    assert start["parameters"] > start["parameters_without_embeddings"] > 0 and start["resumed_from"] is None
+    (session,) = finished.events("session")
+    assert finished.stdout.startswith('{"event": "session"')  # the first line: the launcher can cancel at once
+    assert session["torch"] == torch.__version__ and session["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert session["gpu"] is None and session["gpu_count"] == 0 and session["emulated_gpu"] == "NvidiaTeslaT4"
+    assert finished.events("end") == [{"event": "end", "status": "complete", "reason": "complete",
+                                       "global_step": 24, "epoch": 1}]
 
 
 def test_payload_in_sample_prompt_stays_text(finished):
@@ -80,6 +106,25 @@ def test_payload_in_sample_prompt_stays_text(finished):
     tree = ast.parse(script)
     config_node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "CONFIG")
     assert json.loads(config_node.value.args[0].value)["sample_prompt"] == PAYLOAD
+
+
+def _config_block(script: str) -> dict:
+    tree = ast.parse(script)
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "CONFIG")
+    return json.loads(node.value.args[0].value)
+
+
+def test_chain_checkpoint_enters_the_config_block_as_data_and_bad_values_are_refused():
+    config = load_preset("tiny", [*FAST])
+    assert _config_block(render_script(config))["chain_checkpoint"] is None
+    chain = {"file": "checkpoint_epoch1_step40.pt", "sha256": "a" * 64, "global_step": 40,
+             "dataset": "alice/kaggle-runner-tiny-ckpt", "best_sha256": None}
+    assert _config_block(render_script(config, chain))["chain_checkpoint"] == chain
+    for bad in ({**chain, "file": "../../etc/passwd"}, {**chain, "sha256": 'x"""; import os'},
+                {**chain, "dataset": "no-owner"}, {**chain, "global_step": "40"}, {**chain, "extra": 1},
+                {k: v for k, v in chain.items() if k != "sha256"}):
+        with pytest.raises(RenderError):
+            render_script(config, bad)
 
 
 def test_rendered_script_is_clean_and_imports_only_kaggle_image_packages(tmp_path):
@@ -99,11 +144,18 @@ def test_rendered_script_is_clean_and_imports_only_kaggle_image_packages(tmp_pat
     assert lint.returncode == 0, lint.stdout
 
 
-def test_notebook_has_the_same_code_as_cells(tmp_path):
+def test_kernel_reads_in_order_and_the_notebook_has_one_cell_per_section(tmp_path):
+    rule = r"# [=-]{99}\n"
+    titles = re.findall(rf"{rule}# (.+)\n(?:# .+\n)*{rule}", kernel_source())
+    majors = [t.split(":")[0] for t in titles]
+    order = ["Imports and the outside world", "Model", "Data", "The training state", "The step and the loop",
+             "Checkpoints and resume", "Platform survival", "main"]
+    assert [m for m in majors if m in order] == order, majors
     config = load_preset("tiny", [*FAST, 'kernel_type="notebook"'])
     rendered = render_kernel(config, tmp_path / "nb", "alice")
     notebook = json.loads(rendered.code_file.read_text())
-    assert rendered.metadata["code_file"] == "train.ipynb" and len(notebook["cells"]) > 5
+    assert rendered.metadata["code_file"] == "train.ipynb"
+    assert len(notebook["cells"]) == len(titles) + 2  # plus the configuration and the run cells
     code = "\n".join(c["source"] for c in notebook["cells"])
     ast.parse(code)
     assert "def main(config" in code and script_to_notebook(render_script(config))["cells"] == notebook["cells"]
@@ -115,7 +167,7 @@ def test_simulated_oom_halves_micro_batch_and_keeps_effective_batch(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:]
     assert run.events("oom") == [{"event": "oom", "global_step": 3, "micro_batch_size": 4, "accumulation": 4}]
     assert run.run_state()["status"] == "complete" and run.run_state()["global_step"] == 8
-    checkpoint = torch.load(run.working / "checkpoints/checkpoint_epoch1_step8.pt", weights_only=False)
+    checkpoint = load(run.working / "checkpoints/checkpoint_epoch1_step8.pt")
     assert checkpoint["micro_batch_size"] * checkpoint["accumulation"] == 8 * 2
 
 
@@ -133,9 +185,8 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     script = render(tmp_path, ["max_steps=100000", "save_steps=100000", "eval_steps=100000"])
     working = tmp_path / "w"
     working.mkdir()
-    env = {"KAGGLE_RUNNER_INPUT_DIR": str(tmp_path / "none"), "PYTHONUNBUFFERED": "1"}
-    import os
-
+    env = {"KAGGLE_RUNNER_INPUT_DIR": str(tmp_path / "none"), "PYTHONUNBUFFERED": "1",
+           "KAGGLE_RUNNER_EMULATED_GPU": "NvidiaTeslaT4"}
     process = subprocess.Popen([sys.executable, str(script)], cwd=working, env={**os.environ, **env},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -148,61 +199,140 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     assert process.returncode == 0, "".join(lines) + out
     state = json.loads((working / "run_state.json").read_text())
     assert state["status"] == "incomplete" and state["reason"] == "interrupted"
-    checkpoint = torch.load(working / state["newest_checkpoint"], weights_only=False)
+    checkpoint = load(working / state["newest_checkpoint"])
     assert checkpoint["global_step"] == state["global_step"] >= 4
 
 
-def _resume_input(source_working, input_dir):
-    """Lay out a stopped run's outputs the way the launcher attaches them: one flat dataset folder."""
-    target = input_dir / "datasets" / "alice" / "kaggle-runner-tiny-ckpt"
-    target.mkdir(parents=True)
-    manifest = json.loads((source_working / "manifest.json").read_text())
-    files = {}
-    for rel, info in manifest["files"].items():
-        shutil.copyfile(source_working / rel, target / rel.split("/")[-1])
-        files[rel.split("/")[-1]] = info
-    (target / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
-    return target
+def _losses(run):
+    return [(h["step"], h["train_loss"], h["val_loss"])
+            for h in json.loads((run.working / "training_history.json").read_text())]
 
 
-def test_stop_by_budget_then_resume_equals_uninterrupted_run(tmp_path):
-    script = render(tmp_path)
-    straight = run_kernel(script, tmp_path / "straight")
-    first = run_kernel(script, tmp_path / "first", env={"KAGGLE_RUNNER_TIME_BUDGET_AT_STEP": "10"})
-    assert straight.returncode == 0 and first.returncode == 0, first.stdout[-2000:]
-    assert first.run_state()["reason"] == "time_budget" and first.run_state()["global_step"] == 10
-    inputs = tmp_path / "input"
-    _resume_input(first.working, inputs)
-    second = run_kernel(script, tmp_path / "second", input_dir=inputs)
+def test_segments_of_n_steps_resume_exactly_where_an_uninterrupted_run_would_be(tmp_path, segment):
+    first = segment
+    assert first.run_state()["reason"] == "step_budget" and first.run_state()["global_step"] == 10
+    assert first.events("end")[0]["reason"] == "step_budget"
+    straight = run_kernel(render(tmp_path / "straight"), tmp_path / "straight")
+    assert straight.returncode == 0, straight.stdout[-2000:]
+    chain = attach_checkpoint(first.working, tmp_path / "input", layout="datasets")
+    second = run_kernel(render(tmp_path / "second", ["segment_steps=10"], chain), tmp_path / "second",
+                        input_dir=tmp_path / "input")
     assert second.returncode == 0, second.stdout[-2000:]
-    assert second.events("start")[0]["global_step"] == 10
-    assert "Data: reusing tokens" in second.stdout  # the first run's token arrays: no re-tokenizing
-    assert second.run_state()["status"] == "complete"
-
-    def losses(run):
-        return [(h["step"], h["train_loss"], h["val_loss"])
-                for h in json.loads((run.working / "training_history.json").read_text())]
-
-    assert losses(second) == losses(straight)
-    a = torch.load(straight.working / "checkpoints/checkpoint_epoch1_step24.pt", weights_only=False)
-    b = torch.load(second.working / "checkpoints/checkpoint_epoch1_step24.pt", weights_only=False)
+    resumed = {"file": "checkpoint_epoch1_step10.pt", "sha256": chain["sha256"], "global_step": 10}
+    assert second.events("start")[0]["resumed_from"] == resumed and second.events("start")[0]["global_step"] == 10
+    state = second.run_state()
+    assert state["resumed_from"] == resumed
+    assert state["reason"] == "step_budget" and state["global_step"] == 20  # N more steps of this session
+    assert "Data: reusing tokens" in second.stdout  # the chain's token dataset: no re-tokenizing
+    assert not (second.working / "token_cache").exists()
+    assert _losses(second) == _losses(straight)[:2]
+    a = load(straight.working / "checkpoints/checkpoint_epoch1_step20.pt")
+    b = load(second.working / "checkpoints/checkpoint_epoch1_step20.pt")
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
-    assert (second.working / "best_model.pt").exists()
+    assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
+    assert (second.working / "best_model.pt").exists() and "Not restoring" not in second.stdout
 
 
-def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
-    script = render(tmp_path)
-    first = run_kernel(script, tmp_path / "first", env={"KAGGLE_RUNNER_TIME_BUDGET_AT_STEP": "12"})
-    assert first.run_state()["global_step"] == 12
-    dataset = _resume_input(first.working, tmp_path / "input")
-    newest = dataset / "checkpoint_epoch1_step12.pt"
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    second = run_kernel(script, tmp_path / "second", input_dir=tmp_path / "input")
-    assert second.returncode == 0, second.stdout[-2000:]
-    assert "Skipping checkpoint" in second.stdout and "step 12" in second.stdout
-    assert second.events("start")[0]["global_step"] == 8
-    assert second.run_state()["status"] == "complete"
+def _assert_stopped_before_any_work(run, reason):
+    assert run.returncode != 0 and run.run_state()["reason"] == reason, run.stdout[-2000:]
+    assert run.run_state()["resumed_from"] is None and run.run_state()["newest_checkpoint"] is None
+    assert "Data:" not in run.stdout and "Model:" not in run.stdout and "Traceback" not in run.stdout
+    assert sorted(p.name for p in run.working.iterdir()) == ["run_state.json"]  # no checkpoints, tokens, history
+
+
+def test_chain_checkpoint_missing_or_altered_stops_at_once_as_resume_missing(tmp_path, segment):
+    # Kaggle pinned the dataset's previous version: only the step-8 checkpoint is there.
+    inputs = tmp_path / "input"
+    flat_dataset(segment.working, mount(inputs, "alice/kaggle-runner-tiny-ckpt", "datasets"),
+                 ["checkpoints/checkpoint_epoch1_step8.pt"])
+    newest = segment.working / "checkpoints/checkpoint_epoch1_step10.pt"
+    chain = {"file": newest.name, "sha256": hashlib.sha256(newest.read_bytes()).hexdigest(), "global_step": 10,
+             "dataset": "alice/kaggle-runner-tiny-ckpt", "best_sha256": None}
+    started = time.time()
+    missing = run_kernel(render(tmp_path / "a", [], chain), tmp_path / "missing", input_dir=inputs)
+    assert time.time() - started < 60
+    _assert_stopped_before_any_work(missing, "resume_missing")
+    message = missing.run_state()["message"]
+    assert "checkpoint_epoch1_step10.pt (step 10" in message and "checkpoint_epoch1_step8.pt" in message
+    # The right name, somewhere else under the input root, with other bytes: never loaded.
+    other = mount(inputs, "mallory/lookalike", "legacy")
+    other.mkdir(parents=True)
+    (other / newest.name).write_bytes(newest.read_bytes()[:-1] + b"x")
+    altered = run_kernel(render(tmp_path / "a", [], chain), tmp_path / "altered", input_dir=inputs)
+    _assert_stopped_before_any_work(altered, "resume_missing")
+    assert "another sha256" in altered.run_state()["message"]
+
+
+def test_checkpoint_of_another_shape_is_refused_before_data(tmp_path, segment):
+    chain = attach_checkpoint(segment.working, tmp_path / "input", layout="legacy")
+    run = run_kernel(render(tmp_path, ["n_embd=32"], chain), tmp_path / "w", input_dir=tmp_path / "input")
+    _assert_stopped_before_any_work(run, "resume_error")
+    assert "n_embd 64 (config: 32)" in run.run_state()["message"]
+
+
+def _hostile_dataset(folder: Path, marker: Path) -> None:
+    """A dataset claiming a checkpoint far ahead, whose pickle runs code when loaded with weights_only=False."""
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    folder.mkdir(parents=True)
+    torch.save({"global_step": 999999, "epoch": 1, "payload": Payload()}, folder / "checkpoint_epoch1_step999999.pt")
+    data = (folder / "checkpoint_epoch1_step999999.pt").read_bytes()
+    (folder / "manifest.json").write_text(json.dumps({"kaggle_runner_manifest": 1, "files": {
+        "checkpoint_epoch1_step999999.pt": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+                                            "kind": "checkpoint", "global_step": 999999, "epoch": 1}}}))
+
+
+def test_attached_datasets_are_data_never_code(tmp_path):
+    """Other datasets' manifests and checkpoints are never read; text files are found in either mount layout;
+    allow_cpu trains on a CPU session without an emulated GPU."""
+    inputs, marker = tmp_path / "input", tmp_path / "PWNED"
+    _hostile_dataset(inputs / "datasets" / "mallory" / "kaggle-runner-tiny-ckpt", marker)
+    _hostile_dataset(inputs / "evil", marker)
+    corpus = inputs / "datasets" / "bob" / "corpus"
+    corpus.mkdir(parents=True)
+    for name in ("argparse", "inspect", "typing"):
+        source = Path(sys.modules["os"].__file__).parent / f"{name}.py"
+        (corpus / f"{name}.txt").write_text(source.read_text())
+    script = render(tmp_path, ['dataset="text-files"', 'text_files_path="*.txt"', "allow_cpu=true",
+                               "max_steps=8", "eval_steps=4"])
+    run = run_kernel(script, tmp_path / "w", input_dir=inputs, env={"KAGGLE_RUNNER_EMULATED_GPU": None})
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert not marker.exists()
+    start = run.events("start")[0]
+    assert start["global_step"] == 0 and start["resumed_from"] is None
+    assert f"Data: 3 text file(s) from {corpus}" in run.stdout
+    assert run.run_state()["status"] == "complete" and run.run_state()["global_step"] == 8
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_no_gpu_stops_at_once_with_what_was_found(tmp_path):
+    run = run_kernel(render(tmp_path), tmp_path / "w",
+                     env={"KAGGLE_RUNNER_EMULATED_GPU": None, "KAGGLE_CONTAINER_NAME": "kernel-12345678-abc"})
+    _assert_stopped_before_any_work(run, "no_gpu")
+    assert run.run_state()["message"].startswith("no CUDA device: this session has only a CPU")
+    (session,) = run.events("session")
+    assert session["container"] == "kernel-12345678-abc" and session["emulated_gpu"] is None
+    assert {"python", "torch", "transformers", "datasets", "gpu", "gpu_count"} <= set(session)
+
+
+def test_loss_that_stays_nan_stops_as_diverged_keeping_the_last_finite_checkpoint(tmp_path):
+    run = run_kernel(render(tmp_path, ["eval_steps=4"]), tmp_path / "w",
+                     env={"KAGGLE_RUNNER_SIMULATE_NAN_AT_STEP": "7"})
+    state = run.run_state()
+    assert run.returncode == 1 and state["reason"] == "diverged", run.stdout[-3000:]
+    assert state["global_step"] == 12 and "not finite for 6 optimizer steps in a row" in state["message"]
+    assert "Not saving a checkpoint at step 8" in run.stdout
+    listed = [rel for rel, info in run.manifest()["files"].items() if info["kind"] == "checkpoint"]
+    assert listed == ["checkpoints/checkpoint_epoch1_step4.pt"] == [state["newest_checkpoint"]]
+    for path in (run.working / listed[0], run.working / "best_model.pt"):
+        assert all(torch.isfinite(t).all() for t in load(path)["model"].values())
+    assert math.isfinite(load(run.working / "best_model.pt")["val_loss"])
+    history = json.loads((run.working / "training_history.json").read_text())
+    assert [h["step"] for h in history] == [4, 8] and math.isnan(history[1]["val_loss"])
 
 
 def test_missing_text_files_fail_fast_with_a_fix(tmp_path):
