@@ -7,7 +7,7 @@ import json
 import os
 import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from kaggle_runner.errors import KaggleRunnerError
 
@@ -30,26 +30,61 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    if not path.exists():
-        return {"kaggle_runner_manifest": FORMAT, "files": {}}
+def confined(folder: Path, relpath: str) -> Path | None:
+    """`folder / relpath` if that stays inside `folder`, else None.
+
+    Every path that comes from Kaggle, the emulator or a manifest goes through here: absolute paths, `..`,
+    backslashes and anything that resolves through a symlink to outside `folder` are refused.
+    """
+    if not isinstance(relpath, str) or not relpath or "\x00" in relpath or "\\" in relpath:
+        return None
+    pure = PurePosixPath(relpath)
+    if pure.is_absolute() or any(part in ("", ".", "..") for part in pure.parts) or relpath.startswith("~"):
+        return None
+    root = folder.resolve()
+    candidate = (folder / relpath).resolve()
+    if candidate != root and root not in candidate.parents:
+        return None
+    return folder / relpath
+
+
+def read_json_file(path: Path) -> object | None:
+    """A JSON file written by a kernel, or None if it is missing, torn or not JSON: never an exception."""
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
-    manifest.setdefault("files", {})
-    return manifest
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_manifest(folder: Path) -> dict:
+    """The kernel's checksum manifest; entries with unsafe paths or malformed fields are dropped."""
+    data = read_json_file(folder / MANIFEST)
+    files = data.get("files") if isinstance(data, dict) else None
+    clean = {}
+    for rel, info in (files.items() if isinstance(files, dict) else []):
+        if confined(folder, rel) is None or not isinstance(info, dict):
+            continue
+        if not isinstance(info.get("sha256"), str) or not isinstance(info.get("size"), int):
+            continue
+        clean[rel] = info
+    return {**(data if isinstance(data, dict) else {}), "kaggle_runner_manifest": FORMAT, "files": clean}
+
+
+def read_run_state(folder: Path) -> dict | None:
+    """run_state.json if it is whole and a JSON object; a torn or odd one reads as missing."""
+    state = read_json_file(folder / RUN_STATE)
+    return state if isinstance(state, dict) else None
 
 
 def verified(folder: Path, relpath: str, info: dict) -> bool:
-    path = folder / relpath
-    return path.is_file() and path.stat().st_size == info.get("size") and sha256_of(path) == info.get("sha256")
+    path = confined(folder, relpath)
+    return (path is not None and path.is_file() and not path.is_symlink() and path.stat().st_size == info.get("size")
+            and sha256_of(path) == info.get("sha256"))
 
 
 def checkpoints_newest_first(manifest: dict) -> list[str]:
-    entries = [(info.get("global_step", -1), rel) for rel, info in manifest["files"].items()
-               if info.get("kind") == "checkpoint"]
+    entries = [(info.get("global_step") if isinstance(info.get("global_step"), int) else -1, rel)
+               for rel, info in manifest["files"].items() if info.get("kind") == "checkpoint"]
     return [rel for _, rel in sorted(entries, reverse=True)]
 
 

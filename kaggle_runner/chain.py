@@ -8,14 +8,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kaggle_runner.states import RunState
+
 # Reasons the kernel writes to run_state.json that relaunching cannot fix.
 FATAL_KERNEL_REASONS = {
     "data_error": "the kernel could not load its data",
     "config_error": "the configuration is wrong for the kernel",
     "out_of_memory": "the model does not fit even at micro-batch 1",
     "resume_error": "the checkpoint could not be read",
+    "diverged": "training diverged (the loss stayed NaN or infinite); the last finite checkpoint is kept",
 }
-TERMINAL_KAGGLE = {"COMPLETE", "ERROR", "CANCEL_ACKNOWLEDGED"}
+# Reasons that stop the chain without anything to fix in the configuration: try again later.
+STOPPING_KERNEL_REASONS = {
+    "no_gpu": "the session came without a usable GPU",
+}
+# Why a segment ended early, as the kernel says it, for the resume message.
+RESUMABLE_KERNEL_REASONS = {
+    "time_budget": "stopped at its time budget",
+    "step_budget": "ended after its segment_steps",
+    "interrupted": "was interrupted",
+}
+RESUME_MISSING = "resume_missing"
 
 
 @dataclass(frozen=True)
@@ -30,12 +43,12 @@ class SegmentOutcome:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str  # "complete" | "resume" | "stop" | "fail"
+    action: str  # "complete" | "resume" | "repush" | "stop" | "fail"
     reason: str
 
     @property
-    def final_state(self) -> str | None:
-        return {"complete": "complete", "stop": "stopped", "fail": "failed"}.get(self.action)
+    def final_state(self) -> RunState | None:
+        return {"complete": RunState.COMPLETE, "stop": RunState.STOPPED, "fail": RunState.FAILED}.get(self.action)
 
 
 def step_of(outcome: SegmentOutcome) -> int:
@@ -43,21 +56,32 @@ def step_of(outcome: SegmentOutcome) -> int:
 
 
 def decide(outcome: SegmentOutcome, previous_steps: list[int], segments_so_far: int, max_segments: int,
-           max_stalled: int, quota_left_hours: float | None, min_quota_hours: float) -> Decision:
+           max_stalled: int, quota_left_hours: float | None, min_quota_hours: float, run_name: str = "RUN",
+           resume_retries: int = 0, max_resume_retries: int = 3) -> Decision:
     """The next move after a segment ended. `previous_steps`: global steps of earlier segments, oldest first."""
     state = outcome.run_state or {}
     if state.get("status") == "complete":
         return Decision("complete", f"training complete at step {state.get('global_step')}")
     reason = state.get("reason")
+    if reason == RESUME_MISSING:
+        if resume_retries < max_resume_retries:
+            return Decision("repush", f"the kernel did not find its checkpoint ({state.get('message') or reason}); "
+                                      "Kaggle attached an older dataset version")
+        return Decision("stop", f"the kernel did not find its checkpoint after {resume_retries + 1} pushes "
+                                f"({state.get('message') or reason}); Kaggle keeps attaching an older dataset "
+                                f"version. Raise dataset_settle_seconds, then `kaggle-runner resume {run_name}`")
     if reason in FATAL_KERNEL_REASONS:
         return Decision("fail", f"{FATAL_KERNEL_REASONS[reason]}: {state.get('message') or reason}. "
-                                "Fix the configuration, then `kaggle-runner resume RUN`")
+                                f"Fix the configuration, then `kaggle-runner resume {run_name}`")
+    if reason in STOPPING_KERNEL_REASONS:
+        return Decision("stop", f"{STOPPING_KERNEL_REASONS[reason]}: {state.get('message') or reason}. "
+                                f"Set allow_cpu = true to accept one, or `kaggle-runner resume {run_name}` later")
     step = step_of(outcome)
     if not outcome.has_checkpoint:
         detail = outcome.failure_message or state.get("message") or outcome.kaggle_status
         if not previous_steps or max(previous_steps) == 0:
             return Decision("fail", f"the kernel failed before its first training step ({detail}); relaunching "
-                                    "would burn GPU quota on a broken script. See `kaggle-runner logs RUN`")
+                                    f"would burn GPU quota on a broken script. See `kaggle-runner logs {run_name}`")
         return Decision("fail", f"the segment left no checkpoint to resume from ({detail})")
     stalled = 0
     for earlier in reversed(previous_steps):
@@ -66,18 +90,18 @@ def decide(outcome: SegmentOutcome, previous_steps: list[int], segments_so_far: 
         stalled += 1
     if stalled >= max_stalled:
         return Decision("stop", f"{stalled + 1} segments in a row ended at step {step} without progress; see "
-                                "`kaggle-runner logs RUN`, then `kaggle-runner resume RUN`")
+                                f"`kaggle-runner logs {run_name}`, then `kaggle-runner resume {run_name}`")
     if segments_so_far >= max_segments:
         return Decision("stop", f"reached max_segments ({max_segments}) at step {step}; continue with "
-                                f"`kaggle-runner resume RUN --max-segments {max_segments + 2}`")
+                                f"`kaggle-runner resume {run_name} --max-segments {max_segments + 2}`")
     if quota_left_hours is not None and quota_left_hours < min_quota_hours:
         return Decision("stop", f"only {quota_left_hours:.1f} GPU hours of quota left this week (min_quota_hours "
                                 f"= {min_quota_hours}); resume after the weekly reset")
-    why = {"time_budget": "stopped at its time budget", "interrupted": "was interrupted"}.get(
-        reason or "", f"ended {outcome.kaggle_status.lower()}")
+    why = RESUMABLE_KERNEL_REASONS.get(reason or "", f"ended {outcome.kaggle_status.lower()}")
     return Decision("resume", f"segment {segments_so_far} {why} at step {step}")
 
 
-def overran(pushed_at: float, now: float, session_timeout: float, grace: float) -> bool:
-    """Kaggle's own time limit is unreliable: the launcher's deadline per segment."""
-    return now - pushed_at > session_timeout + grace
+def overran(running_at: float, now: float, session_timeout: float, grace: float) -> bool:
+    """Kaggle's own time limit is unreliable: the launcher's deadline per segment, from its first RUNNING status
+    (time in the queue is not session time)."""
+    return now - running_at > session_timeout + grace

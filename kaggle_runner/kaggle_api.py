@@ -1,7 +1,8 @@
 """The only module that imports the official `kaggle` client. Everything Kaggle goes through here.
 
 It points the client at another host when asked (an emulator), supplies explicit credentials, retries
-what the client does not (429, 5xx, dropped connections: with backoff and jitter, one line to the user),
+what the client does not (429 with its Retry-After, 5xx, dropped connections: one policy, capped backoff
+with jitter, one note per outage), reads Kaggle's refusals (HTTP 200 with `error` set) into typed errors,
 and never retries a push blindly.
 """
 
@@ -15,16 +16,21 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import requests
+import tenacity
 
 from kaggle_runner.credentials import Credentials
 from kaggle_runner.errors import KaggleRunnerError
 
 PROD_ENDPOINT = "https://api.kaggle.com"
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+MAX_RETRY_DELAY = 60.0
+# The kagglesdk versions whose private hooks (below) this module was tested with; pyproject pins the range.
+KNOWN_KAGGLESDK = ("0.1.38",)
 
 
 class KaggleApiError(KaggleRunnerError):
@@ -32,9 +38,22 @@ class KaggleApiError(KaggleRunnerError):
         super().__init__(message)
         self.status = status
 
+    @property
+    def transient(self) -> bool:
+        """Worth trying again later: rate limits, server errors and dropped connections."""
+        return self.status is None or self.status in RETRY_STATUSES
 
-class GpuSessionsBusy(KaggleApiError):
-    """A push refused because the account's GPU sessions (two at most) are all in use: nothing landed."""
+
+class PushRefused(KaggleApiError):
+    """Kaggle answered a push with `error` set (or no version): nothing landed."""
+
+
+class GpuSessionsBusy(PushRefused):
+    """The account's GPU sessions (two at most) are all in use: wait for one to end."""
+
+
+class QuotaExhausted(PushRefused):
+    """The weekly GPU quota is used up: nothing runs until it resets."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,8 @@ class OutputFile:
     url: str
 
 
+# -- kagglesdk's private parts, all in one place --------------------------------------------------------
+# The client has no public way to choose the host or to pass credentials explicitly; these four hooks do.
 def _import_client(endpoint: str):
     """Import kaggle without its import-time authentication reaching api.kaggle.com by surprise."""
     import kagglesdk.kaggle_env as kaggle_env
@@ -67,18 +88,59 @@ def _import_client(endpoint: str):
     return KaggleApi
 
 
-def _status_of(error: Exception) -> int | None:
+def _point_http_client(http, endpoint: str, credentials: Credentials | None) -> None:
+    http._endpoint = endpoint
+    if credentials is not None:
+        # Explicit credentials win over whatever the environment holds (the client would otherwise send a
+        # KAGGLE_API_TOKEN from the environment to any host).
+        from kagglesdk.kaggle_http_client import KaggleHttpClient
+
+        http._signed_in = True
+        http._init_session()
+        http._session.auth = (KaggleHttpClient.BearerAuth(credentials.token) if credentials.token
+                              else (credentials.username, credentials.key))
+
+
+def kagglesdk_warning() -> str | None:
+    """A note when the installed kagglesdk is not one these hooks were tested with."""
+    try:
+        version = metadata.version("kagglesdk")
+    except metadata.PackageNotFoundError:
+        return "warning: kagglesdk is not installed; reinstall kaggle-runner"
+    if version not in KNOWN_KAGGLESDK:
+        return (f"warning: kagglesdk {version} is untested with kaggle-runner (tested: {', '.join(KNOWN_KAGGLESDK)}); "
+                "if Kaggle calls fail oddly, `pip install kagglesdk==" + KNOWN_KAGGLESDK[-1] + "`")
+    return None
+
+
+# -- errors and retries ---------------------------------------------------------------------------------
+def _status_of(error: BaseException) -> int | None:
     response = getattr(error, "response", None)
     return getattr(response, "status_code", None)
 
 
-def _is_transient(error: Exception) -> bool:
+def _is_transient(error: BaseException) -> bool:
     if isinstance(error, requests.HTTPError):
         return _status_of(error) in RETRY_STATUSES
     return isinstance(error, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError)
 
 
-def explain(error: Exception, what: str) -> KaggleApiError:
+def retry_after(error: BaseException) -> float | None:
+    """Kaggle's Retry-After on a 429, in seconds, when it sends one."""
+    response = getattr(error, "response", None)
+    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def backoff(attempt: int, base: float, cap: float = MAX_RETRY_DELAY) -> float:
+    """Exponential backoff with jitter, capped."""
+    return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
+def explain(error: BaseException, what: str) -> KaggleApiError:
     status = _status_of(error)
     if status == 401:
         return KaggleApiError(f"{what}: Kaggle refused the credentials (401); check kaggle.json or "
@@ -91,7 +153,7 @@ def explain(error: Exception, what: str) -> KaggleApiError:
         return KaggleApiError(f"{what}: Kaggle is rate-limiting requests (429); wait a few minutes", status)
     if status and status >= 500:
         return KaggleApiError(f"{what}: Kaggle's server failed ({status}); try again later", status)
-    if isinstance(error, requests.ConnectionError):
+    if isinstance(error, requests.ConnectionError | requests.Timeout):
         return KaggleApiError(f"{what}: cannot reach the Kaggle API ({type(error).__name__})")
     return KaggleApiError(f"{what}: {error}", status)
 
@@ -102,6 +164,8 @@ class KaggleGateway:
         self.endpoint = (endpoint or PROD_ENDPOINT).rstrip("/")
         self.notify = notify or (lambda message: print(message, file=sys.stderr))
         self.attempts, self.base_delay = attempts, base_delay
+        self.requests = 0  # calls made (each retry counts), for measuring the launcher's request rate
+        self._outage = False  # a retry note was shown and no call has succeeded since
         self._api = self._build(credentials)
 
     def _build(self, credentials: Credentials | None):
@@ -111,17 +175,7 @@ class KaggleGateway:
         class PointedApi(api_class):  # type: ignore[misc, valid-type]
             def build_kaggle_client(self):
                 client = super().build_kaggle_client()
-                http = client._http_client
-                http._endpoint = endpoint
-                if credentials is not None:
-                    # Explicit credentials win over whatever the environment holds (the client would
-                    # otherwise send a KAGGLE_API_TOKEN from the environment to any host).
-                    from kagglesdk.kaggle_http_client import KaggleHttpClient
-
-                    http._signed_in = True
-                    http._init_session()
-                    http._session.auth = (KaggleHttpClient.BearerAuth(credentials.token) if credentials.token
-                                          else (credentials.username, credentials.key))
+                _point_http_client(client._http_client, endpoint, credentials)
                 return client
 
         api = PointedApi()
@@ -142,49 +196,86 @@ class KaggleGateway:
     def username(self) -> str:
         return str(self._api.config_values.get(self._api.CONFIG_NAME_USER) or "")
 
-    # -- retries -------------------------------------------------------------------------------------
+    # -- the one retry policy and the one way to send an SDK request ------------------------------------
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        told = retry_after(error) if error is not None else None
+        return min(MAX_RETRY_DELAY, told) if told is not None else backoff(state.attempt_number, self.base_delay)
+
+    def _before_sleep(self, what: str) -> Callable[[tenacity.RetryCallState], None]:
+        def note(state: tenacity.RetryCallState) -> None:
+            if self._outage:
+                return  # one note per outage, not one per retry
+            self._outage = True
+            error = state.outcome.exception() if state.outcome else None
+            status = _status_of(error) if error is not None else None
+            reason = f"HTTP {status}" if status else type(error).__name__
+            self.notify(f"note: {what} failed ({reason}); retrying with backoff (up to {self.attempts} tries)")
+        return note
+
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
-        for attempt in range(1, self.attempts + 1):
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    return fn()
-            except Exception as exc:
-                if not _is_transient(exc) or attempt == self.attempts:
-                    raise explain(exc, what) from None
-                delay = min(60.0, self.base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
-                status = _status_of(exc)
-                reason = f"HTTP {status}" if status else type(exc).__name__
-                self.notify(f"note: {what} failed ({reason}); retrying in {delay:.1f}s "
-                            f"(attempt {attempt + 1}/{self.attempts})")
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        """Run one Kaggle call under the retry policy; a failure that outlasts it becomes a KaggleApiError."""
+        def attempt():
+            self.requests += 1
+            with contextlib.redirect_stdout(io.StringIO()):
+                return fn()
+
+        retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(self.attempts), wait=self._wait,
+                                     retry=tenacity.retry_if_exception(_is_transient),
+                                     before_sleep=self._before_sleep(what), reraise=True)
+        try:
+            result = retrying(attempt)
+        except KaggleRunnerError:
+            raise
+        except Exception as exc:
+            raise explain(exc, what) from None
+        self._outage = False
+        return result
 
     def _sdk(self):
         return self._api.build_kaggle_client()
 
-    def _unless_missing(self, what: str, fn: Callable[[], Any]) -> Any:
-        """`call`, but None where Kaggle answers 404: "does not exist yet" is an answer, not an error."""
+    def rpc(self, what: str, method: str, request) -> Any:
+        """An SDK request: `method` is the client's path, e.g. "kernels.kernels_api_client.get_kernel"."""
+        def send():
+            with self._sdk() as kaggle:
+                target = kaggle
+                for part in method.split("."):
+                    target = getattr(target, part)
+                return target(request)
+
+        return self.call(what, send)
+
+    def _unless_missing(self, what: str, method: str, request, absent: tuple[int, ...] = (404,)) -> Any:
+        """`rpc`, but None where Kaggle answers that the thing does not exist (yet)."""
         try:
-            return self.call(what, fn)
+            return self.rpc(what, method, request)
         except KaggleApiError as exc:
-            if exc.status == 404:
+            if exc.status in absent:
                 return None
             raise
 
     # -- kernels -------------------------------------------------------------------------------------
-    def current_version(self, ref: str) -> tuple[int, int] | None:
-        """(newest version number, kernel id), or None if the kernel does not exist yet."""
+    def current_version(self, ref: str, pushed_before: bool = True) -> tuple[int, int] | None:
+        """(newest version number, kernel id), or None if the kernel does not exist yet.
+
+        Kaggle often answers 403 "Permission 'kernels.get' was denied" for a kernel that was never pushed:
+        before a run's first push (`pushed_before=False`) 403 means absent too.
+        """
         from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelRequest
 
-        owner, slug = ref.split("/")
-
-        def get():
-            with self._sdk() as kaggle:
-                request = ApiGetKernelRequest()
-                request.user_name, request.kernel_slug = owner, slug
-                return kaggle.kernels.kernels_api_client.get_kernel(request)
-
-        response = self._unless_missing(f"looking up kernel {ref}", get)
+        request = ApiGetKernelRequest()
+        request.user_name, request.kernel_slug = ref.split("/")
+        absent = (404,) if pushed_before else (403, 404)
+        try:
+            response = self._unless_missing(f"looking up kernel {ref}", "kernels.kernels_api_client.get_kernel",
+                                            request, absent)
+        except KaggleApiError as exc:
+            if not pushed_before and (exc.status or 0) >= 500:
+                raise KaggleApiError(f"{exc}. If an earlier push of {ref} was refused, Kaggle may have left an "
+                                     f"empty notebook behind: delete it at https://www.kaggle.com/code/{ref} "
+                                     "(or choose another slug), then launch again", exc.status) from None
+            raise
         number = response.metadata.current_version_number if response else None
         return (number, response.metadata.id) if number else None
 
@@ -193,6 +284,7 @@ class KaggleGateway:
         ref = json.loads((folder / "kernel-metadata.json").read_text())["id"]
         for attempt in range(1, self.attempts + 1):
             try:
+                self.requests += 1
                 with contextlib.redirect_stdout(io.StringIO()):
                     response = self._api.kernels_push(str(folder), timeout=str(timeout_seconds or ""))
             except ValueError as exc:  # the client's own validation of the folder
@@ -200,30 +292,52 @@ class KaggleGateway:
             except Exception as exc:
                 if not _is_transient(exc) or attempt == self.attempts:
                     raise explain(exc, f"pushing {ref}") from None
-                landed = self.current_version(ref)
+                landed = self.current_version(ref, pushed_before=bool(known_version))
                 if landed is not None and landed[0] != known_version:
                     self.notify(f"note: the push of {ref} failed ({type(exc).__name__}) but version {landed[0]} "
                                 "landed; following it")
                     return PushResult(landed[0], landed[1], "")
-                delay = self.base_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+                delay = retry_after(exc) or backoff(attempt, self.base_delay)
                 self.notify(f"note: pushing {ref} failed ({_status_of(exc) or type(exc).__name__}); "
                             f"nothing landed, pushing again in {delay:.1f}s")
                 time.sleep(delay)
                 continue
-            if response.error:
-                # Kaggle's wording: "Maximum batch GPU session count of 2 reached."
-                if any(words in response.error.lower() for words in ("session count", "concurrent")):
-                    raise GpuSessionsBusy(f"Kaggle refused the push: {response.error}")
-                raise KaggleApiError(f"Kaggle refused the push: {response.error}")
-            if response.invalid_dataset_sources:
-                raise KaggleApiError(f"Kaggle did not attach {', '.join(response.invalid_dataset_sources)}: "
-                                     "the dataset does not exist or is not ready")
-            return PushResult(response.version_number, response.kernel_id, response.url)
+            return self._read_push(ref, response)
         raise AssertionError("unreachable")
 
-    def status(self, ref: str, version: int) -> tuple[str, str | None]:
-        response = self.call(f"checking {ref} v{version}",
-                             lambda: self._api.kernels_status(f"{ref}/{version}"))
+    @staticmethod
+    def _read_push(ref: str, response) -> PushResult:
+        """Kaggle refuses a push with HTTP 200, `error` set and version 0; a version of 0 alone is a refusal too."""
+        error = (response.error or "").strip()
+        if error:
+            words = error.lower()
+            if "session count" in words or "concurrent" in words:  # "Maximum batch GPU session count of 2 reached."
+                raise GpuSessionsBusy(f"Kaggle refused the push: {error}")
+            if "quota" in words:  # "Maximum weekly GPU quota of 30.00 hours reached."
+                raise QuotaExhausted(f"Kaggle refused the push: {error}")
+            raise PushRefused(f"Kaggle refused the push of {ref}: {error}")
+        if response.invalid_dataset_sources:
+            raise PushRefused(f"Kaggle did not attach {', '.join(response.invalid_dataset_sources)}: "
+                              "the dataset does not exist or is not ready")
+        if not response.version_number or response.version_number <= 0:
+            raise PushRefused(f"Kaggle accepted the push of {ref} but created no version (version "
+                              f"{response.version_number}); nothing runs")
+        return PushResult(response.version_number, response.kernel_id, response.url)
+
+    def status(self, ref: str, version: int) -> tuple[str, str | None] | None:
+        """(status, failure message); None while Kaggle does not show the version's run yet.
+
+        Straight after a push Kaggle answers 404 "No runs found for this kernel" (or 403) until the run exists.
+        """
+        from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelSessionStatusRequest
+
+        request = ApiGetKernelSessionStatusRequest()
+        request.user_name, request.kernel_slug = ref.split("/")
+        request.version_label = f"v{version}"
+        response = self._unless_missing(f"checking {ref} v{version}",
+                                        "kernels.kernels_api_client.get_kernel_session_status", request, (403, 404))
+        if response is None:
+            return None
         return response.status.name, response.failure_message or None
 
     def list_output(self, ref: str, version: int) -> tuple[list[OutputFile], str]:
@@ -232,22 +346,20 @@ class KaggleGateway:
         owner, slug = ref.split("/")
         files: list[OutputFile] = []
         log, token = "", ""
-        while True:
-            def page(token=token):
-                with self._sdk() as kaggle:
-                    request = ApiListKernelSessionOutputRequest()
-                    request.user_name, request.kernel_slug = owner, slug
-                    request.version_label = f"v{version}"
-                    request.page_size = 100
-                    request.page_token = token
-                    return kaggle.kernels.kernels_api_client.list_kernel_session_output(request)
-
-            response = self.call(f"listing the output of {ref} v{version}", page)
+        for _ in range(1000):  # 500 files a page at most: a bound, not a real limit
+            request = ApiListKernelSessionOutputRequest()
+            request.user_name, request.kernel_slug = owner, slug
+            request.version_label = f"v{version}"
+            request.page_size = 100
+            request.page_token = token
+            response = self.rpc(f"listing the output of {ref} v{version}",
+                                "kernels.kernels_api_client.list_kernel_session_output", request)
             files += [OutputFile(f.file_name, f.url) for f in response.files or []]
             log = log or response.log or ""
             token = response.next_page_token
             if not token:
-                return files, log
+                break
+        return files, log
 
     def download(self, ref: str, version: int, target: Path, pattern: str, force: bool = False) -> int:
         """Output files matching `pattern` into `target` (the client resumes partial files); bytes fetched."""
@@ -261,57 +373,70 @@ class KaggleGateway:
         return self.call(f"reading the log of {ref} v{version}", lambda: self._api.kernels_logs(f"{ref}/{version}"))
 
     def log_stream(self, ref: str, version: int) -> Iterator[dict]:
+        self.requests += 1
         yield from self._api.kernels_logs_stream(f"{ref}/{version}")
 
     def cancel(self, session_id: int) -> str | None:
         from kagglesdk.kernels.types.kernels_api_service import ApiCancelKernelSessionRequest
 
-        def cancel():
-            with self._sdk() as kaggle:
-                request = ApiCancelKernelSessionRequest()
-                request.kernel_session_id = session_id
-                return kaggle.kernels.kernels_api_client.cancel_kernel_session(request)
-
-        return self.call(f"cancelling session {session_id}", cancel).error_message or None
+        request = ApiCancelKernelSessionRequest()
+        request.kernel_session_id = session_id
+        response = self.rpc(f"cancelling session {session_id}", "kernels.kernels_api_client.cancel_kernel_session",
+                            request)
+        return response.error_message or None
 
     def quota(self) -> dict[str, Any]:
-        response = self.call("reading the GPU quota", self._api.quota_view)
+        """GPU quota: used (ended sessions plus time reserved by running ones), total, reset; None = unknown."""
+        from kagglesdk.kernels.types.kernels_api_service import ApiGetAcceleratorQuotaStatisticsRequest
+
+        response = self.rpc("reading the GPU quota", "kernels.kernels_api_client.get_accelerator_quota_statistics",
+                            ApiGetAcceleratorQuotaStatisticsRequest())
         gpu = response.gpu_quota
-        return {"used_seconds": gpu.time_used.total_seconds() if gpu else 0.0,
-                "total_seconds": gpu.total_time_allowed.total_seconds() if gpu else 0.0,
+
+        def seconds(name: str) -> float | None:
+            value = getattr(gpu, name, None) if gpu is not None else None  # absent stays None: unknown
+            return value.total_seconds() if value is not None else None
+
+        used, reserved, total = seconds("time_used"), seconds("time_reserved"), seconds("total_time_allowed")
+        return {"used_seconds": None if used is None else used + (reserved or 0.0),
+                "reserved_seconds": reserved, "total_seconds": total,
                 "refresh": response.quota_refresh_time.isoformat() if response.quota_refresh_time else None}
 
     # -- datasets ------------------------------------------------------------------------------------
     def dataset_status(self, ref: str) -> str | None:
-        return self._unless_missing(f"checking dataset {ref}", lambda: self._api.dataset_status(ref))
+        from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetStatusRequest
+
+        request = ApiGetDatasetStatusRequest()
+        request.owner_slug, request.dataset_slug = ref.split("/")
+        response = self._unless_missing(f"checking dataset {ref}", "datasets.dataset_api_client.get_dataset_status",
+                                        request)
+        if response is None:
+            return None
+        status = response.status
+        return (status.name if hasattr(status, "name") else str(status)).lower()
 
     def dataset_version(self, ref: str) -> int | None:
-        """The dataset's newest version number, or None if it does not exist."""
+        """The dataset's newest version number, or None if it does not exist (or is not visible yet)."""
         from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetRequest
 
-        owner, slug = ref.split("/")
-
-        def get():
-            with self._sdk() as kaggle:
-                request = ApiGetDatasetRequest()
-                request.owner_slug, request.dataset_slug = owner, slug
-                return kaggle.datasets.dataset_api_client.get_dataset(request)
-
-        response = self._unless_missing(f"looking up dataset {ref}", get)
+        request = ApiGetDatasetRequest()
+        request.owner_slug, request.dataset_slug = ref.split("/")
+        response = self._unless_missing(f"looking up dataset {ref}", "datasets.dataset_api_client.get_dataset",
+                                        request)
         return (response.current_version_number or None) if response else None
 
     def create_dataset(self, folder: Path) -> None:
         response = self.call("creating the checkpoint dataset",
                              lambda: self._api.dataset_create_new(str(folder), public=False, quiet=True))
         if response.status != "ok" and response.error:
-            raise KaggleApiError(f"Kaggle refused the checkpoint dataset: {response.error}")
+            raise KaggleApiError(f"Kaggle refused the dataset: {response.error}")
 
-    def create_dataset_version(self, folder: Path, notes: str) -> None:
-        response = self.call("uploading a checkpoint dataset version",
+    def create_dataset_version(self, folder: Path, notes: str, delete_old_versions: bool = False) -> None:
+        response = self.call("uploading a dataset version",
                              lambda: self._api.dataset_create_version(str(folder), notes, quiet=True,
-                                                                      delete_old_versions=True))
+                                                                      delete_old_versions=delete_old_versions))
         if response.status != "ok" and response.error:
-            raise KaggleApiError(f"Kaggle refused the checkpoint dataset version: {response.error}")
+            raise KaggleApiError(f"Kaggle refused the dataset version: {response.error}")
 
 
 def _tree_size(folder: Path) -> int:

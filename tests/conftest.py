@@ -5,6 +5,11 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
+from kaggle_runner.cli import cli
+from kaggle_runner.emulator.server import EmulatorServer
+from tests.chain_helpers import STUB
+from tests.emulator_helpers import KEY, USER
+
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path_factory, monkeypatch):
@@ -19,3 +24,21 @@ def isolated_home(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def cli_runner():
     return CliRunner()
+
+
+@pytest.fixture
+def emulator(tmp_path):
+    with EmulatorServer(tmp_path / "emu", username=USER, key=KEY, kill_grace_seconds=5) as server:
+        yield server
+
+
+@pytest.fixture
+def stub_project(tmp_path, monkeypatch, emulator, cli_runner):
+    """A project whose kernel is the stub, with credentials for the emulator in the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KAGGLE_USERNAME", USER)
+    monkeypatch.setenv("KAGGLE_KEY", KEY)
+    monkeypatch.setenv("KAGGLE_RUNNER_API_ENDPOINT", emulator.url)
+    monkeypatch.setenv("KAGGLE_RUNNER_TEST_KERNEL_SOURCE", STUB)
+    assert cli_runner.invoke(cli, ["init", "--preset", "tiny"]).exit_code == 0
+    return tmp_path
