@@ -29,7 +29,6 @@ def training(config, with_kernels: bool, steps: int) -> tuple[dict, dict]:
     if with_kernels:
         kernel.use_cpu_dropout_kernels(model)
     run = kernel.build_training(settings, data, model, device, torch.float32, total_steps=steps)
-    run["order"] = kernel.epoch_order(config.seed, 1, data["train_windows"])
     model.train()
     return run, settings
 
@@ -54,7 +53,7 @@ def main() -> None:
             for _ in range(args.steps):
                 loss = kernel.optimizer_step(run, settings)
             float(loss)
-            timings[name].append(args.steps * run["tokens_per_step"] / (time.perf_counter() - started))
+            timings[name].append(args.steps * run.tokens_per_step / (time.perf_counter() - started))
         print(json.dumps({"round": round_number, **{name: round(v[-1], 1) for name, v in timings.items()}}),
               flush=True)
     medians = {name: statistics.median(values) for name, values in timings.items()}

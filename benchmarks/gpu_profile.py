@@ -126,7 +126,7 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     dtype_name = str(prepared["dtype"]).removeprefix("torch.")
-    tokens_per_step = run["tokens_per_step"]
+    tokens_per_step = run.tokens_per_step
     per_token = flops_per_token(config, model.config.vocab_size)
     attention_flops = 12 * config.n_layer * config.n_embd * config.max_length
     matmul_flops_per_step = (per_token - attention_flops) * tokens_per_step
@@ -135,7 +135,7 @@ def main() -> None:
     parameters = sum(p.numel() for p in model.parameters())
     report = {
         "device_name": device_name, "dtype": dtype_name, "torch": torch.__version__,
-        "compiled": run["model"] is not run["eager_model"], "tokens_per_step": tokens_per_step, "steps": args.steps,
+        "compiled": run.model is not run.eager_model, "tokens_per_step": tokens_per_step, "steps": args.steps,
         "step_wall_ms": wall_ms, "host_loop_ms": host_ms, "tokens_per_second": tokens_per_step / wall_ms * 1000,
         "mfu": tokens_per_step / wall_ms * 1000 * per_token / peak if peak else None,
         "gpu_ms_per_step": gpu_ms, "gpu_busy_fraction": busy_ms / wall_ms,

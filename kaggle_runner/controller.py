@@ -50,12 +50,13 @@ class Pace:
     max_poll: float  # backoff cap (against Kaggle: 60 s, about one status request a minute)
     status_visible: float  # how long a pushed version may answer 404 "No runs found" before we give up
     output_wait: float  # how long outputs may take to be listed after the terminal status
+    repush_wait: float  # least wait before pushing a resume again that found no checkpoint; doubles each time
 
     @classmethod
     def for_run(cls, run: Run) -> Pace:
         if run.local or run.endpoint:  # an emulator or a hand-picked host: brisk
-            return cls(poll=1.0, max_poll=2.0, status_visible=120.0, output_wait=60.0)
-        return cls(poll=5.0, max_poll=60.0, status_visible=900.0, output_wait=600.0)
+            return cls(poll=1.0, max_poll=2.0, status_visible=120.0, output_wait=60.0, repush_wait=3.0)
+        return cls(poll=5.0, max_poll=60.0, status_visible=900.0, output_wait=600.0, repush_wait=120.0)
 
 
 @dataclass
@@ -474,7 +475,8 @@ def conclude_segment(ctx: Context, run: Run, segment: Segment) -> None:
 
 def repush_segment(ctx: Context, run: Run, segment: Segment) -> None:
     """The kernel did not find its checkpoint (Kaggle attached an older version): wait longer, push again."""
-    settle = settle_seconds(ctx, run) * (segment.resume_retries + 1)
+    settle = max(settle_seconds(ctx, run), ctx.pace.repush_wait) * 2 ** segment.resume_retries
+    ctx.console.say(f"Pushing the same resume again in {settle:.0f}s")
     if not ctx.sleep(settle):
         return
     ctx.store.advance_segment(run.name, segment.idx, Phase.REPUSH, Segment(

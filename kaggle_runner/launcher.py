@@ -101,7 +101,7 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
     # The first request, before anything is recorded: a refusal (401, a bad host) leaves no run behind.
     gateway.current_version(kernel_ref, pushed_before=False)
     if config.min_quota_hours > 0:
-        left = quota_left_hours(Context(store, "", gateway, console, Pace(1, 1, 1, 1)))
+        left = quota_left_hours(Context(store, "", gateway, console, Pace(1, 1, 1, 1, 1)))
         if left is not None and left < config.min_quota_hours:
             raise KaggleRunnerError(f"only {left:.1f} GPU hours of quota left this week, less than min_quota_hours "
                                     f"({config.min_quota_hours}); wait for the weekly reset (`kaggle-runner quota`)")

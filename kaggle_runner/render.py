@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -46,6 +47,11 @@ def _environment() -> jinja2.Environment:
 
 
 def kernel_source() -> str:
+    # Tests of the chain's logic render a stub kernel with the same file contract (tests/stub_kernel.py):
+    # launcher behaviour does not need real training, and the stub runs in a fraction of a second.
+    stub = os.environ.get("KAGGLE_RUNNER_TEST_KERNEL_SOURCE")
+    if stub:
+        return Path(stub).read_text(encoding="utf-8")
     return resources.files(TEMPLATE_PACKAGE).joinpath("kernel.py").read_text(encoding="utf-8")
 
 

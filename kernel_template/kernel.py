@@ -656,8 +656,7 @@ def record_evaluation(run: Run, config: dict, train_loss: float | None) -> None:
              "tokens_per_second": run.tokens_this_segment / max(elapsed, 1e-9),
              "wall_time": run.wall_time_before + elapsed}
     run.history.append(entry)
-    if is_primary():
-        write_json(working_dir() / HISTORY_NAME, run.history)
+    write_history(run)
     log(f"  eval  step {entry['step']:>6}  val loss {val_loss:.4f}  perplexity {entry['perplexity']:.2f}")
     emit("eval", **entry)
     if math.isfinite(val_loss) and (run.best_val_loss is None or val_loss < run.best_val_loss):
@@ -747,6 +746,13 @@ def train(run: Run, config: dict) -> str:
     return "complete"
 
 
+def write_history(run: Run) -> None:
+    """training_history.json, listed in the manifest like every output the launcher fetches."""
+    if is_primary():
+        write_json(working_dir() / HISTORY_NAME, run.history)
+        record_in_manifest(working_dir(), HISTORY_NAME, kind="history")
+
+
 def finish(run: Run, config: dict) -> None:
     """final_model/ in Hugging Face format: loads with AutoModelForCausalLM and AutoTokenizer."""
     from transformers import PreTrainedTokenizerFast
@@ -755,8 +761,11 @@ def finish(run: Run, config: dict) -> None:
         return
     target = working_dir() / "final_model"
     run.raw_model.save_pretrained(target)
-    PreTrainedTokenizerFast(tokenizer_object=run.data["tokenizer"], eos_token=EOS_TOKEN,
-                            bos_token=EOS_TOKEN, unk_token=EOS_TOKEN).save_pretrained(target)
+    # model_max_length: generation and pipelines stay inside the context the model was trained on.
+    PreTrainedTokenizerFast(tokenizer_object=run.data["tokenizer"], eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                            unk_token=EOS_TOKEN, model_max_length=config["max_length"]).save_pretrained(target)
+    for path in sorted(p for p in target.rglob("*") if p.is_file()):  # the manifest covers what fetch takes
+        record_in_manifest(working_dir(), path.relative_to(working_dir()).as_posix(), kind="final_model")
     if config["sample_tokens"]:
         text = sample_text(run, config)
         log(f"  sample at the end: {text!r}")
@@ -1349,8 +1358,8 @@ def setup_run(config: dict, started: float, resume: ResumePoint | None) -> Run:
         run.wall_time_before = run.history[-1]["wall_time"] if run.history else 0.0
         run.resumed_from = {"file": resume.path.name, "sha256": resume.sha256, "global_step": run.global_step}
         restore_best_model(resume)
-        if run.history and is_primary():
-            write_json(working_dir() / HISTORY_NAME, run.history)
+        if run.history:
+            write_history(run)
     run.first_step = run.global_step
     if not is_primary():  # different dropout masks on each rank's share of the batch
         torch.manual_seed(config["seed"] + 7919 * rank() + run.global_step)

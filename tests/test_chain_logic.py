@@ -12,7 +12,7 @@ import pytest
 from kaggle_runner.cli import cli
 from kaggle_runner.launcher import run_status
 from kaggle_runner.states import Phase
-from tests.chain_helpers import SLUG, STUB_CHAIN, final_stub_weight, sets, start_launcher, stub_weight
+from tests.chain_helpers import SLUG, STUB_CHAIN, final_stub_weight, launcher, sets, start_launcher, stub_weight
 from tests.emulator_helpers import USER, admin, official_client, write_kernel
 
 pytestmark = pytest.mark.slow
@@ -257,3 +257,43 @@ def test_a_torn_run_state_reads_as_missing_not_a_traceback(stub_project, cli_run
     # No readable run_state: the segment counts as ended without a word from the kernel, and the chain goes on
     # from its verified checkpoint.
     assert status["state"] == "complete", status
+
+
+def test_launcher_killed_at_every_transition_resumes_without_duplicates(stub_project, emulator):
+    points = ["before_push", "after_push", "after_end", "mid_download", "before_upload", "after_upload"]
+    env = {"KAGGLE_RUNNER_TEST_KILL_AT": ",".join(points)}
+    result = launcher("launch", "--name", "killed", *sets([*STUB_CHAIN, "max_steps=30"]), env=env)
+    kills = 0
+    while result.returncode == -9:
+        kills += 1
+        assert kills <= len(points), result.stdout + result.stderr
+        result = launcher("watch", "killed", env=env)  # the dead driver's lease is taken over at once
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert kills == len(points)
+    assert sorted(Path(".kaggle-runner/kill-points-fired").read_text().split()) == sorted(points)
+    status = run_status(".kaggle-runner", "killed")
+    assert status["state"] == "complete"
+    versions = [s["kernel_version"] for s in status["segments"]]
+    assert versions == list(range(1, len(versions_of(emulator)) + 1))  # no version pushed twice
+    assert len(emulator.backend.get_dataset(USER, f"{SLUG}-ckpt").versions) == len(versions) - 1  # nor uploaded
+    assert final_stub_weight(stub_project / "outputs/killed", 30) == stub_weight(30)
+
+
+@pytest.mark.parametrize("kill_at", ["before_push", "before_upload"])
+def test_two_watchers_at_once_make_one_driver(stub_project, emulator, kill_at):
+    """A run left in `pushing` (or `resume_downloaded`) by a dead launcher; two `watch` start together."""
+    result = launcher("launch", "--name", "twice", *sets([*STUB_CHAIN, "max_steps=30"]),
+                      env={"KAGGLE_RUNNER_TEST_KILL_AT": kill_at})
+    assert result.returncode == -9, result.stdout + result.stderr
+    assert run_status(".kaggle-runner", "twice")["segments"][-1]["phase"] == \
+        {"before_push": "pushing", "before_upload": "resume_downloaded"}[kill_at]
+    watchers = [start_launcher("watch", "twice") for _ in range(2)]
+    outputs = [w.communicate(timeout=240)[0] for w in watchers]
+    assert [w.returncode for w in watchers] == [0, 0], outputs
+    assert sum("following it read-only" in out for out in outputs) >= 1, outputs
+    status = run_status(".kaggle-runner", "twice")
+    assert status["state"] == "complete"
+    versions = [s["kernel_version"] for s in status["segments"]]
+    assert versions == list(range(1, len(versions_of(emulator)) + 1))  # one kernel version per segment
+    assert len(emulator.backend.get_dataset(USER, f"{SLUG}-ckpt").versions) == len(versions) - 1  # one per resume
+    assert final_stub_weight(stub_project / "outputs/twice", 30) == stub_weight(30)
