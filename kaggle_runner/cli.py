@@ -207,6 +207,31 @@ def quota(local: bool, endpoint: str | None, workspace: str) -> None:
     click.echo(quota_summary(workspace, local=local, endpoint=endpoint))
 
 
+@cli.command()
+@endpoint_options
+@workspace_option
+@click.option("--json", "as_json", is_flag=True, help="Print what was measured as JSON instead of a table.")
+@handle_errors
+def doctor(local: bool, endpoint: str | None, workspace: str, as_json: bool) -> None:
+    """Check an account before the first GPU chain, on CPU kernels only (no GPU quota, a few minutes).
+
+    Checks credentials and quota, pushes a tiny CPU probe kernel, measures how long Kaggle keeps attaching
+    a dataset's previous version after a new one is ready, and records the image's versions, internet
+    access and mount layout in WORKSPACE/doctor.json, which launch uses.
+    """
+    from kaggle_runner.display import Console
+    from kaggle_runner.doctor import print_report, run_doctor
+
+    console = Console(quiet=as_json)
+    result = run_doctor(workspace, local=local, endpoint=endpoint, console=console)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        print_report(result, console)
+    if not result["ok"]:
+        sys.exit(1)
+
+
 @cli.group()
 def emulator() -> None:
     """The local Kaggle emulator: Kaggle's API on this machine, running kernels for real on the CPU."""

@@ -9,7 +9,7 @@ import pytest
 
 from kaggle_runner.cli import cli
 
-COMMANDS = ["init", "render", "launch", "status", "fetch", "logs", "cancel", "watch", "resume", "quota",
+COMMANDS = ["init", "render", "launch", "status", "fetch", "logs", "cancel", "watch", "resume", "quota", "doctor",
             "emulator", "bench"]
 
 

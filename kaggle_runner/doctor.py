@@ -1,0 +1,466 @@
+"""`kaggle-runner doctor`: a cheap preflight on a real account, before the first GPU chain.
+
+It costs no GPU quota: the probe is a tiny CPU kernel (`enable_gpu` false) that reports what it sees.
+It checks the credentials and the quota, measures how long a new version's status stays invisible and how
+long Kaggle keeps attaching the previous version of a dataset after a new one is ready (the pin delay),
+and records the image's versions, internet access, the dataset mount layout and the session variable.
+What it measured goes to `<workspace>/doctor.json`, where the launcher reads `pin_delay_seconds` to size
+the settle time before a resume push (controller.settle_seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.table import Table
+
+from kaggle_runner import artifacts
+from kaggle_runner.display import Console
+from kaggle_runner.errors import KaggleRunnerError
+from kaggle_runner.kaggle_api import KaggleApiError, KaggleGateway, PushRefused
+from kaggle_runner.states import KaggleStatus
+
+PROBE_SLUG = "kaggle-runner-probe"
+PROBE_TITLE = "Kaggle Runner Probe"
+DATA_SLUG = "kaggle-runner-probe-data"
+DATA_TITLE = "Kaggle Runner Probe Data"
+NONCE_FILE = "kaggle-runner-probe-nonce.json"
+PROBE_OUTPUT = "probe.json"
+INTERNET_URL = "https://huggingface.co"
+MAX_PUSHES = 3
+TERMINAL = {s.value for s in KaggleStatus if s.terminal}
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How long to wait for what: minutes against Kaggle, seconds against an emulator (about x0.05)."""
+
+    poll: float  # first interval between status polls
+    max_poll: float
+    probe_timeout: float  # a probe version must end within this
+    session_timeout: int  # the push's session limit for the probe
+    dataset_timeout: float  # the probe dataset must say ready within this
+    output_wait: float  # the output listing lags the end by up to this
+    repush_waits: tuple[float, ...]  # before push 2, before push 3, and the margin when none saw the new data
+
+    @classmethod
+    def for_target(cls, kaggle: bool) -> Pace:
+        if kaggle:
+            return cls(poll=2.0, max_poll=20.0, probe_timeout=600.0, session_timeout=900, dataset_timeout=600.0,
+                       output_wait=300.0, repush_waits=(30.0, 90.0, 180.0))
+        return cls(poll=0.2, max_poll=1.0, probe_timeout=120.0, session_timeout=300, dataset_timeout=60.0,
+                   output_wait=30.0, repush_waits=(1.5, 4.5, 9.0))
+
+
+@dataclass
+class Row:
+    check: str
+    result: str
+    status: str  # ok | warn | fail | skip
+    todo: str = ""
+
+
+# -- the probe kernel ---------------------------------------------------------------------------------
+PROBE_SCRIPT = '''"""kaggle-runner doctor's probe: reports what a CPU session sees, as one JSON line and probe.json."""
+import json
+import os
+import platform
+import urllib.error
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+
+SETTINGS = json.loads(__SETTINGS__)  # data from kaggle-runner doctor, as a JSON string
+
+
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def find_nonce(root):
+    """The nonce file in either mount layout, or anywhere under the input root (shallow)."""
+    owner, slug = SETTINGS["dataset"].split("/")
+    candidates = [root / "datasets" / owner / slug / SETTINGS["nonce_file"], root / slug / SETTINGS["nonce_file"]]
+    candidates += sorted(p for depth in ("*", "*/*", "*/*/*", "*/*/*/*") for p in root.glob(depth + "/" +
+                                                                                            SETTINGS["nonce_file"]))
+    for path in candidates:
+        if path.is_file():
+            try:
+                nonce = json.loads(path.read_text()).get("nonce")
+            except (OSError, ValueError, AttributeError):
+                nonce = None
+            rel = path.relative_to(root)
+            layout = "datasets" if rel.parts[0] == "datasets" else "slug" if len(rel.parts) == 2 else "other"
+            return nonce, layout, str(rel)
+    return None, None, None
+
+
+def internet():
+    try:
+        urllib.request.urlopen(SETTINGS["internet_url"], timeout=SETTINGS["internet_timeout"]).close()
+        return True, None
+    except urllib.error.HTTPError:
+        return True, None  # an answer, even a refusal, means the network works
+    except Exception as exc:
+        return False, (type(exc).__name__ + ": " + str(exc))[:200]
+
+
+root = Path(os.environ.get("KAGGLE_RUNNER_INPUT_DIR") or "/kaggle/input")
+nonce, layout, where = find_nonce(root)
+online, why_offline = internet()
+report = {
+    "event": "probe", "nonce": nonce, "mount_layout": layout, "mount_path": where, "input_root": str(root),
+    "python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers"),
+    "datasets": version("datasets"), "internet": online, "internet_error": why_offline,
+    "session_variable": bool(os.environ.get("KAGGLE_CONTAINER_NAME")),
+}
+print(json.dumps(report), flush=True)
+working = Path("/kaggle/working")
+(working if working.is_dir() else Path.cwd()).joinpath(SETTINGS["output"]).write_text(json.dumps(report))
+'''
+
+
+def probe_script(dataset_ref: str) -> str:
+    settings = {"dataset": dataset_ref, "nonce_file": NONCE_FILE, "output": PROBE_OUTPUT,
+                "internet_url": INTERNET_URL, "internet_timeout": 5}
+    # The settings enter as one Python string literal holding JSON: data, never code.
+    return PROBE_SCRIPT.replace("__SETTINGS__", repr(json.dumps(settings)))
+
+
+def write_probe(folder: Path, kernel_ref: str, dataset_ref: str, internet: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "probe.py").write_text(probe_script(dataset_ref), encoding="utf-8")
+    (folder / "kernel-metadata.json").write_text(json.dumps({
+        "id": kernel_ref, "title": PROBE_TITLE, "code_file": "probe.py", "language": "python",
+        "kernel_type": "script", "is_private": True, "enable_gpu": False, "enable_tpu": False,
+        "enable_internet": internet, "dataset_sources": [dataset_ref], "competition_sources": [],
+        "kernel_sources": [], "model_sources": [], "keywords": [],
+    }, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def write_probe_dataset(folder: Path, dataset_ref: str, nonce: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / NONCE_FILE).write_text(json.dumps({"nonce": nonce}))
+    (folder / "dataset-metadata.json").write_text(json.dumps({
+        "id": dataset_ref, "title": DATA_TITLE, "licenses": [{"name": "CC0-1.0"}],
+        "description": "A nonce that kaggle-runner doctor's probe kernel reads, to measure dataset pinning.",
+    }, indent=2))
+    return folder
+
+
+# -- steps ---------------------------------------------------------------------------------------------
+class Doctor:
+    def __init__(self, gateway: KaggleGateway, workspace: Path, console: Console, pace: Pace):
+        self.gateway, self.workspace, self.console, self.pace = gateway, workspace, console, pace
+        self.folder = workspace / "doctor"
+        self.rows: list[Row] = []
+        self.measured: dict[str, Any] = {}
+        self.kernel_ref = self.data_ref = ""
+        self.known_version: int | None = None
+        self.internet_asked = True
+
+    def row(self, check: str, result: str, status: str, todo: str = "") -> None:
+        self.rows.append(Row(check, result, status, todo))
+
+    def credentials(self) -> None:
+        username = self.gateway.username
+        if not username:
+            raise KaggleRunnerError("the Kaggle client did not report a username for these credentials")
+        self.kernel_ref, self.data_ref = f"{username}/{PROBE_SLUG}", f"{username}/{DATA_SLUG}"
+        current = self.gateway.current_version(self.kernel_ref, pushed_before=False)  # the first request
+        self.known_version = current[0] if current else None
+        self.measured["username"] = username
+        self.row("credentials", f"accepted for {username}", "ok")
+
+    def quota(self) -> None:
+        try:
+            quota = self.gateway.quota()
+        except KaggleApiError as exc:
+            self.row("GPU quota", f"could not be read ({exc})", "warn",
+                     "launch checks it again; `kaggle-runner quota` shows it")
+            return
+        used, total = quota["used_seconds"], quota["total_seconds"]
+        if used is None or total is None:
+            self.row("GPU quota", "unknown (Kaggle left it out)", "warn", "see https://www.kaggle.com/settings")
+            return
+        left = max(0.0, total - used)
+        self.measured["gpu_quota_left_hours"] = round(left / 3600, 2)
+        self.row("GPU quota", f"{left / 3600:.1f} h left of {total / 3600:.1f} h this week", "ok" if left else "warn",
+                 "" if left else f"wait for the weekly reset ({quota.get('refresh') or 'Saturday 00:00 UTC'})")
+
+    def upload_nonce(self) -> tuple[str, float]:
+        """A new version of the probe dataset holding a fresh nonce; (nonce, when it was reported ready)."""
+        nonce = secrets.token_hex(16)
+        folder = write_probe_dataset(self.folder / "dataset", self.data_ref, nonce)
+        before = self.gateway.dataset_version(self.data_ref)
+        self.console.say(f"Uploading a fresh nonce to the private dataset {self.data_ref}")
+        if before is None:
+            try:
+                self.gateway.create_dataset(folder)
+            except KaggleApiError:  # it exists but was not visible yet: version it instead
+                before = self.gateway.dataset_version(self.data_ref)
+                if before is None:
+                    raise
+                self.gateway.create_dataset_version(folder, "kaggle-runner doctor probe")
+        else:
+            self.gateway.create_dataset_version(folder, "kaggle-runner doctor probe")
+        deadline, interval = time.time() + self.pace.dataset_timeout, self.pace.poll
+        while True:
+            try:
+                version = self.gateway.dataset_version(self.data_ref)
+                status = self.gateway.dataset_status(self.data_ref) if version else None
+            except KaggleApiError as exc:
+                if not exc.transient:
+                    raise
+                version, status = None, None
+            if version and version > (before or 0) and status == "ready":
+                return nonce, time.time()
+            if time.time() > deadline:
+                raise KaggleRunnerError(f"the probe dataset {self.data_ref} is still {status or 'not visible'} after "
+                                        f"{self.pace.dataset_timeout:.0f}s; try `kaggle-runner doctor` again later")
+            time.sleep(interval)
+            interval = min(self.pace.max_poll, interval * 1.5)
+
+    def push(self) -> tuple[int, float]:
+        """Push the probe once; (version, seconds its status stayed invisible). Falls back to no internet when
+        Kaggle refuses internet for this account."""
+        folder = write_probe(self.folder / "kernel", self.kernel_ref, self.data_ref, self.internet_asked)
+        try:
+            result = self.gateway.push(folder, self.pace.session_timeout, self.known_version)
+        except PushRefused as exc:
+            words = str(exc).lower()
+            if not self.internet_asked or not any(w in words for w in ("internet", "phone", "verif")):
+                raise
+            self.console.note(f"note: {exc}; pushing the probe again without internet")
+            self.internet_asked = False
+            folder = write_probe(folder, self.kernel_ref, self.data_ref, internet=False)
+            result = self.gateway.push(folder, self.pace.session_timeout, self.known_version)
+        self.known_version = result.version
+        pushed = time.time()
+        self.console.say(f"Pushed the CPU probe {self.kernel_ref} version {result.version}")
+        interval = self.pace.poll
+        while self.gateway.status(self.kernel_ref, result.version) is None:
+            if time.time() - pushed > self.pace.probe_timeout:
+                raise KaggleRunnerError(f"Kaggle showed no status for {self.kernel_ref} v{result.version} in "
+                                        f"{self.pace.probe_timeout:.0f}s; see https://www.kaggle.com/code/"
+                                        f"{self.kernel_ref}")
+            time.sleep(interval)
+            interval = min(self.pace.max_poll, interval * 1.5)
+        return result.version, time.time() - pushed
+
+    def wait_for_end(self, version: int) -> tuple[str, str | None]:
+        started, interval = time.time(), self.pace.poll
+        while True:
+            answer = self.gateway.status(self.kernel_ref, version)
+            if answer is not None and answer[0] in TERMINAL:
+                return answer
+            if time.time() - started > self.pace.probe_timeout:
+                raise KaggleRunnerError(f"the probe {self.kernel_ref} v{version} is still "
+                                        f"{answer[0] if answer else 'invisible'} after {self.pace.probe_timeout:.0f}s; "
+                                        f"stop it at https://www.kaggle.com/code/{self.kernel_ref}")
+            time.sleep(interval)
+            interval = min(self.pace.max_poll, interval * 1.5)
+
+    def report(self, version: int) -> dict | None:
+        """The probe's report: probe.json from the outputs, else its JSON line in the log; the listing lags."""
+        deadline, interval = time.time() + self.pace.output_wait, self.pace.poll
+        target = self.folder / f"output-v{version}"
+        while True:
+            try:
+                files, log = self.gateway.list_output(self.kernel_ref, version)
+                if PROBE_OUTPUT in {f.name for f in files}:
+                    self.gateway.download(self.kernel_ref, version, target, artifacts.exact_pattern([PROBE_OUTPUT]),
+                                          force=True)
+                    found = artifacts.read_json_file(target / PROBE_OUTPUT)
+                    if isinstance(found, dict):
+                        return found
+                found = report_in_log(log)
+                if found is not None:
+                    return found
+            except KaggleApiError as exc:
+                if not exc.transient:
+                    raise
+            if time.time() > deadline:
+                try:
+                    return report_in_log(self.gateway.log(self.kernel_ref, version))
+                except KaggleApiError:
+                    return None
+            time.sleep(interval)
+            interval = min(self.pace.max_poll, interval * 2)
+
+    def probe(self) -> dict | None:
+        """Upload a nonce, push right after, push again (waiting longer) until a probe sees it."""
+        nonce, ready_at = self.upload_nonce()
+        invisible: list[float] = []
+        last: dict | None = None
+        pin: tuple[int, float, bool] | None = None
+        failed = False
+        for attempt in range(1, MAX_PUSHES + 1):
+            pushed_at = time.time()
+            version, hidden = self.push()
+            invisible.append(hidden)
+            status, message = self.wait_for_end(version)
+            found = self.report(version)
+            if status != KaggleStatus.COMPLETE or found is None:
+                self.row("probe kernel", f"v{version} ended {status}" + (f": {message}" if message else "")
+                         + ("" if found else "; it left no report"), "fail",
+                         f"read its log: https://www.kaggle.com/code/{self.kernel_ref}")
+                failed = True
+                break
+            last = found
+            if found.get("nonce") == nonce:
+                pin = (attempt, pushed_at - ready_at, True)
+                break
+            what = "the previous version" if found.get("nonce") else "no version"
+            if attempt == MAX_PUSHES:
+                pin = (attempt, pushed_at - ready_at + self.pace.repush_waits[-1], False)
+                self.console.say(f"Probe v{version} saw {what} of {self.data_ref} (Kaggle pinned it at push)")
+            else:
+                wait = self.pace.repush_waits[attempt - 1]
+                self.console.say(f"Probe v{version} saw {what} of {self.data_ref} (Kaggle pinned it at push); "
+                                 f"pushing again in {wait:.0f}s")
+                time.sleep(wait)
+        if invisible:
+            self.measured["status_invisible_seconds"] = round(max(invisible), 1)
+        if last is not None and not failed:
+            self.row("probe kernel", f"{len(invisible)} CPU version(s) of {self.kernel_ref} ended COMPLETE "
+                     "(no GPU quota used)", "ok")
+        if invisible:
+            self.row("status after push", f"invisible (Kaggle: \"No runs found\") for up to {max(invisible):.1f}s",
+                     "ok", "nothing: launch treats this window as \"not yet\"")
+        if pin is not None:
+            self.pin(*pin)
+        else:
+            self.row("dataset pinning", "not measured", "skip", "run `kaggle-runner doctor` again")
+        return last
+
+    def pin(self, pushes: int, delay: float, exact: bool) -> None:
+        delay = round(max(0.0, delay), 1)
+        self.measured["pin_delay_seconds"] = delay
+        self.measured["pin_delay_exact"] = exact
+        if exact and pushes == 1:
+            self.row("dataset pinning", "the push right after the upload saw the new version", "ok")
+        elif exact:
+            self.row("dataset pinning", f"Kaggle attached the old version; a push {delay:.0f}s after the new one was "
+                     f"ready saw it (push {pushes} of {MAX_PUSHES}; an upper bound)", "warn",
+                     f"nothing: launch lets each checkpoint upload settle at least {delay:.0f}s "
+                     "(or dataset_settle_seconds, if longer)")
+        else:
+            self.row("dataset pinning", f"{MAX_PUSHES} pushes, the last {delay - self.pace.repush_waits[-1]:.0f}s "
+                     "after ready, all saw an older version", "warn",
+                     f"launch now waits {delay:.0f}s after an upload; run `kaggle-runner doctor` again later")
+
+    def kernel_rows(self, found: dict | None) -> None:
+        if found is None:
+            for check in ("dataset mount", "image versions", "internet", "session variable"):
+                self.row(check, "not measured (the probe gave no report)", "skip")
+            return
+        layout = found.get("mount_layout")
+        self.measured["mount_layout"] = layout if layout in ("datasets", "slug") else None
+        places = {"datasets": "<input>/datasets/<owner>/<slug>/", "slug": "<input>/<slug>/"}
+        self.row("dataset mount", places.get(layout, f"not found ({found.get('mount_path') or 'nothing mounted'})"),
+                 "ok" if layout in places else "warn",
+                 "" if layout in places else "the kernel searches the whole input root; report this layout")
+        versions = {name: found.get(name) for name in ("python", "torch", "transformers", "datasets")}
+        self.measured["versions"] = versions
+        missing = [name for name in ("torch", "transformers", "datasets") if not versions[name]]
+        self.row("image versions", ", ".join(f"{k} {v or 'absent'}" for k, v in versions.items()),
+                 "warn" if missing else "ok",
+                 f"the kernel needs {', '.join(missing)}; pip-install it in the kernel or wait for Kaggle's image"
+                 if missing else "")
+        online = bool(found.get("internet"))
+        self.measured["internet"] = online
+        self.row("internet", "yes" if online else f"no ({found.get('internet_error') or 'not allowed'})",
+                 "ok" if online else "warn",
+                 "" if online else "verify your phone number at https://www.kaggle.com/settings to allow internet in "
+                 "kernels; without it, attach data and tokenizers as Kaggle datasets and set enable_internet = false")
+        session = bool(found.get("session_variable"))
+        self.measured["session_variable"] = session
+        self.row("session variable", f"KAGGLE_CONTAINER_NAME {'present' if session else 'absent'}",
+                 "ok" if session else "warn",
+                 "" if session else "`kaggle-runner cancel` may not reach a running version: stop it on its page")
+        self.row("kernel output as input", "not checked", "skip",
+                 "kaggle-runner does not rely on it: resumes go through a private dataset")
+
+
+def run_doctor(workspace: str | Path, local: bool = False, endpoint: str | None = None,
+               console: Console | None = None) -> dict:
+    """Run every check (a few minutes against Kaggle, seconds locally); save and return what was measured."""
+    from kaggle_runner.launcher import _gateway  # the one way commands connect, --local included
+
+    console = console or Console()
+    workspace = Path(workspace)
+    workspace.mkdir(parents=True, exist_ok=True)
+    gateway = _gateway(workspace, local, endpoint, console.note)
+    doctor = Doctor(gateway, workspace, console, Pace.for_target(kaggle=not local and not endpoint))
+    doctor.credentials()
+    doctor.quota()
+    found = doctor.probe()
+    doctor.kernel_rows(found)
+    measured = {
+        "pin_delay_seconds": None, "pin_delay_exact": None, "status_invisible_seconds": None, "mount_layout": None,
+        "versions": None, "internet": None, "session_variable": None, **doctor.measured,
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "endpoint": "local emulator" if local else (endpoint or gateway.endpoint), "local": local,
+    }
+    path = workspace / "doctor.json"
+    path.write_text(json.dumps(measured, indent=2) + "\n")
+    return {**measured, "saved_to": str(path), "ok": all(r.status != "fail" for r in doctor.rows),
+            "checks": [vars(r) for r in doctor.rows]}
+
+
+def report_in_log(log: str | None) -> dict | None:
+    """The probe's {"event": "probe"} line from a log (Kaggle's JSON list of stream events, or plain text)."""
+    if not log:
+        return None
+    try:
+        events = json.loads(log)
+        text = "".join(str(e.get("data", "")) for e in events if isinstance(e, dict)) if isinstance(events, list) \
+            else log
+    except ValueError:  # the emulator's and Kaggle's logs can be JSON lines
+        text = "".join(_data_of(line) for line in log.splitlines())
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"probe"' in line:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == "probe":
+                return event
+    return None
+
+
+def _data_of(line: str) -> str:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return line + "\n"
+    return str(event.get("data", "")) if isinstance(event, dict) and "stream_name" in event else line + "\n"
+
+
+def print_report(result: dict, console: Console | None = None) -> None:
+    out = (console or Console()).out
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("check", no_wrap=True)
+    table.add_column("result", overflow="fold")
+    table.add_column("what to do", overflow="fold")
+    marks = {"ok": "ok", "warn": "!", "fail": "FAIL", "skip": "-"}
+    for row in result["checks"]:
+        table.add_row(f"{marks.get(row['status'], '')} {row['check']}", row["result"], row["todo"])
+    out.print(table)
+    use = ("`launch --local` does not use it (real Kaggle runs do)" if result.get("local") else
+           "launch lets each checkpoint upload settle at least pin_delay_seconds "
+           f"({result['pin_delay_seconds']}) before the resume push")
+    out.print(f"Saved to {result['saved_to']}; {use}.", markup=False)
