@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from kaggle_runner.emulator.state import MAX_GPU_SESSIONS, TIMEOUT_MESSAGE, Backend, Kernel, Version
+from kaggle_runner.states import KaggleStatus
 
 # What a process the emulator starts may inherit: nothing else (no KAGGLE_* credentials, no tokens).
 ALLOWED_ENV = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "VIRTUAL_ENV",
@@ -54,9 +55,9 @@ class Runner:
             if backend.faults.hold_queued:
                 return
             queued = sorted(((v.created_at, k, v) for k in backend.kernels.values() for v in k.versions
-                             if v.status == "QUEUED"), key=lambda item: item[0])
+                             if v.status == KaggleStatus.QUEUED), key=lambda item: item[0])
             for _, kernel, version in queued:
-                started = backend.gpu_sessions_in_use(("RUNNING", "CANCEL_REQUESTED"))
+                started = backend.gpu_sessions_in_use((KaggleStatus.RUNNING, KaggleStatus.CANCEL_REQUESTED))
                 if version.enable_gpu and started >= MAX_GPU_SESSIONS:
                     continue
                 self._start(kernel, version)
@@ -91,7 +92,7 @@ class Runner:
         key = (f"{kernel.owner}/{kernel.slug}", version.number)
         with self.lock:
             self.processes[key] = process
-        backend.set_version_status(kernel, version, "RUNNING", started_at=started)
+        backend.set_version_status(kernel, version, KaggleStatus.RUNNING, started_at=started)
         write_lock = threading.Lock()
         readers = [threading.Thread(target=self._pump, args=(stream, name, log_path, started, write_lock),
                                     daemon=True)
@@ -130,22 +131,22 @@ class Runner:
         backend.set_version_status(kernel, version, version.status, ended_at=ended)
         if backend.faults.stuck_running and not cancelled:
             with self.lock:
-                self.stuck[key] = process.returncode  # still "RUNNING" until someone cancels it
+                self.stuck[key] = process.returncode  # still RUNNING until someone cancels it
             return
         self._upload_outputs(working)
         if cancelled:
-            backend.set_version_status(kernel, version, "CANCEL_ACKNOWLEDGED", ended_at=ended,
+            backend.set_version_status(kernel, version, KaggleStatus.CANCEL_ACKNOWLEDGED, ended_at=ended,
                                        exit_code=process.returncode)
         elif timed_out:
             if backend.faults.drop_outputs_on_timeout:
                 shutil.rmtree(working, ignore_errors=True)
                 working.mkdir()
-            backend.set_version_status(kernel, version, "CANCEL_ACKNOWLEDGED", TIMEOUT_MESSAGE,
+            backend.set_version_status(kernel, version, KaggleStatus.CANCEL_ACKNOWLEDGED, TIMEOUT_MESSAGE,
                                        ended_at=ended, exit_code=process.returncode)
         elif process.returncode == 0:
-            backend.set_version_status(kernel, version, "COMPLETE", ended_at=ended, exit_code=0)
+            backend.set_version_status(kernel, version, KaggleStatus.COMPLETE, ended_at=ended, exit_code=0)
         else:
-            backend.set_version_status(kernel, version, "ERROR",
+            backend.set_version_status(kernel, version, KaggleStatus.ERROR,
                                        f"Your notebook hit an error: the process exited with code "
                                        f"{process.returncode}. See the log for details.",
                                        ended_at=ended, exit_code=process.returncode)
@@ -190,13 +191,13 @@ class Runner:
             stuck = key in self.stuck
             exit_code = self.stuck.pop(key, None)
         if process is not None:
-            self.backend.set_version_status(kernel, version, "CANCEL_REQUESTED")
+            self.backend.set_version_status(kernel, version, KaggleStatus.CANCEL_REQUESTED)
             self._terminate(process)
         elif stuck:
-            self.backend.set_version_status(kernel, version, "CANCEL_ACKNOWLEDGED", ended_at=self.backend.clock(),
-                                            exit_code=exit_code)
-        elif version.status == "QUEUED":
-            self.backend.set_version_status(kernel, version, "CANCEL_ACKNOWLEDGED",
+            self.backend.set_version_status(kernel, version, KaggleStatus.CANCEL_ACKNOWLEDGED,
+                                            ended_at=self.backend.clock(), exit_code=exit_code)
+        elif version.status == KaggleStatus.QUEUED:
+            self.backend.set_version_status(kernel, version, KaggleStatus.CANCEL_ACKNOWLEDGED,
                                             ended_at=self.backend.clock())
 
     def stop_all(self) -> None:

@@ -32,6 +32,7 @@ from kaggle_runner.emulator.handlers import RPCS, Context
 from kaggle_runner.emulator.realism import Realism, TokenBucket
 from kaggle_runner.emulator.runner import Runner
 from kaggle_runner.emulator.state import Backend, check_name
+from kaggle_runner.states import KaggleStatus
 
 API_VERSION = "1"
 CONTENT_RANGE = re.compile(r"bytes (?:(\d+)-(\d+)|\*)/(\d+)")
@@ -154,14 +155,14 @@ class EmulatorApp:
         check_name(owner, "owner"), check_name(slug, "slug")
         self.backend.check_fault("LogStream")
         _, version = self.backend.get_version(owner, slug, request.args.get("versionLabel"))
-        if version.status not in ("QUEUED", "RUNNING", "CANCEL_REQUESTED"):
+        if KaggleStatus(version.status).terminal:
             # A finished session: the persisted log as one JSON array, as Kaggle's midtier serves it.
             return json_response(self.backend.read_log_events(owner, slug, version))  # type: ignore[arg-type]
 
         def events():
             sent = 0  # a reconnecting client skips what it has seen: always replay from the start
             while True:
-                finished = version.status not in ("QUEUED", "RUNNING", "CANCEL_REQUESTED")
+                finished = KaggleStatus(version.status).terminal
                 log = self.backend.read_log_events(owner, slug, version)
                 for event in log[sent:]:
                     yield f"data: {json.dumps(event)}\n\n"

@@ -24,6 +24,7 @@ from typing import Any
 
 from kaggle_runner.emulator.errors import BadRequest, Conflict, InjectedFault, NotFound, PermissionDenied
 from kaggle_runner.emulator.realism import Realism
+from kaggle_runner.states import KaggleStatus
 
 WEEKLY_GPU_SECONDS = 30 * 3600
 WEEKLY_TPU_SECONDS = 20 * 3600
@@ -32,14 +33,14 @@ MAX_GPU_SESSIONS = 2
 TIMEOUT_MESSAGE = "Your notebook was stopped because it exceeded the max allowed execution duration."
 RESTART_MESSAGE = "The emulator stopped while this version was running."
 
-ACTIVE = ("QUEUED", "RUNNING", "CANCEL_REQUESTED")
+ACTIVE = (KaggleStatus.QUEUED, KaggleStatus.RUNNING, KaggleStatus.CANCEL_REQUESTED)
 # Kaggle's wording when a push would start a third GPU session (the kaggle client prints it after
 # "Kernel push error: "; quoted in Kaggle/kaggle-cli#185 and in tools that match on it).
 GPU_SESSION_LIMIT_MESSAGE = f"Maximum batch GPU session count of {MAX_GPU_SESSIONS} reached."
 NO_RUNS_MESSAGE = "No runs found for this kernel"
 KERNEL_DENIED_MESSAGE = "Permission 'kernels.get' was denied"
 CANCEL_DENIED_MESSAGE = "Permission 'kernelSessions.cancel' was denied"
-TERMINAL = ("COMPLETE", "ERROR", "CANCEL_ACKNOWLEDGED")
+TERMINAL = (KaggleStatus.COMPLETE, KaggleStatus.ERROR, KaggleStatus.CANCEL_ACKNOWLEDGED)
 # Owners and slugs as Kaggle spells them; anything else (`..`, slashes, NUL) never reaches a path.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 
@@ -61,7 +62,7 @@ class SessionLimitReached(Exception):
 @dataclass
 class Version:
     number: int
-    status: str = "QUEUED"
+    status: str = KaggleStatus.QUEUED
     failure_message: str | None = None
     code_file: str = "train.py"
     kernel_type: str = "script"
@@ -117,7 +118,6 @@ class Blob:
     name: str
     content_length: int
     received: int = 0
-    consumed: bool = False
 
 
 @dataclass
@@ -130,10 +130,6 @@ class Faults:
     hold_queued: bool = False
     drop_outputs_on_timeout: bool = False
     stuck_running: bool = False  # ended versions keep reporting RUNNING until cancelled, as Kaggle's can
-
-
-def _from_dict(cls, data: dict):
-    return cls(**data)
 
 
 class Backend:
@@ -174,18 +170,18 @@ class Backend:
         data = json.loads(self.state_file.read_text())
         self.next_id = data["next_id"]
         for ref, k in data["kernels"].items():
-            versions = [_from_dict(Version, v) for v in k.pop("versions")]
+            versions = [Version(**v) for v in k.pop("versions")]
             self.kernels[ref] = Kernel(**k, versions=versions)
         for ref, d in data["datasets"].items():
-            versions = [_from_dict(DatasetVersion, v) for v in d.pop("versions")]
+            versions = [DatasetVersion(**v) for v in d.pop("versions")]
             self.datasets[ref] = Dataset(**d, versions=versions)
-        self.blobs = {t: _from_dict(Blob, b) for t, b in data["blobs"].items()}
+        self.blobs = {t: Blob(**b) for t, b in data["blobs"].items()}
         for kernel in self.kernels.values():
             for version in kernel.versions:
                 if not version.session_id:
                     version.session_id = self._new_session_id()
                 if version.status in ACTIVE:
-                    version.status, version.failure_message = "ERROR", RESTART_MESSAGE
+                    version.status, version.failure_message = KaggleStatus.ERROR, RESTART_MESSAGE
                     version.ended_at = version.ended_at or self.clock()
                     version.terminal_at = self.clock()
         self._save()
@@ -318,7 +314,7 @@ class Backend:
             (folder / version.code_file).write_text(text, encoding="utf-8")
             kernel.versions.append(version)
             if settings.get("quick_save"):
-                version.status, version.started_at, version.ended_at = "COMPLETE", now, now
+                version.status, version.started_at, version.ended_at = KaggleStatus.COMPLETE, now, now
                 version.terminal_at = now
             self._save()
         if self.runner and not settings.get("quick_save"):
