@@ -60,5 +60,31 @@ def test_low_quota_stops():
 
 
 def test_launcher_deadline_past_kaggles_limit():
-    assert not overran(pushed_at=0, now=100, session_timeout=90, grace=30)
-    assert overran(pushed_at=0, now=121, session_timeout=90, grace=30)
+    assert not overran(running_at=0, now=100, session_timeout=90, grace=30)
+    assert overran(running_at=0, now=121, session_timeout=90, grace=30)
+
+
+def test_the_chain_docs_diagram_names_every_phase():
+    from pathlib import Path
+
+    from kaggle_runner.controller import PHASES
+    from kaggle_runner.states import Phase
+
+    diagram = Path("docs/chain.md").read_text().split("```")[1]
+    assert all(phase.value in diagram for phase in Phase), [p.value for p in Phase if p.value not in diagram]
+    assert set(PHASES) == set(Phase) - {Phase.DONE, Phase.FINAL}  # every phase with a next step has a handler
+
+
+def test_resume_missing_repushes_a_bounded_number_of_times_then_stops():
+    missing = outcome(reason="resume_missing", step=0, checkpoint=False)
+    assert choose(missing, previous=[10]).action == "repush"
+    decision = decide(missing, [10], 2, 6, 2, None, 1.0, "demo", resume_retries=3, max_resume_retries=3)
+    assert decision.action == "stop" and "dataset_settle_seconds" in decision.reason and "resume demo" in \
+        decision.reason
+
+
+def test_no_gpu_stops_and_divergence_fails_naming_the_run():
+    assert choose(outcome(reason="no_gpu", message="only a CPU")).final_state == "stopped"
+    decision = decide(outcome(reason="diverged"), [], 1, 6, 2, None, 1.0, "demo")
+    assert decision.action == "fail" and "diverged" in decision.reason and "resume demo" in decision.reason
+    assert "RUN" not in decision.reason
