@@ -52,7 +52,7 @@ def read_json_file(path: Path) -> object | None:
     """A JSON file written by a kernel, or None if it is missing, torn or not JSON: never an exception."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: a hostile file of nested brackets
         return None
 
 

@@ -63,18 +63,19 @@ def decide(outcome: SegmentOutcome, previous_steps: list[int], segments_so_far: 
     if state.get("status") == "complete":
         return Decision("complete", f"training complete at step {state.get('global_step')}")
     reason = state.get("reason")
+    said = str(state.get("message") or reason).rstrip(". ")  # the kernel's own words, without a final period
     if reason == RESUME_MISSING:
         if resume_retries < max_resume_retries:
-            return Decision("repush", f"the kernel did not find its checkpoint ({state.get('message') or reason}); "
+            return Decision("repush", f"the kernel did not find its checkpoint ({said}); "
                                       "Kaggle attached an older dataset version")
         return Decision("stop", f"the kernel did not find its checkpoint after {resume_retries + 1} pushes "
-                                f"({state.get('message') or reason}); Kaggle keeps attaching an older dataset "
+                                f"({said}); Kaggle keeps attaching an older dataset "
                                 f"version. Raise dataset_settle_seconds, then `kaggle-runner resume {run_name}`")
     if reason in FATAL_KERNEL_REASONS:
-        return Decision("fail", f"{FATAL_KERNEL_REASONS[reason]}: {state.get('message') or reason}. "
+        return Decision("fail", f"{FATAL_KERNEL_REASONS[reason]}: {said}. "
                                 f"Fix the configuration, then `kaggle-runner resume {run_name}`")
     if reason in STOPPING_KERNEL_REASONS:
-        return Decision("stop", f"{STOPPING_KERNEL_REASONS[reason]}: {state.get('message') or reason}. "
+        return Decision("stop", f"{STOPPING_KERNEL_REASONS[reason]}: {said}. "
                                 f"Set allow_cpu = true to accept one, or `kaggle-runner resume {run_name}` later")
     step = step_of(outcome)
     if not outcome.has_checkpoint:

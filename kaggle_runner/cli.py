@@ -29,7 +29,16 @@ def handle_errors(fn):
         except KaggleRunnerError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
-            click.echo("\nInterrupted. The run's state is saved; `kaggle-runner watch RUN` picks it up.", err=True)
+            from kaggle_runner.launcher import CURRENT_RUN
+
+            name = CURRENT_RUN.get("name")
+            if fn.__name__ == "logs":
+                click.echo("\nStopped following the log; the run goes on.", err=True)
+            elif name:
+                click.echo(f"\nInterrupted. The run's state is saved; `kaggle-runner watch {name}` picks it up.",
+                           err=True)
+            else:
+                click.echo("\nInterrupted.", err=True)
             sys.exit(130)
 
     return wrapper
@@ -49,6 +58,21 @@ def workspace_option(fn):
     return click.option("--workspace", type=click.Path(file_okay=False), default=".kaggle-runner",
                         show_default=True, envvar="KAGGLE_RUNNER_WORKSPACE",
                         help="Where runs are recorded (SQLite) and the local emulator keeps its data.")(fn)
+
+
+def notify_option(fn):
+    return click.option("--notify", "notify_url", metavar="URL",
+                        help="POST to this URL when a segment starts and when the chain completes, stops or fails "
+                             "(or set notify_url in the config).")(fn)
+
+
+def chain_exit(run, detached: bool = False) -> None:
+    """0 only when training completed (or, detached, the push landed); see docs/chain.md, "Exit codes"."""
+    from kaggle_runner.launcher import exit_code
+
+    code = exit_code(run, detached)
+    if code:
+        sys.exit(code)
 
 
 def endpoint_options(fn):
@@ -107,27 +131,42 @@ def render(config_path: str, out_dir: str, username: str | None, overrides: tupl
 @click.option("--name", help="A name for the run [default: the slug and a timestamp].")
 @set_option
 @click.option("--detach", is_flag=True, help="Return after the first push; follow later with `watch RUN`.")
+@click.option("--max-segments", type=click.IntRange(min=1), help="Allow this many segments (max_segments).")
+@notify_option
 @endpoint_options
 @workspace_option
 @handle_errors
-def launch(config_path, name, overrides, detach, local, endpoint, workspace) -> None:
-    """Push the kernel and follow it until the model is trained, resuming across sessions."""
+def launch(config_path, name, overrides, detach, max_segments, notify_url, local, endpoint, workspace) -> None:
+    """Push the kernel and follow it until the model is trained, resuming across sessions.
+
+    Exits 0 when training completed (with --detach: when the push landed), 3 when the chain failed,
+    4 when it stopped (a guardrail), 5 when it was cancelled, 1 for any other error.
+    """
     from kaggle_runner.launcher import launch as launch_run
 
-    launch_run(config_path, overrides=overrides, name=name, detach=detach, local=local, endpoint=endpoint,
-               workspace=workspace)
+    run = launch_run(config_path, overrides=overrides, name=name, detach=detach, local=local, endpoint=endpoint,
+                     workspace=workspace, max_segments=max_segments, notify_url=notify_url)
+    chain_exit(run, detach)
 
 
 @cli.command()
 @click.argument("run", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--all", "every", is_flag=True, help="Runs of every workspace you launched from.")
 @workspace_option
 @handle_errors
-def status(run: str | None, as_json: bool, workspace: str) -> None:
-    """All runs as a table, or one run in detail."""
-    from kaggle_runner.launcher import run_status
+def status(run: str | None, as_json: bool, every: bool, workspace: str) -> None:
+    """All runs as a table, or one run in detail (asking Kaggle when no process drives it)."""
+    from kaggle_runner.launcher import all_status, run_status
 
-    result = run_status(workspace, run)
+    if every:
+        result = all_status()
+    elif run is None and not (Path(workspace) / "runs.sqlite").exists():
+        click.echo(f"No runs here: {workspace} does not exist in {Path.cwd()}. Runs live in the folder you "
+                   "launched them from (or --workspace); `kaggle-runner status --all` lists them all.")
+        return
+    else:
+        result = run_status(workspace, run, refresh=run is not None)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     else:
@@ -153,13 +192,15 @@ def fetch(run: str, out_dir: str | None, workspace: str) -> None:
 @cli.command()
 @click.argument("run")
 @click.option("--follow", "-f", is_flag=True, help="Stream the log of the running version until it ends.")
+@click.option("--segment", type=int, help="The log of segment N instead of the latest.")
+@click.option("--all", "every", is_flag=True, help="The logs of every segment, in order.")
 @workspace_option
 @handle_errors
-def logs(run: str, follow: bool, workspace: str) -> None:
-    """Print the log of a run's current kernel version."""
+def logs(run: str, follow: bool, segment: int | None, every: bool, workspace: str) -> None:
+    """Print the log of a run's current kernel version (or of one segment, or of all)."""
     from kaggle_runner.launcher import print_logs
 
-    print_logs(workspace, run, follow=follow)
+    print_logs(workspace, run, follow=follow, segment=segment, every=every)
 
 
 @cli.command()
@@ -174,26 +215,61 @@ def cancel(run: str, workspace: str) -> None:
 
 
 @cli.command()
-@click.argument("run")
+@click.argument("run", required=False)
+@click.option("--all", "every", is_flag=True, help="Drive every unfinished run of the workspace in this process.")
+@notify_option
 @workspace_option
 @handle_errors
-def watch(run: str, workspace: str) -> None:
-    """Follow a run and drive its resume chain (what launch does after its first push)."""
-    from kaggle_runner.launcher import watch_run
+def watch(run: str | None, every: bool, notify_url: str | None, workspace: str) -> None:
+    """Follow a run and drive its resume chain (what launch does after its first push).
 
-    watch_run(workspace, run)
+    With --all, one process drives every unfinished run (each still has one driver); `kaggle-runner
+    service` writes a systemd unit or launchd agent that keeps it running. Exit codes as for launch.
+    """
+    from kaggle_runner.launcher import exit_code, watch_all, watch_run
+
+    if every == bool(run):
+        raise click.UsageError("name one RUN, or pass --all")
+    if run:
+        chain_exit(watch_run(workspace, run, notify_url=notify_url))
+        return
+    codes = [exit_code(r) for r in watch_all(workspace, notify_url=notify_url)]
+    worst = max(codes, default=0)  # EXIT_STILL_RUNNING: some run is driven by another process
+    if worst:
+        sys.exit(worst)
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["systemd", "launchd"]))
+@workspace_option
+@handle_errors
+def service(kind: str, workspace: str) -> None:
+    """Print a systemd user unit or a launchd agent that keeps `watch --all` running across logouts."""
+    from kaggle_runner.service import service_file
+
+    click.echo(service_file(kind, workspace), nl=False)
 
 
 @cli.command()
 @click.argument("run")
 @click.option("--max-segments", type=int, help="Allow this many segments in all (raises the limit).")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              help="Take the run's configuration from this file (keys an exact resume needs may not change).")
+@set_option
+@notify_option
 @workspace_option
 @handle_errors
-def resume(run: str, max_segments: int | None, workspace: str) -> None:
-    """Restart a stopped or failed chain from its newest checkpoint, then follow it."""
+def resume(run: str, max_segments: int | None, config_path: str | None, overrides: tuple[str, ...],
+           notify_url: str | None, workspace: str) -> None:
+    """Restart a stopped or failed chain from its newest checkpoint, then follow it.
+
+    Fix what stopped it with -c FILE or --set KEY=VALUE (validated, and the kernel rendered again); keys that
+    decide the model, the data or the kernel are refused with the reason. Exit codes as for launch.
+    """
     from kaggle_runner.launcher import resume_run
 
-    resume_run(workspace, run, max_segments=max_segments)
+    chain_exit(resume_run(workspace, run, max_segments=max_segments, config_path=config_path, overrides=overrides,
+                          notify_url=notify_url))
 
 
 @cli.command()
@@ -304,6 +380,51 @@ def bench(preset, config_path, overrides, steps, warmup, device, dtype, as_json)
         from kaggle_runner.display import print_bench
 
         print_bench(result)
+
+
+def outputs_option(fn):
+    return click.option("--outputs", type=click.Path(file_okay=False),
+                        help="Where the run's outputs are, or go when fetched [default: outputs/RUN].")(fn)
+
+
+@cli.command()
+@click.argument("run")
+@click.argument("prompt")
+@click.option("--tokens", default=100, show_default=True, type=click.IntRange(min=1),
+              help="New tokens to write (capped to fit the model's context).")
+@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0),
+              help="Sampling temperature; 0 always takes the likeliest token.")
+@click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0),
+              help="Sample among the k likeliest tokens; 0 for all.")
+@click.option("--seed", type=int, help="Seed the sampler: the same seed writes the same text.")
+@click.option("--best", is_flag=True, help="Use the best weights (lowest validation loss) instead of the final ones.")
+@outputs_option
+@workspace_option
+@handle_errors
+def generate(run, prompt, tokens, temperature, top_k, seed, best, outputs, workspace) -> None:
+    """Continue PROMPT with a run's trained model, on this machine's CPU (fetches the outputs if needed)."""
+    from kaggle_runner.generate import generate as generate_text
+
+    result = generate_text(workspace, run, prompt, tokens=tokens, temperature=temperature, top_k=top_k, seed=seed,
+                           best=best, outputs=outputs)
+    for note in result.notes:
+        click.echo(note, err=True)
+    click.echo(result.text)
+
+
+@cli.command()
+@click.argument("run")
+@click.option("-o", "--output", "html_path", type=click.Path(dir_okay=False),
+              help="The HTML page to write; the PNG goes beside it [default: outputs/RUN/report.html].")
+@outputs_option
+@workspace_option
+@handle_errors
+def report(run: str, html_path: str | None, outputs: str | None, workspace: str) -> None:
+    """A run at a glance: loss curves across segments, learning rate, tokens/s, samples, segment table."""
+    from kaggle_runner.report import write_report
+
+    page, chart = write_report(workspace, run, html_path, outputs)
+    click.echo(f"Wrote {page} and {chart}")
 
 
 def main() -> None:

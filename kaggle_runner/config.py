@@ -17,11 +17,14 @@ from slugify import slugify
 
 from kaggle_runner.errors import KaggleRunnerError
 
-PRESETS = ("tiny", "seed")
+PRESETS = ("tiny", "seed", "finetune")
 
 # Shapes the official client knows; retired ones still push but run on a replacement (kaggle 2.2.5).
 MACHINE_SHAPES = {"NvidiaTeslaT4"}
 RETIRED_MACHINE_SHAPES = {"NvidiaTeslaP100": "Kaggle runs it on NvidiaTeslaT4 instead."}
+
+
+DATASETS = ("wikitext-103", "stdlib-docs", "text-files")
 
 
 class ConfigError(KaggleRunnerError):
@@ -40,6 +43,11 @@ class RunConfig(BaseModel):
     n_head: int = Field(8, gt=0)
     max_length: int = Field(512, gt=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # Fine-tune this model (a Hugging Face hub id, or a local folder holding an AutoModelForCausalLM and its
+    # tokenizer) with its own tokenizer, instead of training model_type from scratch.
+    init_from: str | None = None
+    model_type: Literal["gpt2", "llama"] = "gpt2"
+    gradient_checkpointing: bool = False
 
     # [training]
     batch_size: int = Field(8, gt=0)
@@ -67,7 +75,12 @@ class RunConfig(BaseModel):
     resume_from_checkpoint: str | None = None
 
     # [data]
-    dataset: Literal["wikitext-103", "stdlib-docs", "text-files"] = "wikitext-103"
+    # wikitext-103 | stdlib-docs | text-files | hf:<hub id or local save_to_disk folder>
+    dataset: str = "wikitext-103"
+    dataset_config: str | None = None
+    text_column: str = Field("text", min_length=1)
+    train_split: str = Field("train", min_length=1)
+    validation_split: str = Field("validation", min_length=1)
     text_files_path: str | None = None
     dataset_sources: list[str] = Field(default_factory=list)
     tokenizer: Literal["gpt2", "bpe"] = "gpt2"
@@ -99,6 +112,10 @@ class RunConfig(BaseModel):
     dataset_settle_seconds: int = Field(180, ge=0)
     # How often a segment that did not find its checkpoint (reason resume_missing) is pushed again.
     max_resume_retries: int = Field(3, ge=0)
+    # POST here when a segment starts and when the chain completes, stops or fails (never blocks the chain);
+    # "text" sends one plain line, as ntfy-style services expect.
+    notify_url: str | None = None
+    notify_format: Literal["json", "text"] = "json"
 
     @field_validator("slug")
     @classmethod
@@ -117,6 +134,32 @@ class RunConfig(BaseModel):
             parts = ref.split("/")
             if len(parts) != 2 or not all(parts):
                 raise ValueError(f"{ref!r} is not a Kaggle dataset reference (owner/dataset-slug)")
+        return value
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_source(cls, value: str) -> str:
+        if value in DATASETS:
+            return value
+        if value.startswith("hf:"):
+            if not value[3:].strip() or value[3:] != value[3:].strip():
+                raise ValueError("hf: needs a Hugging Face dataset id or a local folder, "
+                                 "e.g. 'hf:roneneldan/TinyStories'")
+            return value
+        raise ValueError(f"use one of {', '.join(DATASETS)}, or hf:<dataset id or folder>")
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value != value.strip()):
+            raise ValueError("must be a Hugging Face model id (e.g. 'HuggingFaceTB/SmolLM2-135M') or a local folder")
+        return value
+
+    @field_validator("notify_url")
+    @classmethod
+    def _notify_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL, e.g. https://ntfy.sh/my-topic")
         return value
 
     @field_validator("machine_shape")
@@ -140,6 +183,9 @@ class RunConfig(BaseModel):
             raise ValueError(f"title {self.title!r} must be 5-50 characters")
         if self.dataset == "text-files" and not self.text_files_path:
             raise ValueError("dataset 'text-files' needs text_files_path (a file, folder or glob)")
+        if self.init_from and self.model_type != "gpt2":
+            raise ValueError(f"model_type {self.model_type!r} is for models trained from scratch; init_from "
+                             f"{self.init_from!r} brings its own architecture (remove one of the two)")
         if self.safety_margin_seconds >= self.session_timeout_seconds:
             raise ValueError(
                 f"safety_margin_seconds ({self.safety_margin_seconds}) must be below "
@@ -166,7 +212,7 @@ class RunConfig(BaseModel):
         """What the kernel needs at run time: everything but the launcher-only keys."""
         launcher_only = {"machine_shape", "is_private", "kernel_type", "dataset_sources",
                          "max_segments", "max_stalled_segments", "min_quota_hours", "segment_grace_seconds",
-                         "dataset_settle_seconds", "max_resume_retries"}
+                         "dataset_settle_seconds", "max_resume_retries", "notify_url", "notify_format"}
         return {k: v for k, v in self.model_dump().items() if k not in launcher_only}
 
 
@@ -252,6 +298,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: no such file; create one with `kaggle-runner init`") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     return build_config(parse_toml(text, str(path)), overrides, source=str(path))
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kaggle_runner import artifacts, chain
+from kaggle_runner import artifacts, chain, notify
 from kaggle_runner.config import RunConfig
 from kaggle_runner.display import Console
 from kaggle_runner.errors import KaggleRunnerError
@@ -66,6 +66,7 @@ class Context:
     gateway: KaggleGateway
     console: Console
     pace: Pace
+    notify_url: str | None = None  # --notify, over the config's notify_url
 
     @property
     def run(self) -> Run:
@@ -80,6 +81,16 @@ class Context:
         path = self.run_dir() / f"segment-{idx}"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def notify(self, event: str, state: str, reason: str = "", segment: int | None = None) -> None:
+        """POST the event where the user asked (--notify or notify_url); never blocks, never raises."""
+        run = self.run
+        config = config_of(run)
+        url = self.notify_url or config.notify_url
+        if url:
+            notify.post(url, {"event": event, "run": run.name, "state": str(state), "reason": reason,
+                              "segment": segment, "kernel": run.kernel_ref},
+                        config.notify_format == "text", self.console.note)
 
     def cancelled(self) -> bool:
         return self.run.state == RunState.CANCELLED
@@ -287,12 +298,14 @@ def _record_push(ctx: Context, run: Run, segment: Segment, result: PushResult) -
                          kernel_id=result.kernel_id or None, pushed_at=time.time())
     ctx.console.say(f"Segment {segment.idx}: pushed {run.kernel_ref} version {result.version}"
                     + (f", resuming from {Path(segment.resume_from).name}" if segment.resume_from else ""))
+    ctx.notify("segment started", RunState.RUNNING, f"version {result.version}", segment.idx)
 
 
 def _end_run(ctx: Context, run: Run, segment: Segment, expected: Phase, state: RunState, reason: str) -> None:
     ctx.store.transition(run.name, segment.idx, expected, Phase.FINAL)
     ctx.store.update_run(run.name, only_if_active=True, state=state, reason=reason)
     ctx.console.say(f"The chain {'failed' if state == RunState.FAILED else 'stopped'}: {reason}")
+    ctx.notify(str(state), state, reason, segment.idx)
 
 
 # -- following a running version ------------------------------------------------------------------------
@@ -402,7 +415,8 @@ def _record_end(ctx: Context, run: Run, segment: Segment, status: str, message: 
     history = artifacts.read_json_file(folder / "training_history.json")
     val_loss = None
     if isinstance(history, list) and history and isinstance(history[-1], dict):
-        val_loss = history[-1].get("val_loss") if isinstance(history[-1].get("val_loss"), int | float) else None
+        val_loss = next((h["val_loss"] for h in reversed(history)  # the last evaluation, not the last log entry
+                         if isinstance(h, dict) and isinstance(h.get("val_loss"), int | float)), None)
     resumed = (run_state or {}).get("resumed_from")
     proven = int(bool(segment.resume_sha256) and isinstance(resumed, dict)
                  and resumed.get("sha256") == segment.resume_sha256)
@@ -469,6 +483,7 @@ def conclude_segment(ctx: Context, run: Run, segment: Segment) -> None:
         ctx.console.say(f"Training complete. Outputs in {target}")
         ctx.store.transition(run.name, segment.idx, Phase.ENDED, Phase.FINAL)
         ctx.store.update_run(run.name, only_if_active=True, state=RunState.COMPLETE, reason=decision.reason)
+        ctx.notify("completed", RunState.COMPLETE, decision.reason, segment.idx)
         return
     _end_run(ctx, run, segment, Phase.ENDED, decision.final_state or RunState.FAILED, decision.reason)
 
@@ -638,6 +653,16 @@ def fetch_outputs(ctx: Context, run: Run, segment: Segment, target: Path) -> Pat
     Files land in a staging folder beside `target` and move in only once verified: an unverified or
     tampered file never sits in the user's output folder. Files the manifest does not list are skipped.
     """
+    try:
+        return _fetch_outputs(ctx, run, segment, target)
+    except OSError as exc:  # a full or read-only disk, a file where a folder must go: one line, not a traceback
+        where = exc.filename or target
+        raise KaggleRunnerError(f"cannot write the outputs of {run.name} to {target}: {exc.strerror} ({where}); "
+                                f"free space or choose another folder with `kaggle-runner fetch {run.name} -o DIR`"
+                                ) from None
+
+
+def _fetch_outputs(ctx: Context, run: Run, segment: Segment, target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.staging"
     staging.mkdir(parents=True, exist_ok=True)
@@ -651,7 +676,7 @@ def fetch_outputs(ctx: Context, run: Run, segment: Segment, target: Path) -> Pat
         if info.get("kind") == "token_cache":  # the chain's, not a training output
             continue
         (wanted if rel in listed else skipped).append(rel)
-    unlisted = sorted(n for n in listed - set(manifest["files"]) - {artifacts.MANIFEST}
+    unlisted = sorted(n for n in listed - set(manifest["files"]) - {artifacts.MANIFEST, artifacts.RUN_STATE}
                       if not n.startswith("token_cache/") and not n.endswith(".log"))
     if unlisted:
         ctx.console.note(f"note: skipped {len(unlisted)} output file(s) the kernel's manifest does not list "
@@ -668,6 +693,7 @@ def fetch_outputs(ctx: Context, run: Run, segment: Segment, target: Path) -> Pat
             ctx.gateway.download(run.kernel_ref, segment.kernel_version, staging, artifacts.exact_pattern([rel]),
                                  force=True)
             if not artifacts.verified(staging, rel, info):
+                (staging / rel).unlink(missing_ok=True)
                 raise KaggleRunnerError(f"{rel} does not match the kernel's checksum after downloading; "
                                         f"run `kaggle-runner fetch {run.name}` again")
             final.parent.mkdir(parents=True, exist_ok=True)

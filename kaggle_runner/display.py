@@ -69,7 +69,12 @@ class Console:
 
 
 def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _shown(value) -> str:
+    """Unknown shows as a dash, never as Python's None."""
+    return "-" if value is None or value == "" else str(value)
 
 
 def print_status(result: dict | list[dict]) -> None:
@@ -80,6 +85,8 @@ def print_status(result: dict | list[dict]) -> None:
             return
         # Fit 80 columns: numbers never wrap; a long run name folds only where the terminal is too narrow.
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+        if any("workspace" in run for run in result):
+            table.add_column("workspace", overflow="fold", min_width=12)
         longest = max(len(run["name"]) for run in result)
         table.add_column("run", overflow="fold", min_width=min(longest, max(12, console.width - 66)))
         for header in ("state", "seg", "ver", "kaggle", "step", "val loss"):
@@ -88,7 +95,8 @@ def print_status(result: dict | list[dict]) -> None:
         for run in result:
             step = f"{run['global_step']}/{run['total_steps']}" if run["total_steps"] else str(run["global_step"])
             val = f"{run['val_loss']:.4f}" if run["val_loss"] is not None else ""
-            table.add_row(run["name"], run["state"], str(run["segment"]), str(run["kernel_version"] or ""),
+            where = [run["workspace"]] if "workspace" in run else []
+            table.add_row(*where, run["name"], run["state"], str(run["segment"]), str(run["kernel_version"] or ""),
                           run["kaggle_status"] or "", step, val, run["reason"])
         console.print(table)
         return
@@ -96,23 +104,25 @@ def print_status(result: dict | list[dict]) -> None:
     lines = [
         f"Run {run['name']}: {run['state']}" + (f" ({run['reason']})" if run["reason"] else ""),
         f"  kernel {run['kernel']}" + ("  [local emulator]" if run["local"] else ""),
-        f"  segment {run['segment']}, version {run['kernel_version']}, Kaggle status {run['kaggle_status']}",
-        f"  step {run['global_step']}/{run['total_steps']}, epoch {run['epoch']}, "
+        f"  segment {run['segment']}, version {_shown(run['kernel_version'])}, Kaggle status "
+        f"{_shown(run['kaggle_status'])}" + (f" ({run['live']})" if run.get("live") else ""),
+        f"  step {run['global_step']}/{_shown(run['total_steps'])}, epoch {_shown(run['epoch'])}, "
         f"train loss {_number(run['train_loss'])}, val loss {_number(run['val_loss'])}",
         f"  checkpoint on hand: {run['checkpoint'] or 'none yet'}; GPU time {run['gpu_hours']:.2f} h",
-        f"  next: {run['next_action']}",
+        f"  next: {run['next_action']}" + (f" (driven by {run['driver']})" if run.get("driver") else ""),
     ]
     console.print("\n".join(lines), markup=False)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     for header in ("segment", "version", "kaggle", "step", "phase"):
         table.add_column(header, no_wrap=True, min_width=len(header))
     table.add_column("checkpoint handed on", overflow="fold", min_width=12)
-    for header in ("down", "up"):
+    for header in ("down", "up", "upload"):
         table.add_column(header, no_wrap=True, min_width=8)
     for s in run["segments"]:
-        table.add_row(str(s["index"]), str(s["kernel_version"] or ""), s["kaggle_status"] or "",
-                      str(s["global_step"] or ""), s["phase"], Path(s["resume_from"] or "").name,
-                      f"{s['bytes_downloaded'] / 2**20:.1f} MiB", f"{s['bytes_uploaded'] / 2**20:.1f} MiB")
+        upload = f"{s['upload_seconds']:.1f} s" if s.get("upload_seconds") is not None else "-"
+        table.add_row(str(s["index"]), _shown(s["kernel_version"]), _shown(s["kaggle_status"]),
+                      _shown(s["global_step"]), s["phase"], Path(s["resume_from"] or "").name or "-",
+                      f"{s['bytes_downloaded'] / 2**20:.1f} MiB", f"{s['bytes_uploaded'] / 2**20:.1f} MiB", upload)
     console.print(table)
 
 

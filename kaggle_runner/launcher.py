@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from kaggle_runner import artifacts
-from kaggle_runner.config import load_config
+from kaggle_runner.config import RunConfig, build_config, load_config
 from kaggle_runner.controller import PHASES, Context, Pace, cancel_version, drive, fetch_outputs, quota_left_hours
 from kaggle_runner.credentials import find_credentials
 from kaggle_runner.display import Console
@@ -25,8 +25,28 @@ from kaggle_runner.kaggle_api import KaggleGateway, kagglesdk_warning
 from kaggle_runner.local import ensure_background_emulator, local_credentials
 from kaggle_runner.states import Phase, RunState
 from kaggle_runner.store import Run, Segment, Store
+from kaggle_runner.workspace import known_workspaces, remember_workspace
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Exit codes of launch, watch and resume: 0 only when training completed (or, detached, the push landed).
+EXIT_CODES = {RunState.COMPLETE: 0, RunState.FAILED: 3, RunState.STOPPED: 4, RunState.CANCELLED: 5}
+EXIT_STILL_RUNNING = 6  # watch --all returned while another process still drives a run
+# Keys a resume must keep: they decide the model's shape, the data and its order, or the kernel's identity,
+# so changing them would not continue the same training.
+RESUME_FIXED_KEYS = ("n_embd", "n_layer", "n_head", "max_length", "dropout", "batch_size",
+                     "gradient_accumulation_steps", "seed", "dataset", "text_files_path", "tokenizer",
+                     "bpe_vocab_size", "slug", "title", "init_from", "model_type", "dataset_config", "text_column",
+                     "train_split", "validation_split", "data_dir", "epochs", "max_steps")
+
+
+def exit_code(run: Run, detached: bool = False) -> int:
+    """What a chain's outcome means to a shell: see docs/chain.md, "Exit codes"."""
+    if detached and not run.final:
+        return 0
+    return EXIT_CODES.get(RunState(run.state), EXIT_STILL_RUNNING)
+
+
+CURRENT_RUN: dict[str, str] = {}  # the run this process works on, for the CLI's interrupt hint
 
 
 def check_run_name(name: str) -> str:
@@ -80,10 +100,12 @@ def _context(workspace: str | Path, run: Run, console: Console | None = None) ->
 
 # -- launch ----------------------------------------------------------------------------------------------
 def launch(config_path: str, overrides=(), name: str | None = None, detach: bool = False, local: bool = False,
-           endpoint: str | None = None, workspace: str | Path = ".kaggle-runner",
-           console: Console | None = None) -> Run:
+           endpoint: str | None = None, workspace: str | Path = ".kaggle-runner", console: Console | None = None,
+           max_segments: int | None = None, notify_url: str | None = None) -> Run:
     console = console or Console()
-    config = load_config(config_path, overrides)  # every check before any request or record
+    extra = [*overrides, *([f"max_segments={max_segments}"] if max_segments else []),
+             *([f'notify_url="{notify_url}"'] if notify_url else [])]
+    config = load_config(config_path, extra)  # every check before any request or record
     if name is not None:
         check_run_name(name)
     for warning in config.warnings():
@@ -113,26 +135,79 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
               created_at=now, updated_at=now)
     store.create_run(run)
     store.add_segment(Segment(run=name, idx=1, phase=Phase.PUSHING))
+    remember_workspace(store.workspace)
+    CURRENT_RUN["name"] = name
     console.say(f"Run {name}: kernel {kernel_ref}" + (" on the local emulator" if local else ""))
     return drive(Context(store, run.name, gateway, console, Pace.for_run(run)), detach=detach)
 
 
-def watch_run(workspace: str | Path, name: str, console: Console | None = None) -> Run:
-    run = Store(workspace).get_run(name)
+def watch_run(workspace: str | Path, name: str, console: Console | None = None, notify_url: str | None = None) -> Run:
+    run = Store(workspace, create=False).get_run(name)
+    CURRENT_RUN["name"] = name
     if run.final:
         (console or Console()).say(f"Run {name} is {run.state}: {run.reason}")
         return run
-    return drive(_context(workspace, run, console))
+    ctx = _context(workspace, run, console)
+    ctx.notify_url = notify_url
+    return drive(ctx)
+
+
+def watch_all(workspace: str | Path, console: Console | None = None, notify_url: str | None = None) -> list[Run]:
+    """Follow and drive every unfinished run of the workspace in one process (each still has one driver)."""
+    import threading
+
+    console = console or Console()
+    store = Store(workspace, create=False)
+    runs = [run for run in store.list_runs() if not run.final]
+    if not runs:
+        console.say(f"No unfinished runs in {store.workspace}.")
+        return []
+    console.say(f"Watching {len(runs)} run(s): {', '.join(run.name for run in runs)}")
+    results: dict[str, Run] = {}
+
+    def one(run: Run) -> None:
+        try:
+            results[run.name] = watch_run(workspace, run.name, console, notify_url)
+        except KaggleRunnerError as exc:
+            console.note(f"run {run.name}: {exc}")
+            results[run.name] = Store(workspace).get_run(run.name)
+
+    threads = [threading.Thread(target=one, args=(run,), daemon=True) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+    return [results[run.name] for run in runs if run.name in results]
+
+
+def _resume_config(run: Run, config_path: str | None, overrides) -> str:
+    """The run's configuration with the user's fixes; keys an exact resume depends on may not change."""
+    old = RunConfig.model_validate_json(run.config_json)
+    if config_path:
+        new = load_config(config_path, overrides)
+    else:
+        new = build_config(old.model_dump(), overrides, source=f"run {run.name}")
+    changed = [key for key in RESUME_FIXED_KEYS
+               if key in RunConfig.model_fields and getattr(old, key) != getattr(new, key)]
+    if changed:
+        raise KaggleRunnerError(f"resume cannot change {', '.join(changed)}: they decide the model, the data or "
+                                f"the kernel, so the run would not continue the same training. Launch a new run "
+                                f"for that")
+    return new.model_dump_json()
 
 
 def resume_run(workspace: str | Path, name: str, max_segments: int | None = None,
-               console: Console | None = None) -> Run:
-    store = Store(workspace)
+               console: Console | None = None, config_path: str | None = None, overrides=(),
+               notify_url: str | None = None) -> Run:
+    store = Store(workspace, create=False)
     run = store.get_run(name)
+    CURRENT_RUN["name"] = name
     if run.state == RunState.COMPLETE:
         raise KaggleRunnerError(f"run {name} already completed training; `kaggle-runner fetch {name}` gets it")
     if not run.final:
         raise KaggleRunnerError(f"run {name} is {run.state}; `kaggle-runner watch {name}` follows it")
+    config_json = _resume_config(run, config_path, overrides) if (config_path or overrides) else run.config_json
     segments = store.segments(name)
     last = segments[-1]
     limit = max(max_segments or 0, run.max_segments, len(segments) + 1)
@@ -145,8 +220,11 @@ def resume_run(workspace: str | Path, name: str, max_segments: int | None = None
         store.advance_segment(name, last.idx, Phase(last.phase), Segment(
             run=name, idx=last.idx + 1, phase=Phase.PUSHING, resume_from=last.resume_from,
             resume_sha256=last.resume_sha256, resume_step=last.resume_step, best_sha256=last.best_sha256))
-    store.update_run(name, state=RunState.RUNNING, reason="resumed by hand", max_segments=limit)
-    return drive(_context(workspace, store.get_run(name), console))
+    store.update_run(name, state=RunState.RUNNING, reason="resumed by hand", max_segments=limit,
+                     config_json=config_json)
+    ctx = _context(workspace, store.get_run(name), console)
+    ctx.notify_url = notify_url
+    return drive(ctx)
 
 
 # -- the other commands ------------------------------------------------------------------------------------
@@ -164,21 +242,37 @@ def fetch_run(workspace: str | Path, name: str, out_dir: str | None = None, cons
     return fetch_outputs(ctx, run, segment, Path(out_dir) if out_dir else Path("outputs") / name)
 
 
-def print_logs(workspace: str | Path, name: str, follow: bool = False, console: Console | None = None) -> None:
-    run = Store(workspace).get_run(name)
+def print_logs(workspace: str | Path, name: str, follow: bool = False, console: Console | None = None,
+               segment: int | None = None, every: bool = False) -> None:
+    """The log of the run's latest kernel version, of segment N (`segment`), or of every segment (`every`)."""
+    store = Store(workspace, create=False)
+    run = store.get_run(name)
     ctx = _context(workspace, run, console)
-    segment = _latest_with_version(ctx.store, name)
+    pushed = [s for s in store.segments(name) if s.kernel_version]
+    if not pushed:
+        raise KaggleRunnerError(f"run {name} has no kernel version yet")
+    if segment is not None:
+        chosen = [s for s in pushed if s.idx == segment]
+        if not chosen:
+            raise KaggleRunnerError(f"run {name} has no segment {segment} with a kernel version (segments: "
+                                    f"{', '.join(str(s.idx) for s in pushed)})")
+    else:
+        chosen = pushed if every else pushed[-1:]
     if follow:
-        for event in ctx.gateway.log_stream(run.kernel_ref, segment.kernel_version):
+        for event in ctx.gateway.log_stream(run.kernel_ref, chosen[-1].kernel_version):
             ctx.console.raw(str(event.get("data", "")))
         return
-    text = ctx.gateway.log(run.kernel_ref, segment.kernel_version)
-    try:
-        events = json.loads(text)
-        text = "".join(str(e.get("data", "")) for e in events) if isinstance(events, list) else text
-    except ValueError:
-        pass
-    ctx.console.raw(text)
+    for part in chosen:
+        if len(chosen) > 1:
+            ctx.console.raw(f"===== segment {part.idx}, version {part.kernel_version} =====\n")
+        text = ctx.gateway.log(run.kernel_ref, part.kernel_version)
+        try:
+            events = json.loads(text)
+            text = "".join(str(e.get("data", "")) for e in events if isinstance(e, dict)) \
+                if isinstance(events, list) else text
+        except ValueError:
+            pass
+        ctx.console.raw(text)
 
 
 def cancel_run(workspace: str | Path, name: str, console: Console | None = None) -> str:
@@ -213,11 +307,46 @@ def quota_summary(workspace: str | Path, local: bool = False, endpoint: str | No
             f"resets {quota['refresh'] or 'weekly'} (UTC)")
 
 
-def run_status(workspace: str | Path, name: str | None = None) -> dict | list[dict]:
-    store = Store(workspace)
+def run_status(workspace: str | Path, name: str | None = None, refresh: bool = False) -> dict | list[dict]:
+    if name is None and not (Path(workspace) / "runs.sqlite").exists():
+        return []  # nothing launched here; the CLI says where runs live, and nothing is created
+    store = Store(workspace, create=False)
     if name is None:
         return [_describe(store, run) for run in store.list_runs()]
-    return _describe(store, store.get_run(name), detail=True)
+    description = _describe(store, store.get_run(name), detail=True)
+    if refresh:
+        description.update(_live(workspace, store, store.get_run(name)))
+    return description
+
+
+def all_status() -> list[dict]:
+    """Runs of every workspace this user launched from (`status --all`)."""
+    rows = []
+    for workspace in known_workspaces():
+        try:
+            store = Store(workspace, create=False)
+        except KaggleRunnerError:
+            continue
+        rows += [{**_describe(store, run), "workspace": workspace} for run in store.list_runs()]
+    return rows
+
+
+def _live(workspace: str | Path, store: Store, run: Run) -> dict:
+    """What Kaggle says now about a run nobody drives, so a detached run does not look stuck at step 0."""
+    segment = store.last_segment(run.name)
+    if run.final or store.driver(run.name) is not None or segment.phase != Phase.RUNNING:
+        return {}
+    try:
+        ctx = _context(workspace, run, Console(quiet=True))
+        seen = ctx.gateway.status(run.kernel_ref, segment.kernel_version)
+    except KaggleRunnerError as exc:
+        return {"live": f"could not ask Kaggle ({exc})"}
+    if seen is None:
+        return {"live": "Kaggle does not show the version yet", "kaggle_status": None}
+    status, message = seen
+    hint = f"; `kaggle-runner watch {run.name}` drives it on" if status in ("COMPLETE", "ERROR",
+                                                                              "CANCEL_ACKNOWLEDGED") else ""
+    return {"kaggle_status": status, "live": f"Kaggle says {status}" + (f": {message}" if message else "") + hint}
 
 
 def _describe(store: Store, run: Run, detail: bool = False) -> dict:

@@ -167,8 +167,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Store:
-    def __init__(self, workspace: str | Path):
+    def __init__(self, workspace: str | Path, create: bool = True):
         self.workspace = Path(workspace)
+        if not create and not (self.workspace / "runs.sqlite").exists():
+            raise StoreError(f"no runs here: {self.workspace} does not exist in {Path.cwd()}. Runs live in the "
+                             "folder you launched them from (or --workspace); `kaggle-runner status --all` lists "
+                             "every workspace you launched from")
         try:
             self.workspace.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -213,16 +217,18 @@ class Store:
         try:
             db.execute("PRAGMA busy_timeout=10000")
             db.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:
             db.close()
             raise self._busy(exc) from None
         return db
 
     def _busy(self, exc: sqlite3.Error) -> StoreError:
+        """A store error in one line: locked (wait), damaged (kept aside), or what SQLite said."""
         if "locked" in str(exc) or "busy" in str(exc):
             return StoreError(f"the run store {self.path} is locked by another process for more than 10 s; "
                               "try again, or look for a stuck kaggle-runner process")
-        if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError) \
+                or "not a database" in str(exc) or "malformed" in str(exc):
             return self._damaged(exc)
         return StoreError(f"the run store {self.path} failed: {exc}")
 
@@ -242,7 +248,7 @@ class Store:
         try:
             try:
                 db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
+            except sqlite3.DatabaseError as exc:
                 raise self._busy(exc) from None
             try:
                 yield db
@@ -250,7 +256,7 @@ class Store:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:
             raise self._busy(exc) from None
         finally:
             db.close()

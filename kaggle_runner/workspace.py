@@ -20,8 +20,9 @@ def write_preset(preset: str, path: Path, force: bool = False) -> Path:
 def default_username() -> str:
     try:
         credentials = find_credentials()
-    except CredentialsError as exc:
-        raise KaggleRunnerError(f"--username not given and {exc}") from None
+    except CredentialsError:
+        raise KaggleRunnerError("--username not given and no usable Kaggle credentials found to read it from; "
+                                "pass --username YOUR_KAGGLE_NAME (render needs only the name)") from None
     if not credentials.username:
         raise KaggleRunnerError("an access token does not name its user offline; pass --username")
     return credentials.username
@@ -31,3 +32,39 @@ def render_to_folder(config_path: str, out_dir: str, overrides: tuple[str, ...] 
                      username: str | None = None) -> RenderedKernel:
     config = load_config(config_path, overrides)
     return render_kernel(config, Path(out_dir), username or default_username())
+
+
+# -- the workspaces this user launched from, for `status --all` ------------------------------------------
+def registry_path() -> Path:
+    import os
+
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "kaggle-runner" / "workspaces.json"
+
+
+def remember_workspace(workspace: str | Path) -> None:
+    """Record a workspace once; a registry that cannot be written is not worth failing a launch over."""
+    import json
+
+    path = registry_path()
+    known = known_workspaces()
+    absolute = str(Path(workspace).resolve())
+    if absolute in known:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([*known, absolute], indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def known_workspaces() -> list[str]:
+    import json
+
+    try:
+        data = json.loads(registry_path().read_text())
+    except (OSError, ValueError):
+        return []
+    return [item for item in data if isinstance(item, str)] if isinstance(data, list) else []

@@ -74,7 +74,7 @@ def test_a_weekly_quota_refusal_stops_the_chain_cleanly(stub_project, emulator, 
     admin(emulator.url, "realism", {"weekly_gpu_seconds": 1})  # the first segment (2 s) uses it up
     result = cli_runner.invoke(cli, ["launch", "--name", "quota",
                                      *sets([*STUB_CHAIN, 'sample_prompt="stub: step=0.2"'])])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 4, result.output  # stopped
     status = run_status(".kaggle-runner", "quota")
     assert status["state"] == "stopped" and "Maximum weekly GPU quota" in status["reason"], status
     assert "resets" in status["reason"] and status["segments"][-1]["phase"] == Phase.FINAL
@@ -91,7 +91,7 @@ def test_a_status_404_after_the_push_is_waited_out(stub_project, emulator, cli_r
 def test_a_session_without_a_gpu_stops_the_chain_saying_so(stub_project, emulator, cli_runner):
     admin(emulator.url, "realism", {"no_gpu": True})
     result = cli_runner.invoke(cli, ["launch", "--name", "cpu", *sets(STUB_CHAIN)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 4, result.output
     status = run_status(".kaggle-runner", "cpu")
     assert status["state"] == "stopped" and "without a usable GPU" in status["reason"] and "allow_cpu" in \
         status["reason"]
@@ -102,15 +102,15 @@ def test_no_progress_stops_the_chain(stub_project, cli_runner):
     # The kernel's own budget ends before training starts: every segment saves step 0 and stops.
     result = cli_runner.invoke(cli, ["launch", "--name", "stalled", *sets(
         [*STUB_CHAIN, "max_stalled_segments=2", 'sample_prompt="stub: stall"'])])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 4, result.output
     status = run_status(".kaggle-runner", "stalled")
     assert status["state"] == "stopped" and "without progress" in status["reason"]
     assert len(status["segments"]) == 3
 
 
 def test_max_segments_then_resume_by_hand(stub_project, cli_runner):
-    result = cli_runner.invoke(cli, ["launch", "--name", "capped", *sets([*STUB_CHAIN, "max_segments=1"])])
-    assert result.exit_code == 0, result.output
+    result = cli_runner.invoke(cli, ["launch", "--name", "capped", "--max-segments", "1", *sets(STUB_CHAIN)])
+    assert result.exit_code == 4, result.output
     status = run_status(".kaggle-runner", "capped")
     assert status["state"] == "stopped" and "max_segments" in status["reason"] and "resume capped" in status["reason"]
     assert len(status["segments"]) == 1
@@ -123,7 +123,7 @@ def test_max_segments_then_resume_by_hand(stub_project, cli_runner):
 def test_failure_before_the_first_step_is_not_relaunched(stub_project, cli_runner, emulator):
     result = cli_runner.invoke(cli, ["launch", "--name", "broken", *sets(
         [*STUB_CHAIN, 'dataset="text-files"', 'text_files_path="missing/*.txt"'])])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # failed, and said so: not "stopped", not 0
     status = run_status(".kaggle-runner", "broken")
     assert status["state"] == "failed" and "could not load its data" in status["reason"]
     assert "resume broken" in status["reason"]
@@ -170,7 +170,7 @@ def test_the_launcher_cancels_a_version_kaggle_reports_running_past_its_limit(st
     result = cli_runner.invoke(cli, ["launch", "--name", "overrun", *sets(
         [*STUB_CHAIN, "session_timeout_seconds=12", "safety_margin_seconds=2", "segment_grace_seconds=5",
          "max_segments=1"])])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 4, result.output
     assert "past its session limit; cancelling it" in result.output
     status = run_status(".kaggle-runner", "overrun")
     assert status["segments"][0]["kaggle_status"] == "CANCEL_ACKNOWLEDGED"
@@ -209,7 +209,7 @@ def test_cancel_stops_a_launch_waiting_for_a_gpu_session(stub_project, emulator,
     cancelled = cli_runner.invoke(cli, ["cancel", "waits"])
     assert cancelled.exit_code == 0 and "no kernel version was running" in cancelled.output, cancelled.output
     rest, _ = process.communicate(timeout=60)
-    assert process.returncode == 0 and "Run waits was cancelled." in rest, rest
+    assert process.returncode == 5 and "Run waits was cancelled." in rest, rest
     assert run_status(".kaggle-runner", "waits")["state"] == "cancelled"
     assert SLUG not in {k.slug for k in emulator.backend.kernels.values()}  # nothing pushed
     (tmp_path / "release").touch()
