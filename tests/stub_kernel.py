@@ -101,8 +101,9 @@ def main(config):
         if step % config["log_steps"] == 0:
             emit("progress", global_step=step, total_steps=total, epoch=1, loss=1.0 / step, lr=0.001,
                  tokens_per_second=1000.0, eta_seconds=(total - step) * step_seconds)
+            history.append(history_entry("train", step, history, resumed, started))
         if step % config["eval_steps"] == 0:
-            history.append({"step": step, "val_loss": 1.0 / step, "wall_time": time.time() - started})
+            history.append(history_entry("eval", step, history, resumed, started))
             write("training_history.json", history)
             record(manifest, "training_history.json", kind="history")
             write("best_model.pt", {"step": step, "weight": weight})
@@ -120,9 +121,21 @@ def main(config):
     save(manifest, step, weight, history, config["max_checkpoints"])
     write("final_model/config.json", {"step": step, "weight": weight})
     record(manifest, "final_model/config.json", kind="final_model")
+    history.append({"kind": "sample", "step": step, "epoch": 1, "text": f"stub sample at step {step}: <&>"})
     write("training_history.json", history)
     record(manifest, "training_history.json", kind="history")
     return finish("complete", "complete", step, total, resumed=resumed)
+
+
+def history_entry(kind, step, history, resumed, started):
+    """The kernel's kind-tagged history: "train" per log step, "eval" per evaluation (and "sample" at the end)."""
+    segment = max((h.get("segment", 1) for h in history), default=1) + (1 if resumed and not any(
+        h.get("step", 0) > resumed["global_step"] for h in history) else 0)
+    entry = {"kind": kind, "step": step, "epoch": 1, "train_loss": 1.0 / step, "lr": 0.001 * (1 - step / 1000),
+             "tokens_per_second": 1000.0 + 10 * step, "wall_time": time.time() - started, "segment": segment}
+    if kind == "eval":
+        entry.update(val_loss=1.2 / step, perplexity=2.718 ** (1.2 / step))
+    return entry
 
 
 def save(manifest, step, weight, history, keep):
