@@ -171,10 +171,12 @@ def sample(folder: str | Path, prompt: str, tokens: int = 100, temperature: floa
     if not ids:
         start = eos if eos is not None else tokenizer.bos_token_id
         ids = [start if start is not None else 0]
-    new = min(tokens, context - 1)
+    # Prompt and new tokens share the context: a long prompt keeps at least half of it, new tokens the rest.
+    keep = max(1, min(len(ids), max(context // 2, context - tokens), context - 1))
+    new = min(tokens, context - keep)
     if new < tokens:
-        notes.append(f"note: {tokens} new tokens do not fit the model's context of {context}; writing {new}")
-    keep = context - new
+        notes.append(f"note: {tokens} new tokens do not fit the model's context of {context} after the prompt; "
+                     f"writing {new}")
     if len(ids) > keep:
         notes.append(f"note: the prompt is {len(ids)} tokens; the model sees its last {keep} "
                      f"(context {context}, {new} new tokens)")
@@ -195,6 +197,14 @@ def sample(folder: str | Path, prompt: str, tokens: int = 100, temperature: floa
     return Generation(text=text, prompt_tokens=len(ids), new_tokens=len(written), notes=notes)
 
 
+def _quiet_transformers() -> None:
+    """No loading bars or long-sequence warnings between the command and its text."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def generate(workspace: str | Path, name: str, prompt: str, tokens: int = 100, temperature: float = 0.8,
              top_k: int = 40, seed: int | None = None, best: bool = False,
              outputs: str | Path | None = None) -> Generation:
@@ -213,5 +223,6 @@ def generate(workspace: str | Path, name: str, prompt: str, tokens: int = 100, t
                 f"run {name} has no best weights yet (best_model.pt is written at the first evaluation)" if best
                 else f"run {name} has no final model yet (final_model/ is written when training completes); "
                      f"`kaggle-runner generate {name} PROMPT --best` samples from the best weights so far")
+    _quiet_transformers()
     model_folder = best_model_folder(folder) if best else folder / FINAL_FOLDER
     return sample(model_folder, prompt, tokens=tokens, temperature=temperature, top_k=top_k, seed=seed)
