@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -681,29 +682,53 @@ def _fetch_outputs(ctx: Context, run: Run, segment: Segment, target: Path) -> Pa
     if unlisted:
         ctx.console.note(f"note: skipped {len(unlisted)} output file(s) the kernel's manifest does not list "
                          f"(e.g. {unlisted[0]!r})")
-    with ctx.console.transfer(len(wanted)) as advance:
+    total = sum(manifest["files"][rel]["size"] for rel in wanted)
+    done = 0
+    with ctx.console.transfer("fetching", total) as update:
         for rel in wanted:
             info = manifest["files"][rel]
             final = artifacts.confined(target, rel)
             if final is None:
                 continue
             if artifacts.verified(target, rel, info):
-                advance(rel)
+                done += info["size"]
+                update(rel, done)
                 continue
-            ctx.gateway.download(run.kernel_ref, segment.kernel_version, staging, artifacts.exact_pattern([rel]),
-                                 force=True)
+            with _watching_size(staging / rel, lambda size, rel=rel, base=done: update(rel, base + size)):
+                ctx.gateway.download(run.kernel_ref, segment.kernel_version, staging,
+                                     artifacts.exact_pattern([rel]), force=True)
+            done += info["size"]
+            update(rel, done)
             if not artifacts.verified(staging, rel, info):
                 (staging / rel).unlink(missing_ok=True)
                 raise KaggleRunnerError(f"{rel} does not match the kernel's checksum after downloading; "
                                         f"run `kaggle-runner fetch {run.name}` again")
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / rel, final)
-            advance(rel)
     os.replace(staging / artifacts.MANIFEST, target / artifacts.MANIFEST)
     for log in staging.glob("*.log"):
         os.replace(log, target / log.name)
     _remove_tree(staging)
     return target
+
+
+@contextmanager
+def _watching_size(path: Path, report: Callable[[int], None]):
+    """Report a file's size as it grows while the client downloads it (the client itself runs quiet)."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.25):
+            with suppress(OSError):
+                report(path.stat().st_size)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=1)
 
 
 def _remove_tree(folder: Path) -> None:

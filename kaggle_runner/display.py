@@ -10,7 +10,14 @@ from pathlib import Path
 
 from rich import box
 from rich.console import Console as RichConsole
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 
@@ -57,15 +64,17 @@ class Console:
             self.note(f"{prefix} out of memory: micro-batch now {event['micro_batch_size']}")
 
     @contextlib.contextmanager
-    def transfer(self, total: int) -> Iterator[Callable[[str], None]]:
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    def transfer(self, what: str, total_bytes: int) -> Iterator[Callable[[str, int], None]]:
+        """A byte progress bar (size, rate, time left) on stderr; yields `update(name, bytes_done_so_far)`."""
+        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn()]
         with Progress(*columns, console=self.err, transient=True, disable=self.quiet) as progress:
-            task = progress.add_task("fetching outputs", total=total)
+            task = progress.add_task(what, total=total_bytes)
 
-            def advance(name: str) -> None:
-                progress.update(task, advance=1, description=f"fetching {name}")
+            def update(name: str, done: int) -> None:
+                progress.update(task, completed=done, description=f"{what} {name}")
 
-            yield advance
+            yield update
 
 
 def _number(value: float | None) -> str:
