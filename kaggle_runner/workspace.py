@@ -21,8 +21,9 @@ def default_username() -> str:
     try:
         credentials = find_credentials()
     except CredentialsError:
-        raise KaggleRunnerError("--username not given and no usable Kaggle credentials found to read it from; "
-                                "pass --username YOUR_KAGGLE_NAME (render needs only the name)") from None
+        raise KaggleRunnerError("--username not given, and no usable Kaggle credentials (~/.kaggle/kaggle.json or "
+                                "KAGGLE_USERNAME) to read it from; pass --username YOUR_KAGGLE_NAME (render needs "
+                                "only the name)") from None
     if not credentials.username:
         raise KaggleRunnerError("an access token does not name its user offline; pass --username")
     return credentials.username
