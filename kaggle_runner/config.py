@@ -82,6 +82,9 @@ class RunConfig(BaseModel):
     train_split: str = Field("train", min_length=1)
     validation_split: str = Field("validation", min_length=1)
     text_files_path: str | None = None
+    # A local folder of .txt/.md/.jsonl files: the launcher uploads it as the private dataset
+    # <user>/<slug>-corpus (a new version only when its content changes) and trains on it.
+    data_dir: str | None = None
     dataset_sources: list[str] = Field(default_factory=list)
     tokenizer: Literal["gpt2", "bpe"] = "gpt2"
     bpe_vocab_size: int = Field(8192, ge=256)
@@ -201,6 +204,10 @@ class RunConfig(BaseModel):
     def data_dataset_slug(self) -> str:
         return f"{self.slug}-data"
 
+    @property
+    def corpus_dataset_slug(self) -> str:
+        return f"{self.slug}-corpus"
+
     def warnings(self) -> list[str]:
         notes = []
         if self.machine_shape in RETIRED_MACHINE_SHAPES:
@@ -212,7 +219,8 @@ class RunConfig(BaseModel):
         """What the kernel needs at run time: everything but the launcher-only keys."""
         launcher_only = {"machine_shape", "is_private", "kernel_type", "dataset_sources",
                          "max_segments", "max_stalled_segments", "min_quota_hours", "segment_grace_seconds",
-                         "dataset_settle_seconds", "max_resume_retries", "notify_url", "notify_format"}
+                         "dataset_settle_seconds", "max_resume_retries", "notify_url", "notify_format",
+                         "data_dir"}
         return {k: v for k, v in self.model_dump().items() if k not in launcher_only}
 
 

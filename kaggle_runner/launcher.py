@@ -15,13 +15,13 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
-from kaggle_runner import artifacts
+from kaggle_runner import artifacts, corpus
 from kaggle_runner.config import RunConfig, build_config, load_config
 from kaggle_runner.controller import PHASES, Context, Pace, cancel_version, drive, fetch_outputs, quota_left_hours
 from kaggle_runner.credentials import find_credentials
 from kaggle_runner.display import Console
 from kaggle_runner.errors import KaggleRunnerError
-from kaggle_runner.kaggle_api import KaggleGateway, kagglesdk_warning
+from kaggle_runner.kaggle_api import KaggleApiError, KaggleGateway, kagglesdk_warning
 from kaggle_runner.local import ensure_background_emulator, local_credentials
 from kaggle_runner.states import Phase, RunState
 from kaggle_runner.store import Run, Segment, Store
@@ -127,6 +127,8 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
         if left is not None and left < config.min_quota_hours:
             raise KaggleRunnerError(f"only {left:.1f} GPU hours of quota left this week, less than min_quota_hours "
                                     f"({config.min_quota_hours}); wait for the weekly reset (`kaggle-runner quota`)")
+    if config.data_dir:
+        config = upload_corpus(store, gateway, console, config, username, Path(config_path).parent)
     name = name or f"{config.slug}-{datetime.now():%Y%m%d-%H%M%S}"
     now = time.time()
     run = Run(name=name, config_json=config.model_dump_json(), username=username, kernel_ref=kernel_ref,
@@ -139,6 +141,58 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
     CURRENT_RUN["name"] = name
     console.say(f"Run {name}: kernel {kernel_ref}" + (" on the local emulator" if local else ""))
     return drive(Context(store, run.name, gateway, console, Pace.for_run(run)), detach=detach)
+
+
+def upload_corpus(store: Store, gateway: KaggleGateway, console: Console, config: RunConfig, username: str,
+                  config_dir: Path) -> RunConfig:
+    """data_dir as the private dataset <user>/<slug>-corpus (a new version only when the text changed), ready and
+    settled before the first push; the returned config trains on it."""
+    ref = f"{username}/{config.corpus_dataset_slug}"
+    if len(config.corpus_dataset_slug) > 50:
+        raise KaggleRunnerError(f"slug {config.slug!r} is too long for data_dir: the dataset "
+                                f"{config.corpus_dataset_slug!r} must be 6-50 characters (a slug of at most 43)")
+    source = Path(config.data_dir).expanduser()
+    source = source if source.is_absolute() else config_dir / source
+    built = corpus.build_corpus(source, store.workspace / "corpus" / config.corpus_dataset_slug, ref,
+                                artifacts.dataset_title(config.slug, "corpus"))
+    before = gateway.dataset_version(ref)
+    if before is not None and corpus.uploaded_hash(store.workspace, ref) == built.content_hash:
+        console.say(f"Corpus {ref} is up to date ({built.files} files); not uploading")
+    else:
+        console.say(f"Uploading {built.files} text file(s) from {source} ({built.size / 2**20:.1f} MiB) to the "
+                    f"private dataset {ref}")
+        started = time.time()
+        if before is None:
+            gateway.create_dataset(built.folder)
+        else:
+            gateway.create_dataset_version(built.folder, f"{built.files} files, {built.content_hash[:12]}")
+        console.say(f"Uploaded in {time.time() - started:.1f}s; waiting until Kaggle can mount it")
+        _wait_until_mountable(gateway, ref, before or 0, config.dataset_settle_seconds)
+        corpus.remember_hash(store.workspace, ref, built.content_hash)
+    sources = list(dict.fromkeys([*config.dataset_sources, ref]))
+    return config.model_copy(update={"dataset": "text-files", "text_files_path": config.corpus_dataset_slug,
+                                     "dataset_sources": sources})
+
+
+def _wait_until_mountable(gateway: KaggleGateway, ref: str, newer_than: int, settle: float,
+                          timeout: float = 1800.0) -> None:
+    deadline, interval = time.time() + timeout, 0.5
+    while True:
+        try:
+            version = gateway.dataset_version(ref)
+            ready = bool(version and version > newer_than and gateway.dataset_status(ref) == "ready")
+        except KaggleApiError as exc:
+            if not exc.transient:
+                raise
+            ready = False
+        if ready:
+            break
+        if time.time() > deadline:
+            raise KaggleRunnerError(f"dataset {ref} was not ready after {timeout / 60:.0f} minutes; launch again "
+                                    "later (the upload is not repeated if the text did not change)")
+        time.sleep(interval)
+        interval = min(30.0, interval * 1.5)
+    time.sleep(settle)  # Kaggle attaches the version that is mountable when the kernel is pushed
 
 
 def watch_run(workspace: str | Path, name: str, console: Console | None = None, notify_url: str | None = None) -> Run:

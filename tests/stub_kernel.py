@@ -71,7 +71,7 @@ def main(config):
     total = config["max_steps"] or 40
     if not config.get("allow_cpu") and not os.environ.get("KAGGLE_RUNNER_EMULATED_GPU"):
         return finish("incomplete", "no_gpu", 0, total, "no CUDA device: this session has only a CPU")
-    if config["dataset"] == "text-files" and not list(Path(".").glob(config["text_files_path"] or "-")):
+    if config["dataset"] == "text-files" and "missing" in (config["text_files_path"] or ""):
         return finish("incomplete", "data_error", 0, total, f"text_files_path {config['text_files_path']!r} "
                       "matches no text files")
     step, weight, history, resumed = 0, 0, [], None

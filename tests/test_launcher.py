@@ -207,3 +207,43 @@ def test_credentials_missing_or_world_readable_are_explained(tmp_path, monkeypat
     result = cli_runner.invoke(cli, ["launch"])
     assert result.exit_code == 1 and "chmod 600" in result.output
     assert KEY not in result.output
+
+
+def _write_corpus(folder: Path, files: int = 30) -> None:
+    """Text of made-up sentences, deterministic: enough for a few training windows of the tiny model."""
+    import random
+
+    words = ["the", "river", "model", "train", "token", "checkpoint", "kaggle", "session", "resume", "window",
+             "gradient", "batch", "loss", "night", "morning", "quiet", "runner", "laptop", "data", "text"]
+    rng = random.Random(7)
+    (folder / "notes").mkdir(parents=True)
+    for index in range(files):
+        sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + "."
+                     for _ in range(60)]
+        where = folder / ("notes" if index % 3 == 0 else ".") / f"part-{index:02d}.txt"
+        where.write_text("\n".join(sentences) + "\n")
+
+
+@pytest.mark.slow
+def test_a_local_folder_of_text_goes_up_once_and_the_kernel_trains_on_it(project, cli_runner, emulator,
+                                                                         monkeypatch):
+    _write_corpus(project / "corpus")
+    own_text = ["data_dir=\"corpus\"", "tokenizer=\"bpe\"", "bpe_vocab_size=512", "max_steps=2", "segment_steps=2",
+                "eval_steps=2", "sample_tokens=0"]
+    result = cli_runner.invoke(cli, ["launch", "--name", "mine", *sets([*CHAIN, *own_text])])
+    assert result.exit_code == 0, result.output
+    assert "Uploading 30 text file(s)" in result.output
+    dataset = emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus")
+    assert len(dataset.versions) == 1 and "notes__part-00.txt" in dataset.versions[0].files  # sub-paths folded
+    version = emulator.backend.get_kernel(USER, "kaggle-runner-tiny").versions[0]
+    log = "".join(e["data"] for e in emulator.backend.read_log_events(USER, "kaggle-runner-tiny", version))
+    assert "Data: 30 text file(s)" in log
+    # Unchanged text is not uploaded again; changed text is a new version. (The stub kernel: data is not the point.)
+    monkeypatch.setenv("KAGGLE_RUNNER_TEST_KERNEL_SOURCE", str(Path(__file__).with_name("stub_kernel.py")))
+    again = cli_runner.invoke(cli, ["launch", "--name", "again", *sets([*CHAIN, *own_text])])
+    assert again.exit_code == 0 and "is up to date" in again.output, again.output
+    assert len(emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus").versions) == 1
+    (project / "corpus/part-01.txt").write_text("Something new entirely.\n" * 50)
+    changed = cli_runner.invoke(cli, ["launch", "--name", "changed", *sets([*CHAIN, *own_text])])
+    assert changed.exit_code == 0 and "Uploading 30 text file(s)" in changed.output, changed.output
+    assert len(emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus").versions) == 2
