@@ -3,12 +3,18 @@
 FLOPs per token = 6 * N_matmul + 12 * n_layer * n_embd * max_length, where N_matmul = 12 * n_layer * n_embd^2
 (attention and MLP weights) + padded_vocab * n_embd (the tied LM head): forward and backward matmuls plus
 attention scores (the PaLM paper's accounting, appendix B). MFU divides the achieved FLOP/s by the device's
-dense peak for the precision used.
+dense peak for the precision used. For other models (init_from, model_type = "llama") N_matmul is counted from
+the model itself: every weight matrix but the embedding tables, plus a tied LM head.
+
+A preset that fine-tunes a hub model (init_from = "HuggingFaceTB/SmolLM2-135M") needs the hub; where it cannot
+be reached (offline, as in CI), bench times a tiny random Llama, SmolLM2's family, instead and says so.
 """
 
 from __future__ import annotations
 
 import resource
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,55 @@ def vocab_size_of(config: RunConfig) -> int:
 def flops_per_token(config: RunConfig, padded_vocab: int) -> float:
     matmul = 12 * config.n_layer * config.n_embd ** 2 + padded_vocab * config.n_embd
     return 6 * matmul + 12 * config.n_layer * config.n_embd * config.max_length
+
+
+def model_flops_per_token(model, max_length: int) -> float:
+    """The same accounting for any *ForCausalLM: its weight matrices (a tied LM head once) and attention scores."""
+    import torch
+
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    head = model.get_output_embeddings().weight
+    matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2 and id(p) not in embeddings)
+    matmul += head.numel() if id(head) in embeddings else 0
+    settings = model.config
+    return 6 * matmul + 12 * settings.num_hidden_layers * settings.hidden_size * max_length
+
+
+# What bench times when init_from cannot be loaded here: SmolLM2's architecture (a Llama), at toy size.
+STAND_IN = {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 8192}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def build_bench_model(config: RunConfig, settings: dict[str, Any], vocab: int, device) -> tuple[Any, str | None]:
+    """The kernel's model for this config; for an init_from that cannot be loaded here, a tiny random Llama
+    stand-in and a note saying so."""
+    import os
+
+    from kaggle_runner.kernel_template import kernel
+
+    if not config.init_from:
+        return kernel.prepare_model(settings, vocab, device), None
+    reason = "the Hugging Face hub cannot be reached from here"
+    if os.path.isdir(kernel.pretrained_source(settings)) or hub_reachable():
+        try:
+            return kernel.prepare_model(settings, vocab, device), None
+        except kernel.KernelStop as exc:
+            reason = str(exc).split(". ")[0]
+    stand_in = {**settings, "init_from": None, "model_type": "llama", "dropout": 0.0,
+                **{key: STAND_IN[key] for key in ("n_embd", "n_layer", "n_head")}}
+    model = kernel.prepare_model(stand_in, STAND_IN["vocab_size"], device)
+    note = (f"init_from {config.init_from!r} was not loaded ({reason}): timing a stand-in instead, a random "
+            f"Llama (its family) of hidden size {STAND_IN['n_embd']}, {STAND_IN['n_layer']} layers and a "
+            f"{STAND_IN['vocab_size']:,}-token vocabulary. Its figures show the training path works here; they say "
+            "nothing about the real model's speed.")
+    return model, note
 
 
 def peak_flops(device_name: str, dtype: str) -> float | None:
@@ -89,13 +144,16 @@ def prepare_kernel_run(config: RunConfig, steps: int, warmup: int, device: str =
             raise KaggleRunnerError(f"--dtype {dtype} needs a CUDA device: the kernel trains in float32 on a CPU")
         kernel_dtype = getattr(torch, dtype)
     vocab = vocab_size_of(config)
+    model, note = build_bench_model(config, settings, vocab, torch_device)
+    if config.init_from:
+        vocab = model.config.vocab_size
     windows_per_step = config.batch_size * config.gradient_accumulation_steps
     data = synthetic_data(config, vocab, windows_per_step * (steps + warmup))
-    model = kernel.prepare_model(settings, vocab, torch_device)
     run = kernel.build_training(settings, data, model, torch_device, kernel_dtype, total_steps=steps + warmup)
     run.model = kernel.maybe_compile(run.eager_model, settings, torch_device)
     model.train()
-    return {"run": run, "settings": settings, "device": torch_device, "dtype": kernel_dtype, "model": model}
+    return {"run": run, "settings": settings, "device": torch_device, "dtype": kernel_dtype, "model": model,
+            "vocab_size": vocab, "stand_in": note}
 
 
 def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device: str = "auto",
@@ -126,7 +184,11 @@ def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device
         peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         device_name = "CPU"
     dtype_name = str(prepared["dtype"]).removeprefix("torch.")
-    per_token = flops_per_token(config, model.config.vocab_size)
+    shape = model.config
+    if config.init_from or config.model_type != "gpt2":
+        per_token = model_flops_per_token(model, config.max_length)
+    else:
+        per_token = flops_per_token(config, model.config.vocab_size)
     peak = peak_flops(device_name, dtype_name)
     return {
         "tokens_per_second": tokens_per_second,
@@ -141,8 +203,12 @@ def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device
         "torch": torch.__version__,
         "compiled": run.model is not run.eager_model,
         "cpu_dropout_kernels": any(isinstance(module, kernel.CpuDropout) for module in model.modules()),
-        "config": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
-                   "vocab_size": vocab_size_of(config), "max_length": config.max_length,
+        "model": type(model).__name__,
+        "parameters": kernel.count_parameters(model)["total"],
+        "stand_in": prepared["stand_in"],  # why another model was timed, or None
+        "config": {"n_embd": shape.hidden_size, "n_layer": shape.num_hidden_layers,
+                   "n_head": shape.num_attention_heads, "vocab_size": prepared["vocab_size"],
+                   "max_length": config.max_length,
                    "micro_batch_size": run.micro_batch_size,
                    "gradient_accumulation_steps": run.accumulation, "dtype": dtype_name},
     }
@@ -151,4 +217,7 @@ def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device
 def run_benchmark(preset: str = "tiny", config_path: str | Path | None = None, overrides=(), steps: int = 20,
                   warmup: int = 3, device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
     config = load_config(config_path, overrides) if config_path else load_preset(preset, overrides)
-    return benchmark_kernel(config, steps=steps, warmup=warmup, device=device, dtype=dtype)
+    result = benchmark_kernel(config, steps=steps, warmup=warmup, device=device, dtype=dtype)
+    if result["stand_in"]:
+        print(f"Note: {result['stand_in']}", file=sys.stderr, flush=True)
+    return result

@@ -96,7 +96,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--preset", type=click.Choice(["tiny", "seed"]), default="seed", show_default=True,
+@click.option("--preset", type=click.Choice(["tiny", "seed", "finetune"]), default="seed", show_default=True,
               help="tiny: trains on a CPU in a minute; seed: the seed notebook's model on WikiText-103.")
 @click.option("-o", "--output", default=DEFAULT_CONFIG, show_default=True, type=click.Path(dir_okay=False),
               help="Where to write the configuration.")
@@ -355,7 +355,7 @@ def emulator_stop(workspace: str) -> None:
 
 
 @cli.command()
-@click.option("--preset", type=click.Choice(["tiny", "seed"]), default="tiny", show_default=True,
+@click.option("--preset", type=click.Choice(["tiny", "seed", "finetune"]), default="tiny", show_default=True,
               help="The model shape to time, unless -c names a configuration.")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, exists=True),
               help="Time this configuration's shape instead of a preset's.")

@@ -1,11 +1,13 @@
-"""A GPT-2 training kernel for Kaggle, rendered by kaggle-runner below a CONFIG block (see train.py.j2).
+"""A causal language model training kernel for Kaggle, rendered by kaggle-runner below a CONFIG block (see
+train.py.j2).
 
-It trains GPT-2 from scratch, keeps rotating checkpoints plus best_model.pt, and when a session ends early
-(time budget, segment_steps, SIGTERM) it saves a checkpoint from which the chain's next session resumes
-(bitwise the same trajectory on a CPU). It talks to the launcher only through files and JSON log lines.
+It trains GPT-2 (or a Llama) from scratch, or fine-tunes any AutoModelForCausalLM (init_from), keeps rotating
+checkpoints plus best_model.pt, and when a session ends early (time budget, segment_steps, SIGTERM) it saves a
+checkpoint from which the chain's next session resumes (bitwise the same trajectory on a CPU). The same script
+runs under torchrun on any machine. It talks to the launcher only through files and JSON log lines.
 
 Contents, in reading order:
-  Model               GPT-2 and its loss, optimizer, schedule, precision, torch.compile
+  Model               GPT-2, Llama or a pretrained model; its loss, optimizer, schedule, precision, compile
   Data                documents, tokenizer, packed token arrays, windows
   The training state  the Run dataclass: what a step changes and a checkpoint keeps
   The step and loop   optimizer_step (out-of-memory halving), divergence, evaluation, samples, stops, train
@@ -95,12 +97,83 @@ class KernelStop(Exception):
 
 
 # ===================================================================================================
-# Model: GPT-2 with its loss, the optimizer and schedule, precision, torch.compile
+# Model: GPT-2, Llama or a pretrained model with its loss, the optimizer and schedule, precision, compile
 # ===================================================================================================
-def build_model(config: dict, vocab_size: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
+PRETRAINED_TOKENIZER: dict = {}  # init_from's tokenizer, loaded once per process
+
+
+def model_family(config: dict) -> str:
+    """What the shape check on resume and the log call the model: init_from's id, or the architecture."""
+    return f"pretrained {config['init_from']}" if config.get("init_from") else config.get("model_type", "gpt2")
+
+
+def pretrained_source(config: dict) -> str:
+    """init_from as a local folder when it is one (as given, under the input root, or inside an attached
+    dataset under either mount layout), else the Hugging Face hub id as given."""
+    name = config["init_from"]
+    for pattern in text_file_patterns(name):
+        for match in sorted(glob.glob(pattern)):
+            if os.path.isfile(os.path.join(match, "config.json")):
+                return match
+    return name
+
+
+def load_pretrained(config: dict, what: str):
+    """init_from's model (in float32: the optimizer keeps full-precision weights) or its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = pretrained_source(config)
+
+    def load():
+        if what == "tokenizer":
+            return AutoTokenizer.from_pretrained(source)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa")
+        except (ValueError, ImportError):  # an architecture without SDPA attention
+            model = AutoModelForCausalLM.from_pretrained(source)
+        return model.float()
+
+    if os.path.isdir(source):
+        try:
+            return load()
+        except Exception as exc:
+            raise KernelStop("config_error", f"init_from {source!r} holds no loadable {what} "
+                             f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    try:  # without internet one try says enough (the hub client retries on its own too)
+        return with_retries(f"Downloading {what} {source}", load,
+                            attempts=4 if config.get("enable_internet", True) else 1)
+    except Exception as exc:
+        hint = offline_hint(config) or "This kernel runs without internet (enable_internet = false)."
+        raise KernelStop("config_error", f"could not load {what} {source!r} from the Hugging Face hub "
+                         f"({type(exc).__name__}: {str(exc)[:300]}). {hint} A model can also be attached as "
+                         "a Kaggle dataset holding its save_pretrained folder: set init_from to that folder.") from None
+
+
+def pretrained_tokenizer(config: dict):
+    if "tokenizer" not in PRETRAINED_TOKENIZER:
+        PRETRAINED_TOKENIZER["tokenizer"] = load_pretrained(config, "tokenizer")
+    return PRETRAINED_TOKENIZER["tokenizer"]
+
+
+def build_model(config: dict, vocab_size: int, eos_id: int | None = None):
+    """init_from's pretrained model, or GPT-2 / Llama from scratch (seeded, vocabulary padded to 64)."""
+    if config.get("init_from"):
+        return load_pretrained(config, "model")
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     padded_vocab = (vocab_size + 63) // 64 * 64  # multiples of 64 keep the LM head's matmul on fast paths
+    if config.get("model_type", "gpt2") == "llama":
+        n_embd = config["n_embd"]
+        model_config = LlamaConfig(
+            vocab_size=padded_vocab, hidden_size=n_embd, num_hidden_layers=config["n_layer"],
+            num_attention_heads=config["n_head"], num_key_value_heads=config["n_head"],
+            # SwiGLU's three matrices at 8/3 x width cost what GPT-2's two at 4x do; rounded up to 64.
+            intermediate_size=(8 * n_embd // 3 + 63) // 64 * 64, max_position_embeddings=config["max_length"],
+            attention_dropout=config["dropout"], tie_word_embeddings=True, attn_implementation="sdpa",
+            bos_token_id=eos_id, eos_token_id=eos_id,
+        )
+        torch.manual_seed(config["seed"])
+        return LlamaForCausalLM(model_config)
     model_config = GPT2Config(
         vocab_size=padded_vocab, n_positions=config["max_length"], n_embd=config["n_embd"],
         n_layer=config["n_layer"], n_head=config["n_head"], resid_pdrop=config["dropout"],
@@ -113,24 +186,36 @@ def build_model(config: dict, vocab_size: int):
     return GPT2LMHeadModel(model_config)
 
 
-def prepare_model(config: dict, vocab_size: int, device: torch.device):
-    """The model on its device, with CPU dropout kernels where eager CPU training uses dropout."""
-    model = build_model(config, vocab_size).to(device)
-    if device.type == "cpu" and config["dropout"] > 0 and not compile_wanted(config, device):
+def prepare_model(config: dict, vocab_size: int, device: torch.device, eos_id: int | None = None):
+    """The model on its device; activations recomputed in the backward pass when gradient_checkpointing is on;
+    CPU dropout kernels where eager CPU training of a GPT-2 uses dropout (other models stay as they are)."""
+    model = build_model(config, vocab_size, eos_id).to(device)
+    if config.get("gradient_checkpointing"):
+        # Non-reentrant checkpointing restores the RNG state for the recomputation: same dropout masks.
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    uses_dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    if (device.type == "cpu" and getattr(model.config, "model_type", None) == "gpt2" and uses_dropout
+            and not compile_wanted(config, device)):
         use_cpu_dropout_kernels(model)
     return model
 
 
 def count_parameters(model) -> dict:
-    total = sum(p.numel() for p in model.parameters())  # tied LM head counted once
-    embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
-    return {"total": total, "without_embeddings": total - embeddings}
+    """Parameters with and without the embedding tables (token and, for GPT-2, position); a tied LM head once."""
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = {id(p): p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)
+                  for p in m.parameters()}
+    return {"total": total, "without_embeddings": total - sum(embeddings.values())}
 
 
 def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     """Next-token loss; labels are the inputs shifted once, here and nowhere else."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(input_ids=inputs).logits
+    logits = model(input_ids=inputs, use_cache=False).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
@@ -200,7 +285,8 @@ def maybe_compile(model, config: dict, device: torch.device):
 # ===================================================================================================
 # Data: documents per split, a tokenizer, and one packed token array per split
 # ===================================================================================================
-TEXT_SUFFIXES = {".txt", ".md", ".text", ".raw"}
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".raw", ".jsonl"}  # .jsonl: one JSON object per line
+VALIDATION_FRACTION = 0.02  # of the documents, carved from train when a dataset has no validation split
 
 
 def with_retries(what: str, fn, attempts: int = 4, first_delay: float = 5.0):
@@ -274,6 +360,40 @@ def text_file_patterns(path: str) -> list[str]:
             str(root / "datasets" / "*" / "*" / path)]
 
 
+def carve_validation(documents: list[str], seed: int, what: str) -> dict[str, list[str]]:
+    """A validation split carved from the training documents: 2% of them (at least one), chosen by the seed,
+    disjoint from what remains for training; both keep their original order."""
+    if len(documents) < 2:
+        raise KernelStop("data_error", f"{what} has {len(documents)} document(s): too few to carve a validation "
+                         "split from; add data or a validation split")
+    count = max(1, int(len(documents) * VALIDATION_FRACTION))
+    chosen = set(np.random.default_rng(seed).permutation(len(documents))[:count].tolist())
+    log(f"Data: {what} has no validation split; {count} of {len(documents)} documents carved from train "
+        f"(fixed by seed {seed})")
+    return {"train": [d for i, d in enumerate(documents) if i not in chosen],
+            "validation": [documents[i] for i in sorted(chosen)]}
+
+
+def read_text_file(path: str, column: str) -> list[str]:
+    """A text file's documents: the whole file, or for .jsonl one per line (the `column` field of its object)."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if not path.endswith(".jsonl"):
+        return [text]
+    documents = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise KernelStop("data_error", f"{path} line {number} is not JSON ({exc})") from None
+        value = row.get(column) if isinstance(row, dict) else None
+        if not isinstance(value, str):
+            raise KernelStop("data_error", f"{path} line {number} has no text field {column!r} (set text_column)")
+        documents.append(value)
+    return documents
+
+
 def text_file_documents(config: dict) -> dict[str, list[str]]:
     path = config["text_files_path"]
     patterns = text_file_patterns(path)
@@ -290,17 +410,69 @@ def text_file_documents(config: dict) -> dict[str, list[str]]:
         raise KernelStop("data_error", f"text_files_path {path!r} matches no text files (looked in "
                          f"{', '.join(patterns)}). Attach the dataset that holds them to the kernel.")
     log(f"Data: {len(files)} text file(s) from {os.path.dirname(files[0])}")
-    texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
-    if len(texts) == 1:  # one file: its last 5% is the validation split
-        cut = int(len(texts[0]) * 0.95)
-        return {"train": [texts[0][:cut]], "validation": [texts[0][cut:]]}
-    return {"train": [t for i, t in enumerate(texts) if i % 10 != 0 or len(texts) < 2],
-            "validation": [t for i, t in enumerate(texts) if i % 10 == 0]}
+    column = config.get("text_column", "text")
+    per_file = [read_text_file(f, column) for f in files]
+    if len(per_file) == 1 and files[0].endswith(".jsonl"):  # one .jsonl file: carve documents
+        return carve_validation(per_file[0], config["seed"], os.path.basename(files[0]))
+    if len(per_file) == 1:  # one text file: its last 5% is the validation split
+        text = per_file[0][0]
+        cut = int(len(text) * 0.95)
+        return {"train": [text[:cut]], "validation": [text[cut:]]}
+    return {"train": [d for i, docs in enumerate(per_file) if i % 10 != 0 for d in docs],
+            "validation": [d for i, docs in enumerate(per_file) if i % 10 == 0 for d in docs]}
+
+
+def local_folder(path: str) -> str | None:
+    """`path` as an existing folder: as given, under the input root, or inside an attached dataset."""
+    for pattern in text_file_patterns(path):
+        for match in sorted(glob.glob(pattern)):
+            if os.path.isdir(match):
+                return match
+    return None
+
+
+def hf_documents(config: dict) -> dict[str, list[str]]:
+    """dataset = "hf:<id>": datasets.load_dataset(id, dataset_config), or load_from_disk when the id is a folder
+    written by Dataset(Dict).save_to_disk; then the same path: splits, text_column, a carved validation split."""
+    try:
+        from datasets import load_dataset, load_from_disk
+    except ImportError as exc:
+        raise KernelStop("data_error", "the 'datasets' package is missing; pip install datasets") from exc
+    name, subset = config["dataset"][3:], config.get("dataset_config")
+    folder = local_folder(name)
+    try:
+        if folder:
+            data = load_from_disk(folder)
+        else:
+            data = with_retries(f"Downloading dataset {name}", lambda: load_dataset(name, subset),
+                                attempts=4 if config.get("enable_internet", True) else 1)
+    except Exception as exc:
+        where = f"folder {folder}" if folder else f"{name} ({subset or 'default'} config) from the Hugging Face hub"
+        raise KernelStop("data_error", f"could not load dataset {where} ({type(exc).__name__}: {str(exc)[:300]}). "
+                         f"{'' if folder else offline_hint(config)}") from None
+    if not hasattr(data, "keys"):  # one Dataset, not a DatasetDict: it is the training split
+        data = {config["train_split"]: data}
+    splits, column = list(data.keys()), config["text_column"]
+
+    def texts(split: str) -> list[str]:
+        if column not in data[split].column_names:
+            raise KernelStop("data_error", f"split {split!r} of {name} has no column {column!r} (it has "
+                             f"{', '.join(data[split].column_names)}); set text_column")
+        return [t for t in data[split][column] if isinstance(t, str) and t.strip()]
+
+    if config["train_split"] not in data:
+        raise KernelStop("data_error", f"{name} has no split {config['train_split']!r} (it has {', '.join(splits)}); "
+                         "set train_split")
+    if config["validation_split"] in data:
+        return {"train": texts(config["train_split"]), "validation": texts(config["validation_split"])}
+    return carve_validation(texts(config["train_split"]), config["seed"], f"{name} ({config['train_split']})")
 
 
 def load_documents(config: dict) -> dict[str, list[str]]:
     source = config["dataset"]
-    if source == "wikitext-103":
+    if source.startswith("hf:"):
+        splits = hf_documents(config)
+    elif source == "wikitext-103":
         splits = wikitext_documents(config)
     elif source == "stdlib-docs":
         splits = stdlib_documents()
@@ -341,17 +513,28 @@ def build_tokenizer(config: dict, documents: dict[str, list[str]], saved_json: s
 
     if saved_json:
         return Tokenizer.from_str(saved_json)
+    if config.get("init_from"):  # fine-tuning: the model's own tokenizer
+        return pretrained_tokenizer(config).backend_tokenizer
     if config["tokenizer"] == "gpt2":
         return gpt2_tokenizer(config)
     return train_bpe_tokenizer(documents["train"], config["bpe_vocab_size"])
 
 
-def tokenize_split(tokenizer, documents: list[str], cache_key: str) -> np.ndarray:
-    """All documents as one packed id array (EOS between documents), memory-mapped from scratch space."""
+def eos_token(config: dict) -> str | None:
+    """The token between documents: GPT-2's and the trained BPE's <|endoftext|>, else the pretrained tokenizer's
+    end-of-sequence token (its beginning-of-sequence one if it has none)."""
+    if not config.get("init_from"):
+        return EOS_TOKEN
+    tokenizer = pretrained_tokenizer(config)
+    return tokenizer.eos_token or tokenizer.bos_token
+
+
+def tokenize_split(tokenizer, documents: list[str], cache_key: str, eos: int | None) -> np.ndarray:
+    """All documents as one packed id array (EOS between documents), memory-mapped from scratch space.
+    Special tokens a pretrained tokenizer's post-processor would add (BOS per chunk) are left out."""
     path = scratch_dir() / f"tokens-{cache_key}.npy"
     if path.exists():
         return np.load(path, mmap_mode="r")
-    eos = tokenizer.token_to_id(EOS_TOKEN)
     dtype = np.uint16 if tokenizer.get_vocab_size() < 2**16 else np.uint32
     pieces = []
     for doc in documents:
@@ -363,9 +546,10 @@ def tokenize_split(tokenizer, documents: list[str], cache_key: str) -> np.ndarra
             chunks.append(doc[start:end])
             start = end
         for i in range(0, len(chunks), 256):
-            for encoding in tokenizer.encode_batch(chunks[i:i + 256]):
+            for encoding in tokenizer.encode_batch(chunks[i:i + 256], add_special_tokens=False):
                 pieces.append(np.asarray(encoding.ids, dtype=dtype))
-        pieces.append(np.asarray([eos], dtype=dtype))
+        if eos is not None:
+            pieces.append(np.asarray([eos], dtype=dtype))
     tokens = np.concatenate(pieces)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, tokens)
@@ -373,9 +557,16 @@ def tokenize_split(tokenizer, documents: list[str], cache_key: str) -> np.ndarra
     return np.load(path, mmap_mode="r")
 
 
+DATA_KEYS = ("dataset", "text_files_path", "dataset_config", "text_column", "train_split", "validation_split")
+
+
 def data_fingerprint(tokenizer_json: str, config: dict) -> str:
-    """Names token arrays: the same tokenizer on the same corpus gives the same ids."""
-    source = tokenizer_json + config["dataset"] + str(config.get("text_files_path"))
+    """Names token arrays: the same tokenizer on the same corpus (and the same carved validation split) gives the
+    same ids."""
+    keys = [config.get(key) for key in DATA_KEYS]
+    if config["dataset"].startswith("hf:") or config["dataset"] == "text-files":
+        keys.append(config["seed"])  # chooses the carved validation documents
+    source = tokenizer_json + json.dumps(keys)
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
@@ -432,10 +623,13 @@ def prepare_data(config: dict, saved_tokenizer_json: str | None = None) -> dict:
         documents = load_documents(config)
         tokenizer = build_tokenizer(config, documents, saved_tokenizer_json)
         fingerprint = data_fingerprint(tokenizer.to_str(), config)
-        splits = {split: tokenize_split(tokenizer, documents[split], f"{split}-{fingerprint}")
+        eos = eos_token(config)
+        eos_id = tokenizer.token_to_id(eos) if eos else None
+        splits = {split: tokenize_split(tokenizer, documents[split], f"{split}-{fingerprint}", eos_id)
                   for split in ("train", "validation")}
         if config.get("cache_tokens", True):
             keep_tokens_for_later(splits, fingerprint)
+    eos = eos_token(config)
     windows = {split: (len(tokens) - 1) // config["max_length"] for split, tokens in splits.items()}
     for split, count in windows.items():
         if count < 1:
@@ -444,6 +638,7 @@ def prepare_data(config: dict, saved_tokenizer_json: str | None = None) -> dict:
     log(f"Data: {config['dataset']}, {len(splits['train']):,} train / {len(splits['validation']):,} validation "
         f"tokens, vocabulary {tokenizer.get_vocab_size():,} ({time.time() - started:.1f}s)")
     return {"tokenizer": tokenizer, "tokenizer_json": tokenizer.to_str(), "train": splits["train"],
+            "eos_id": tokenizer.token_to_id(eos) if eos else None,
             "validation": splits["validation"], "train_windows": windows["train"],
             "validation_windows": windows["validation"]}
 
@@ -471,12 +666,12 @@ class Run:
     """
 
     CHECKPOINTED: ClassVar[tuple[str, ...]] = ("epoch", "global_step", "position", "micro_batch_size",
-                                               "accumulation", "best_val_loss", "history")
+                                               "accumulation", "best_val_loss", "history", "segment")
 
     # What training works with
     data: dict
     device: torch.device
-    raw_model: torch.nn.Module  # the GPT2LMHeadModel whose weights are saved
+    raw_model: torch.nn.Module  # the *ForCausalLM model whose weights are saved
     eager_model: torch.nn.Module  # its LossModule, DDP-wrapped on several processes
     model: torch.nn.Module  # what a step calls: eager_model, compiled when compile is on
     optimizer: torch.optim.Optimizer
@@ -495,7 +690,8 @@ class Run:
     global_step: int = 0
     position: int = 0  # windows of this epoch's order already trained on
     best_val_loss: float | None = None
-    history: list = field(default_factory=list)
+    history: list = field(default_factory=list)  # training_history.json: train, eval and sample entries
+    segment: int = 1  # sessions of this run so far, this one included: 1, then +1 per resume
     # This session
     ddp: Any = None
     first_step: int = 0  # global_step when this session began (segment_steps counts from here)
@@ -633,7 +829,7 @@ def evaluate(run: Run, config: dict) -> float:
 def sample_text(run: Run, config: dict) -> str:
     """Continue sample_prompt; runs on its own RNG so training draws the same numbers with or without it."""
     tokenizer, model, device = run.data["tokenizer"], run.raw_model, run.device
-    ids = tokenizer.encode(config["sample_prompt"]).ids or [tokenizer.token_to_id(EOS_TOKEN)]
+    ids = tokenizer.encode(config["sample_prompt"]).ids or [run.data.get("eos_id") or 0]
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config["seed"])
@@ -648,28 +844,40 @@ def sample_text(run: Run, config: dict) -> str:
     return tokenizer.decode(tokens[0].tolist())
 
 
+def history_entry(run: Run, kind: str, train_loss: float | None, **fields) -> dict:
+    """One training_history.json entry: wall_time counts training time over all sessions (not the gaps between
+    them), segment numbers the session."""
+    elapsed = time.time() - run.segment_started
+    return {"kind": kind, "step": run.global_step, "epoch": run.epoch, "train_loss": train_loss, **fields,
+            "lr": run.scheduler.get_last_lr()[0], "tokens_per_second": run.tokens_this_segment / max(elapsed, 1e-9),
+            "wall_time": run.wall_time_before + elapsed, "segment": run.segment}
+
+
+def record_sample(run: Run, text: str) -> None:
+    run.history.append({"kind": "sample", "step": run.global_step, "epoch": run.epoch, "text": text})
+    write_history(run)
+    emit("sample", epoch=run.epoch, text=text)
+
+
 def record_evaluation(run: Run, config: dict, train_loss: float | None) -> None:
     val_loss = evaluate(run, config)
-    elapsed = time.time() - run.segment_started
-    entry = {"step": run.global_step, "epoch": run.epoch, "train_loss": train_loss, "val_loss": val_loss,
-             "perplexity": math.exp(min(val_loss, 50)), "lr": run.scheduler.get_last_lr()[0],
-             "tokens_per_second": run.tokens_this_segment / max(elapsed, 1e-9),
-             "wall_time": run.wall_time_before + elapsed}
+    entry = history_entry(run, "eval", train_loss, val_loss=val_loss, perplexity=math.exp(min(val_loss, 50)))
     run.history.append(entry)
     write_history(run)
     log(f"  eval  step {entry['step']:>6}  val loss {val_loss:.4f}  perplexity {entry['perplexity']:.2f}")
-    emit("eval", **entry)
+    emit("eval", **{key: value for key, value in entry.items() if key not in ("kind", "segment")})
     if math.isfinite(val_loss) and (run.best_val_loss is None or val_loss < run.best_val_loss):
         run.best_val_loss = val_loss
         save_best_model(run, config, val_loss)
 
 
 def log_progress(run: Run, loss: float) -> None:
-    elapsed = time.time() - run.segment_started
-    tokens_per_second = run.tokens_this_segment / max(elapsed, 1e-9)
+    entry = history_entry(run, "train", loss)
+    run.history.append(entry)
+    write_history(run)
+    tokens_per_second, lr = entry["tokens_per_second"], entry["lr"]
     remaining = (run.total_steps - run.global_step) * run.tokens_per_step / max(tokens_per_second, 1e-9)
     memory = torch.cuda.max_memory_allocated() / 2**20 if run.device.type == "cuda" else None
-    lr = run.scheduler.get_last_lr()[0]
     log(f"step {run.global_step:>6}/{run.total_steps}  epoch {run.epoch}  loss {loss:.4f}  lr {lr:.2e}  "
         f"{tokens_per_second:,.0f} tok/s" + (f"  gpu {memory:,.0f} MiB" if memory is not None else ""))
     emit("progress", global_step=run.global_step, total_steps=run.total_steps, epoch=run.epoch, loss=loss, lr=lr,
@@ -698,7 +906,8 @@ def agreed_stop_reason(run: Run, config: dict) -> str | None:
 def train(run: Run, config: dict) -> str:
     """Runs until training completes ('complete') or a stop is requested (its reason)."""
     windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
-    last_loss = None
+    # The last logged training loss, from an earlier session too: an epoch-end evaluation reports it.
+    last_loss = next((h["train_loss"] for h in reversed(run.history) if h.get("kind") == "train"), None)
     while run.global_step < run.total_steps:
         reason = agreed_stop_reason(run, config)
         if reason:
@@ -708,7 +917,7 @@ def train(run: Run, config: dict) -> str:
             if config["sample_tokens"] and is_primary():
                 text = sample_text(run, config)
                 log(f"  sample after epoch {run.epoch}: {text!r}")
-                emit("sample", epoch=run.epoch, text=text)
+                record_sample(run, text)
             run.epoch += 1
             run.position = 0
             run.order = epoch_order(config["seed"], run.epoch, run.data["train_windows"])
@@ -762,14 +971,20 @@ def finish(run: Run, config: dict) -> None:
     target = working_dir() / "final_model"
     run.raw_model.save_pretrained(target)
     # model_max_length: generation and pipelines stay inside the context the model was trained on.
-    PreTrainedTokenizerFast(tokenizer_object=run.data["tokenizer"], eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
-                            unk_token=EOS_TOKEN, model_max_length=config["max_length"]).save_pretrained(target)
+    if config.get("init_from"):  # the model's own tokenizer, with its chat template and special tokens
+        tokenizer = pretrained_tokenizer(config)
+        tokenizer.model_max_length = config["max_length"]
+    else:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=run.data["tokenizer"], eos_token=EOS_TOKEN,
+                                            bos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
+                                            model_max_length=config["max_length"])
+    tokenizer.save_pretrained(target)
     for path in sorted(p for p in target.rglob("*") if p.is_file()):  # the manifest covers what fetch takes
         record_in_manifest(working_dir(), path.relative_to(working_dir()).as_posix(), kind="final_model")
     if config["sample_tokens"]:
         text = sample_text(run, config)
         log(f"  sample at the end: {text!r}")
-        emit("sample", epoch=run.epoch, text=text)
+        record_sample(run, text)
 
 
 # ===================================================================================================
@@ -820,7 +1035,7 @@ def restore_checkpoint(run: Run, checkpoint: dict) -> None:
     if run.scaler is not None and checkpoint["scaler"]:
         run.scaler.load_state_dict(checkpoint["scaler"])
     for name in Run.CHECKPOINTED:
-        setattr(run, name, checkpoint[name])
+        setattr(run, name, checkpoint.get(name, getattr(run, name)))  # `segment` is newer than format 2
     set_rng_state(checkpoint["rng"])
 
 
@@ -929,6 +1144,7 @@ def find_resume_point(config: dict) -> ResumePoint | None:
 
 
 SHAPE_KEYS = ("n_embd", "n_layer", "n_head", "max_length")
+MODEL_KEYS = {"init_from": None, "model_type": "gpt2"}  # with their values in checkpoints older than these keys
 
 
 def load_checkpoint(point: ResumePoint, config: dict) -> dict:
@@ -944,10 +1160,14 @@ def load_checkpoint(point: ResumePoint, config: dict) -> dict:
         raise KernelStop("resume_error", f"{point.path} is not a checkpoint this kernel can resume (format "
                          f"{found}, expected {CHECKPOINT_FORMAT})")
     saved = checkpoint.get("config") or {}
-    differences = [f"{key} {saved.get(key)} (config: {config[key]})" for key in SHAPE_KEYS
-                   if saved.get(key) != config[key]]
-    if saved.get("tokenizer") != config["tokenizer"] or (
-            config["tokenizer"] == "bpe" and saved.get("bpe_vocab_size") != config["bpe_vocab_size"]):
+    differences = [f"{key} {saved.get(key, default)!r} (config: {config.get(key, default)!r})"
+                   for key, default in MODEL_KEYS.items() if saved.get(key, default) != config.get(key, default)]
+    # A pretrained model's shape and vocabulary come with it: init_from names them.
+    shape_keys = ("max_length",) if config.get("init_from") else SHAPE_KEYS
+    differences += [f"{key} {saved.get(key)} (config: {config[key]})" for key in shape_keys
+                    if saved.get(key) != config[key]]
+    if not config.get("init_from") and (saved.get("tokenizer") != config["tokenizer"] or (
+            config["tokenizer"] == "bpe" and saved.get("bpe_vocab_size") != config["bpe_vocab_size"])):
         differences.append(f"vocabulary {saved.get('tokenizer')}/{saved.get('bpe_vocab_size')} "
                            f"(config: {config['tokenizer']}/{config['bpe_vocab_size']})")
     if differences:
@@ -1057,7 +1277,15 @@ def is_worker() -> bool:
     return "KAGGLE_RUNNER_WORKER" in os.environ
 
 
+def started_by_launcher() -> bool:
+    """A rank that torchrun (or another launcher setting RANK/WORLD_SIZE) started: the processes exist already,
+    and the process group comes from the environment (MASTER_ADDR/MASTER_PORT, any number of nodes)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not is_worker()
+
+
 def wanted_processes(config: dict) -> int:
+    if "WORLD_SIZE" in os.environ:  # torchrun's processes, or run_workers' (config world_size is ignored)
+        return world_size()
     return int(config.get("world_size") or max(1, torch.cuda.device_count()))
 
 
@@ -1333,10 +1561,12 @@ def setup_run(config: dict, started: float, resume: ResumePoint | None) -> Run:
     if data is None:
         data = prepare_data(config, saved_tokenizer)
     vocab_size = data["tokenizer"].get_vocab_size()
-    raw_model = prepare_model(config, vocab_size, device)
+    raw_model = prepare_model(config, vocab_size, device, data.get("eos_id"))
     counts = count_parameters(raw_model)
-    log(f"Model: GPT-2, {counts['total'] / 1e6:.2f}M parameters ({counts['without_embeddings'] / 1e6:.2f}M "
-        f"without embeddings), vocabulary {vocab_size:,} padded to {raw_model.config.vocab_size:,}")
+    log(f"Model: {model_family(config)} ({type(raw_model).__name__}), {counts['total'] / 1e6:.2f}M parameters "
+        f"({counts['without_embeddings'] / 1e6:.2f}M without embeddings), vocabulary {vocab_size:,}"
+        f"{' padded' if not config.get('init_from') else ', model'} {raw_model.config.vocab_size:,}"
+        + (", gradient checkpointing" if config.get("gradient_checkpointing") else ""))
     log(f"Device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
         f"precision {str(dtype).removeprefix('torch.')}, torch {torch.__version__}")
 
@@ -1355,7 +1585,9 @@ def setup_run(config: dict, started: float, resume: ResumePoint | None) -> Run:
     if checkpoint is not None:
         restore_checkpoint(run, checkpoint)
         run.order = epoch_order(config["seed"], run.epoch, data["train_windows"])
-        run.wall_time_before = run.history[-1]["wall_time"] if run.history else 0.0
+        # Training time continues from the last entry's (the gap between sessions is not counted).
+        run.wall_time_before = next((h["wall_time"] for h in reversed(run.history) if "wall_time" in h), 0.0)
+        run.segment += 1
         run.resumed_from = {"file": resume.path.name, "sha256": resume.sha256, "global_step": run.global_step}
         restore_best_model(resume)
         if run.history:
@@ -1389,6 +1621,10 @@ def main(config: dict) -> int:
         if not is_worker():
             check_gpu(config)
         processes = wanted_processes(config)
+        if started_by_launcher():
+            log(f"Rank {rank()} of {processes} started by torchrun (local rank {os.environ.get('LOCAL_RANK', '0')})")
+            if config.get("world_size") and config["world_size"] != processes:
+                log(f"world_size = {config['world_size']} in the config is ignored: torchrun started {processes}")
         windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
         if windows_per_step % processes:
             raise KernelStop("config_error", f"batch_size x gradient_accumulation_steps = {windows_per_step} windows "

@@ -50,16 +50,17 @@ def render(tmp: Path, overrides=(), chain_checkpoint: dict | None = None) -> Pat
 
 
 def run_kernel(script: Path, working: Path, input_dir: Path | None = None, env: dict | None = None,
-               timeout: float = 240, scratch: Path | None = None) -> KernelRun:
-    """env values of None remove the variable; by default the CPU stands in for the T4 a session asks for."""
+               timeout: float = 240, scratch: Path | None = None, launcher: list[str] | None = None) -> KernelRun:
+    """env values of None remove the variable; by default the CPU stands in for the T4 a session asks for.
+    launcher: what runs the script instead of plain python, e.g. ["-m", "torch.distributed.run", ...]."""
     working.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "KAGGLE_RUNNER_INPUT_DIR": str(input_dir or working.parent / "no-input"),
                 "PYTHONUNBUFFERED": "1", "KAGGLE_RUNNER_EMULATED_GPU": "NvidiaTeslaT4", **(env or {})}
     if scratch is not None:
         full_env["KAGGLE_RUNNER_SCRATCH_DIR"] = str(scratch)
     full_env = {key: value for key, value in full_env.items() if value is not None}
-    process = subprocess.run([sys.executable, str(script)], cwd=working, env=full_env, capture_output=True,
-                             text=True, timeout=timeout)
+    process = subprocess.run([sys.executable, *(launcher or []), str(script)], cwd=working, env=full_env,
+                             capture_output=True, text=True, timeout=timeout)
     return KernelRun(process.returncode, process.stdout + process.stderr, working)
 
 
@@ -80,12 +81,13 @@ def mount(input_dir: Path, dataset: str, layout: str) -> Path:
     return input_dir / "datasets" / owner / slug if layout == "datasets" else input_dir / slug
 
 
-def attach_checkpoint(source: Path, input_dir: Path, layout: str = "datasets") -> dict:
-    """Attach a stopped run's newest checkpoint, best_model.pt and token arrays the way the launcher does (the
-    chain's checkpoint dataset and its token dataset); returns the chain_checkpoint to render with."""
+def attach_checkpoint(source: Path, input_dir: Path, layout: str = "datasets", checkpoint: str | None = None) -> dict:
+    """Attach a stopped run's newest checkpoint (or `checkpoint`, a path relative to its outputs), best_model.pt
+    and token arrays the way the launcher does (the chain's checkpoint dataset and its token dataset); returns the
+    chain_checkpoint to render with."""
     manifest = json.loads((source / "manifest.json").read_text())
     state = json.loads((source / "run_state.json").read_text())
-    newest = state["newest_checkpoint"]
+    newest = checkpoint or state["newest_checkpoint"]
     ckpt = mount(input_dir, CHECKPOINT_DATASET, layout)
     flat_dataset(source, ckpt, [newest] + (["best_model.pt"] if "best_model.pt" in manifest["files"] else []))
     tokens = [rel for rel, info in manifest["files"].items() if info.get("kind") == "token_cache"]
@@ -93,5 +95,5 @@ def attach_checkpoint(source: Path, input_dir: Path, layout: str = "datasets") -
         flat_dataset(source, mount(input_dir, TOKEN_DATASET, layout), tokens)
     best = ckpt / "best_model.pt"
     return {"file": Path(newest).name, "sha256": hashlib.sha256((source / newest).read_bytes()).hexdigest(),
-            "global_step": state["global_step"], "dataset": CHECKPOINT_DATASET,
+            "global_step": manifest["files"][newest]["global_step"], "dataset": CHECKPOINT_DATASET,
             "best_sha256": hashlib.sha256(best.read_bytes()).hexdigest() if best.exists() else None}

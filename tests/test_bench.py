@@ -46,3 +46,29 @@ def test_bench_refuses_a_half_precision_the_cpu_path_does_not_train_in(cli_runne
     result = cli_runner.invoke(cli, ["bench", "--device", "cpu", "--dtype", "float16", "--steps", "1"])
     assert result.exit_code == 1 and "--dtype float16 needs a CUDA device" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_bench_finetune_preset_times_a_stand_in_when_the_hub_is_out_of_reach(cli_runner, monkeypatch):
+    from kaggle_runner import bench
+
+    monkeypatch.setattr(bench, "hub_reachable", lambda timeout=3.0: False)  # as offline CI is, without waiting
+    result = cli_runner.invoke(cli, ["bench", "--preset", "finetune", "--set", "max_length=64", "--set",
+                                     "batch_size=2", "--set", "gradient_accumulation_steps=2", "--steps", "1",
+                                     "--warmup", "0", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert "Note: init_from 'HuggingFaceTB/SmolLM2-135M' was not loaded" in result.output
+    assert report["model"] == "LlamaForCausalLM" and "stand-in" in report["stand_in"]
+    assert report["config"]["n_embd"] == 64 and report["config"]["vocab_size"] == 8192
+    assert report["tokens_per_second"] * report["step_time_ms"] / 1000 == pytest.approx(4 * 64)
+    assert report["cpu_dropout_kernels"] is False  # a Llama keeps its own attention
+
+
+def test_flops_per_token_of_any_model_matches_the_gpt2_formula_on_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kaggle_runner.bench import model_flops_per_token
+
+    config = load_preset("tiny", ["n_embd=32", "n_layer=2", "n_head=4", "max_length=16"])
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=16, n_embd=32, n_layer=2, n_head=4))
+    assert model_flops_per_token(model, 16) == flops_per_token(config, 128)

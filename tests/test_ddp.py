@@ -24,7 +24,7 @@ def test_two_processes_share_each_step_and_only_rank_zero_writes(tmp_path):
     checkpoint = torch.load(run.working / state["newest_checkpoint"], weights_only=True)
     # Each rank takes half of every step's 8 x 2 windows: the effective batch is the config's.
     assert checkpoint["world_size"] * checkpoint["micro_batch_size"] * checkpoint["accumulation"] == 16
-    history = json.loads((run.working / "training_history.json").read_text())
+    history = [h for h in json.loads((run.working / "training_history.json").read_text()) if h["kind"] == "eval"]
     assert [h["step"] for h in history] == [6, 12] and history[-1]["val_loss"] < history[0]["val_loss"]
     assert (run.working / "final_model/config.json").exists()
     assert not [p for p in run.working.rglob("*.tmp")]
@@ -54,3 +54,26 @@ def test_uneven_share_is_refused_clearly(tmp_path):
     run = run_kernel(render(tmp_path, ["world_size=3"]), tmp_path / "w")
     assert run.returncode == 1
     assert "cannot be shared evenly by 3 processes" in run.run_state()["message"]
+
+
+def test_the_same_script_under_torchrun_and_its_checkpoint_in_one_process(tmp_path):
+    """torchrun starts the ranks (RANK/WORLD_SIZE/LOCAL_RANK set): the kernel starts none of its own and joins
+    the process group from the environment; its checkpoint resumes in a plain one-process run."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    first = run_kernel(render(tmp_path / "a", ["segment_steps=8"]), tmp_path / "first", launcher=torchrun)
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert "Rank 0 of 2 started by torchrun" in first.stdout and "Starting 2 training processes" not in first.stdout
+    assert len(first.events("session")) == 1 and len(first.events("end")) == 1  # rank 0 alone speaks
+    assert first.events("start")[0]["world_size"] == 2
+    state = first.run_state()
+    assert state["reason"] == "step_budget" and state["global_step"] == 8
+    assert torch.load(first.working / state["newest_checkpoint"], weights_only=True)["world_size"] == 2
+    chain = attach_checkpoint(first.working, tmp_path / "in", layout="datasets")
+    second = run_kernel(render(tmp_path / "b", ["world_size=1"], chain), tmp_path / "second",
+                        input_dir=tmp_path / "in")
+    assert second.returncode == 0, second.stdout[-2000:]
+    start = second.events("start")[0]
+    assert start["global_step"] == 8 and start["world_size"] == 1 and start["resumed_from"]["global_step"] == 8
+    assert second.run_state()["status"] == "complete" and second.run_state()["global_step"] == 24
+    history = json.loads((second.working / "training_history.json").read_text())
+    assert {h["segment"] for h in history if h["kind"] != "sample"} == {1, 2}

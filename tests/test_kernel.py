@@ -56,7 +56,7 @@ def test_rotation_keeps_newest_checkpoints_plus_best_model(finished):
     assert checkpoints == ["checkpoint_epoch1_step20.pt", "checkpoint_epoch1_step24.pt"]
     assert (finished.working / "best_model.pt").exists()
     listed = finished.manifest()["files"]
-    assert {rel for rel, info in listed.items() if info["kind"] != "token_cache"} == {
+    assert {rel for rel, info in listed.items() if info["kind"] in ("checkpoint", "best")} == {
         "best_model.pt", "checkpoints/checkpoint_epoch1_step20.pt", "checkpoints/checkpoint_epoch1_step24.pt"}
     saved = [e["global_step"] for e in finished.events("checkpoint")]
     assert saved == [4, 8, 12, 16, 20, 24]  # every save_steps, older ones rotated away
@@ -67,11 +67,20 @@ def test_complete_run_writes_state_history_and_loadable_final_model(finished):
 
     state = finished.run_state()
     assert state["status"] == "complete" and state["global_step"] == 24 and state["resumed_from"] is None
-    history = json.loads((finished.working / "training_history.json").read_text())
+    entries = json.loads((finished.working / "training_history.json").read_text())
+    history = [h for h in entries if h["kind"] == "eval"]
     assert [h["step"] for h in history] == [8, 16, 24]
-    assert {"step", "epoch", "train_loss", "val_loss", "perplexity", "lr", "tokens_per_second",
-            "wall_time"} <= set(history[0])
+    assert set(history[0]) == {"kind", "step", "epoch", "train_loss", "val_loss", "perplexity", "lr",
+                               "tokens_per_second", "wall_time", "segment"}
     assert history[-1]["val_loss"] < history[0]["val_loss"]
+    train = [h for h in entries if h["kind"] == "train"]
+    assert [h["step"] for h in train] == [4, 8, 12, 16, 20, 24]  # every log step
+    assert set(train[0]) == {"kind", "step", "epoch", "train_loss", "lr", "tokens_per_second", "wall_time",
+                             "segment"}
+    assert all(h["segment"] == 1 for h in train + history)
+    assert [h["wall_time"] for h in train] == sorted(h["wall_time"] for h in train)
+    (sample,) = [h for h in entries if h["kind"] == "sample"]  # the one at the end
+    assert set(sample) == {"kind", "step", "epoch", "text"} and sample["step"] == 24
     model = AutoModelForCausalLM.from_pretrained(finished.working / "final_model")
     tokenizer = AutoTokenizer.from_pretrained(finished.working / "final_model")
     ids = tokenizer("Return the value", return_tensors="pt").input_ids
@@ -204,8 +213,9 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
 
 
 def _losses(run):
-    return [(h["step"], h["train_loss"], h["val_loss"])
-            for h in json.loads((run.working / "training_history.json").read_text())]
+    """The deterministic part of the history: what an exact resume must repeat."""
+    return [(h["kind"], h["step"], h["train_loss"], h.get("val_loss"), h["lr"])
+            for h in json.loads((run.working / "training_history.json").read_text()) if h["kind"] != "sample"]
 
 
 def test_segments_of_n_steps_resume_exactly_where_an_uninterrupted_run_would_be(tmp_path, segment):
@@ -225,7 +235,11 @@ def test_segments_of_n_steps_resume_exactly_where_an_uninterrupted_run_would_be(
     assert state["reason"] == "step_budget" and state["global_step"] == 20  # N more steps of this session
     assert "Data: reusing tokens" in second.stdout  # the chain's token dataset: no re-tokenizing
     assert not (second.working / "token_cache").exists()
-    assert _losses(second) == _losses(straight)[:2]
+    assert _losses(second) == [e for e in _losses(straight) if e[1] <= 20]  # the history to step 20
+    entries = json.loads((second.working / "training_history.json").read_text())
+    assert [h["segment"] for h in entries] == [1, 1, 1, 2, 2, 2, 2]  # train 4, 8, eval 8 | 12, 16, eval 16, 20
+    first_history = json.loads((first.working / "training_history.json").read_text())
+    assert entries[:3] == first_history and entries[3]["wall_time"] >= first_history[-1]["wall_time"]
     a = load(straight.working / "checkpoints/checkpoint_epoch1_step20.pt")
     b = load(second.working / "checkpoints/checkpoint_epoch1_step20.pt")
     for name, tensor in a["model"].items():
@@ -331,7 +345,7 @@ def test_loss_that_stays_nan_stops_as_diverged_keeping_the_last_finite_checkpoin
     for path in (run.working / listed[0], run.working / "best_model.pt"):
         assert all(torch.isfinite(t).all() for t in load(path)["model"].values())
     assert math.isfinite(load(run.working / "best_model.pt")["val_loss"])
-    history = json.loads((run.working / "training_history.json").read_text())
+    history = [h for h in json.loads((run.working / "training_history.json").read_text()) if h["kind"] == "eval"]
     assert [h["step"] for h in history] == [4, 8] and math.isnan(history[1]["val_loss"])
 
 
