@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,8 +61,15 @@ def test_uneven_share_is_refused_clearly(tmp_path):
 def test_the_same_script_under_torchrun_and_its_checkpoint_in_one_process(tmp_path):
     """torchrun starts the ranks (RANK/WORLD_SIZE/LOCAL_RANK set): the kernel starts none of its own and joins
     the process group from the environment; its checkpoint resumes in a plain one-process run."""
+    inputs = tmp_path / "in"
+    corpus = inputs / "corpus"  # a small corpus: parsing the whole standard library twice would double the time
+    corpus.mkdir(parents=True)
+    for name in ("argparse", "inspect", "typing"):
+        (corpus / f"{name}.txt").write_text((Path(os.__file__).parent / f"{name}.py").read_text())
+    data = ['dataset="text-files"', 'text_files_path="corpus"', "max_steps=16"]
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    first = run_kernel(render(tmp_path / "a", ["segment_steps=8"]), tmp_path / "first", launcher=torchrun)
+    first = run_kernel(render(tmp_path / "a", [*data, "segment_steps=8"]), tmp_path / "first", input_dir=inputs,
+                       launcher=torchrun)
     assert first.returncode == 0, first.stdout[-3000:]
     assert "Rank 0 of 2 started by torchrun" in first.stdout and "Starting 2 training processes" not in first.stdout
     assert len(first.events("session")) == 1 and len(first.events("end")) == 1  # rank 0 alone speaks
@@ -68,12 +77,12 @@ def test_the_same_script_under_torchrun_and_its_checkpoint_in_one_process(tmp_pa
     state = first.run_state()
     assert state["reason"] == "step_budget" and state["global_step"] == 8
     assert torch.load(first.working / state["newest_checkpoint"], weights_only=True)["world_size"] == 2
-    chain = attach_checkpoint(first.working, tmp_path / "in", layout="datasets")
-    second = run_kernel(render(tmp_path / "b", ["world_size=1"], chain), tmp_path / "second",
-                        input_dir=tmp_path / "in")
+    chain = attach_checkpoint(first.working, inputs, layout="datasets")
+    second = run_kernel(render(tmp_path / "b", [*data, "world_size=1"], chain), tmp_path / "second",
+                        input_dir=inputs)
     assert second.returncode == 0, second.stdout[-2000:]
     start = second.events("start")[0]
     assert start["global_step"] == 8 and start["world_size"] == 1 and start["resumed_from"]["global_step"] == 8
-    assert second.run_state()["status"] == "complete" and second.run_state()["global_step"] == 24
+    assert second.run_state()["status"] == "complete" and second.run_state()["global_step"] == 16
     history = json.loads((second.working / "training_history.json").read_text())
     assert {h["segment"] for h in history if h["kind"] != "sample"} == {1, 2}
