@@ -1565,7 +1565,7 @@ def setup_run(config: dict, started: float, resume: ResumePoint | None) -> Run:
     counts = count_parameters(raw_model)
     log(f"Model: {model_family(config)} ({type(raw_model).__name__}), {counts['total'] / 1e6:.2f}M parameters "
         f"({counts['without_embeddings'] / 1e6:.2f}M without embeddings), vocabulary {vocab_size:,}"
-        f"{' padded' if not config.get('init_from') else ', model'} {raw_model.config.vocab_size:,}"
+        f"{' padded to' if not config.get('init_from') else ', model'} {raw_model.config.vocab_size:,}"
         + (", gradient checkpointing" if config.get("gradient_checkpointing") else ""))
     log(f"Device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
         f"precision {str(dtype).removeprefix('torch.')}, torch {torch.__version__}")
