@@ -309,8 +309,42 @@ def offline_hint(config: dict) -> str:
 
 
 def stdlib_documents() -> dict[str, list[str]]:
-    """Docstrings of the standard library, read with ast (importing modules has side effects)."""
+    """Docstrings of the standard library, read with ast (importing modules has side effects).
+
+    Parsing the whole library takes about 9 s of CPU, so the result is kept in this user's cache folder
+    (keyed by the Python build) for later runs on the same machine: the test suite's many kernels parse once.
+    """
     stdlib = Path(sysconfig.get_paths()["stdlib"])
+    key = hashlib.sha256(f"{sys.version}|{stdlib}".encode()).hexdigest()[:16]
+    cache = own_cache_dir()
+    cached = cache / f"stdlib-docs-{key}.json" if cache else None
+    if cached and cached.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            splits = json.loads(cached.read_text(encoding="utf-8"))
+            if isinstance(splits, dict) and all(isinstance(splits.get(s), list) for s in ("train", "validation")):
+                return splits
+    splits = parse_stdlib_documents(stdlib)
+    if cached:
+        with contextlib.suppress(OSError):
+            atomic_write(cached, lambda handle: handle.write(json.dumps(splits).encode()))
+    return splits
+
+
+def own_cache_dir() -> Path | None:
+    """A cache folder only this user can write ($KAGGLE_RUNNER_CACHE_DIR, or one in the temp folder); None if
+    that folder belongs to someone else (another local user could plant data there)."""
+    path = Path(os.environ.get("KAGGLE_RUNNER_CACHE_DIR")
+                or Path(tempfile.gettempdir()) / f"kaggle-runner-cache-{os.getuid()}")
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.stat().st_uid != os.getuid():
+            return None
+    except OSError:
+        return None
+    return path
+
+
+def parse_stdlib_documents(stdlib: Path) -> dict[str, list[str]]:
     files = sorted(p for p in stdlib.rglob("*.py")
                    if not ({"test", "tests", "idle_test", "site-packages", "dist-packages"} & set(p.parts)))
     splits: dict[str, list[str]] = {"train": [], "validation": []}

@@ -37,3 +37,9 @@ def start_launcher(*args: str, env: dict | None = None) -> subprocess.Popen:
 
 def final_stub_weight(folder: Path, steps: int) -> int:
     return json.loads((folder / f"checkpoints/checkpoint_epoch1_step{steps}.pt").read_text())["weight"]
+
+
+# The tiny model in segments of 20 steps: every segment ends by its step count, never by the clock.
+REAL_CHAIN = ["n_embd=64", "n_layer=2", "max_steps=40", "segment_steps=20", "eval_steps=10", "save_steps=10",
+              "log_steps=10", "sample_tokens=5", "session_timeout_seconds=600", "safety_margin_seconds=30",
+              "segment_grace_seconds=60", "max_segments=6", "min_quota_hours=0", "dataset_settle_seconds=3"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from click.testing import CliRunner
 
@@ -9,6 +11,11 @@ from kaggle_runner.cli import cli
 from kaggle_runner.emulator.server import EmulatorServer
 from tests.chain_helpers import STUB
 from tests.emulator_helpers import KEY, USER
+
+# One thread per kernel process: the suite runs several files side by side on 2 cores (pytest -n), where
+# oversubscribed OpenMP threads spin instead of working. Results do not depend on it: every comparison of
+# weights runs both sides under the same setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -40,5 +47,16 @@ def stub_project(tmp_path, monkeypatch, emulator, cli_runner):
     monkeypatch.setenv("KAGGLE_KEY", KEY)
     monkeypatch.setenv("KAGGLE_RUNNER_API_ENDPOINT", emulator.url)
     monkeypatch.setenv("KAGGLE_RUNNER_TEST_KERNEL_SOURCE", STUB)
+    assert cli_runner.invoke(cli, ["init", "--preset", "tiny"]).exit_code == 0
+    return tmp_path
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, emulator, cli_runner):
+    """A project folder with a tiny config and credentials for the emulator in the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KAGGLE_USERNAME", USER)
+    monkeypatch.setenv("KAGGLE_KEY", KEY)
+    monkeypatch.setenv("KAGGLE_RUNNER_API_ENDPOINT", emulator.url)
     assert cli_runner.invoke(cli, ["init", "--preset", "tiny"]).exit_code == 0
     return tmp_path

@@ -17,25 +17,10 @@ from kaggle_runner.config import load_preset
 from kaggle_runner.emulator.server import EmulatorServer
 from kaggle_runner.launcher import run_status
 from kaggle_runner.render import render_kernel
+from tests.chain_helpers import REAL_CHAIN as CHAIN
 from tests.chain_helpers import sets
 from tests.emulator_helpers import KEY, USER, admin
 from tests.kernel_helpers import run_kernel
-
-# The tiny model in segments of 20 steps: every segment ends by its step count, never by the clock.
-CHAIN = ["max_steps=40", "segment_steps=20", "eval_steps=10", "save_steps=10", "log_steps=10", "sample_tokens=5",
-         "session_timeout_seconds=600", "safety_margin_seconds=30", "segment_grace_seconds=60",
-         "max_segments=6", "min_quota_hours=0", "dataset_settle_seconds=3"]
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch, emulator, cli_runner):
-    """A project folder with a tiny config and credentials for the emulator in the environment."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("KAGGLE_USERNAME", USER)
-    monkeypatch.setenv("KAGGLE_KEY", KEY)
-    monkeypatch.setenv("KAGGLE_RUNNER_API_ENDPOINT", emulator.url)
-    assert cli_runner.invoke(cli, ["init", "--preset", "tiny"]).exit_code == 0
-    return tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -149,28 +134,6 @@ def test_status_json_and_logs_describe_the_run(faulty_chain):
     assert "Training complete" in faulty_chain.status["logs"]
 
 
-@pytest.mark.slow
-def test_local_launch_is_the_readme_demo(tmp_path, monkeypatch, cli_runner):
-    monkeypatch.chdir(tmp_path)
-    cli_runner.invoke(cli, ["init", "--preset", "tiny"])
-    try:
-        result = cli_runner.invoke(cli, ["launch", "--local", "--name", "local-demo", "--set", "max_steps=50"])
-        assert result.exit_code == 0, result.output
-        assert "on the local emulator" in result.output and "Resuming" in result.output
-        status = run_status(".kaggle-runner", "local-demo")
-        assert status["state"] == "complete" and len(status["segments"]) >= 2
-        assert (tmp_path / "outputs/local-demo/final_model/config.json").exists()
-        key = json.loads(Path(".kaggle-runner/emulator/local-credentials.json").read_text())["key"]
-        assert os.stat(".kaggle-runner/emulator/local-credentials.json").st_mode & 0o077 == 0
-        assert "GPU quota" in cli_runner.invoke(cli, ["quota", "--local"]).output
-        for path in Path("outputs").rglob("*"):
-            if path.is_file():
-                assert key.encode() not in path.read_bytes()
-    finally:
-        stopped = cli_runner.invoke(cli, ["emulator", "stop"])
-    assert "Stopped the local emulator" in stopped.output
-
-
 def test_not_enough_quota_refuses_before_pushing(project, cli_runner, emulator):
     result = cli_runner.invoke(cli, ["launch", "--name", "greedy", *sets([*CHAIN, "min_quota_hours=31"])])
     assert result.exit_code == 1 and "quota" in result.output
@@ -208,42 +171,3 @@ def test_credentials_missing_or_world_readable_are_explained(tmp_path, monkeypat
     assert result.exit_code == 1 and "chmod 600" in result.output
     assert KEY not in result.output
 
-
-def _write_corpus(folder: Path, files: int = 30) -> None:
-    """Text of made-up sentences, deterministic: enough for a few training windows of the tiny model."""
-    import random
-
-    words = ["the", "river", "model", "train", "token", "checkpoint", "kaggle", "session", "resume", "window",
-             "gradient", "batch", "loss", "night", "morning", "quiet", "runner", "laptop", "data", "text"]
-    rng = random.Random(7)
-    (folder / "notes").mkdir(parents=True)
-    for index in range(files):
-        sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + "."
-                     for _ in range(60)]
-        where = folder / ("notes" if index % 3 == 0 else ".") / f"part-{index:02d}.txt"
-        where.write_text("\n".join(sentences) + "\n")
-
-
-@pytest.mark.slow
-def test_a_local_folder_of_text_goes_up_once_and_the_kernel_trains_on_it(project, cli_runner, emulator,
-                                                                         monkeypatch):
-    _write_corpus(project / "corpus")
-    own_text = ["data_dir=\"corpus\"", "tokenizer=\"bpe\"", "bpe_vocab_size=512", "max_steps=2", "segment_steps=2",
-                "eval_steps=2", "sample_tokens=0"]
-    result = cli_runner.invoke(cli, ["launch", "--name", "mine", *sets([*CHAIN, *own_text])])
-    assert result.exit_code == 0, result.output
-    assert "Uploading 30 text file(s)" in result.output
-    dataset = emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus")
-    assert len(dataset.versions) == 1 and "notes__part-00.txt" in dataset.versions[0].files  # sub-paths folded
-    version = emulator.backend.get_kernel(USER, "kaggle-runner-tiny").versions[0]
-    log = "".join(e["data"] for e in emulator.backend.read_log_events(USER, "kaggle-runner-tiny", version))
-    assert "Data: 30 text file(s)" in log
-    # Unchanged text is not uploaded again; changed text is a new version. (The stub kernel: data is not the point.)
-    monkeypatch.setenv("KAGGLE_RUNNER_TEST_KERNEL_SOURCE", str(Path(__file__).with_name("stub_kernel.py")))
-    again = cli_runner.invoke(cli, ["launch", "--name", "again", *sets([*CHAIN, *own_text])])
-    assert again.exit_code == 0 and "is up to date" in again.output, again.output
-    assert len(emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus").versions) == 1
-    (project / "corpus/part-01.txt").write_text("Something new entirely.\n" * 50)
-    changed = cli_runner.invoke(cli, ["launch", "--name", "changed", *sets([*CHAIN, *own_text])])
-    assert changed.exit_code == 0 and "Uploading 30 text file(s)" in changed.output, changed.output
-    assert len(emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus").versions) == 2

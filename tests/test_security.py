@@ -229,9 +229,10 @@ def test_a_damaged_store_is_moved_aside_and_the_next_command_starts_afresh(tmp_p
     (aside,) = Path(".kaggle-runner").glob("runs.damaged-*.sqlite")
     assert aside.read_bytes() == content  # kept for the user, not deleted
     again = cli_runner.invoke(cli, ["status"])
-    assert again.exit_code == 0 and "No runs yet" in again.output, again.output
+    assert again.exit_code == 0 and "No runs" in again.output, again.output
 
 
+@pytest.mark.slow  # it waits out SQLite's 10 s busy timeout by design
 def test_a_store_locked_by_another_process_fails_in_about_ten_seconds_saying_locked(tmp_path, monkeypatch,
                                                                                     cli_runner):
     monkeypatch.chdir(tmp_path)
@@ -346,7 +347,7 @@ def main(config):
     return 0
 ''')
     launched = cli_runner.invoke(cli, ["launch", "--name", "odd", *sets(SHORT_RUN)])
-    assert_clean_exit(launched, allowed=(0,))
+    assert_clean_exit(launched, allowed=(3,))  # the chain failed, and says so
     status = run_status(".kaggle-runner", "odd")
     assert status["state"] == "failed" and "before its first training step" in status["reason"], status
     fetched = cli_runner.invoke(cli, ["fetch", "odd", "-o", "odd-out"])

@@ -313,7 +313,9 @@ class EmulatorServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> EmulatorServer:
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # A short poll interval: stop() waits for the serve loop to notice, and tests stop many emulators.
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
         self._thread.start()
         self.runner.start_queued()
         return self

@@ -1,0 +1,160 @@
+"""The chain's drivers with the stub kernel: cancel by session id, the launcher's own deadline, waiting for a GPU
+session, a launcher killed at every transition, and two watchers that must make one driver."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from kaggle_runner.cli import cli
+from kaggle_runner.launcher import run_status
+from tests.chain_helpers import SLUG, STUB_CHAIN, final_stub_weight, launcher, sets, start_launcher, stub_weight
+from tests.emulator_helpers import USER, admin, official_client, write_kernel
+
+pytestmark = pytest.mark.slow
+
+
+def versions_of(emulator, slug: str = SLUG) -> list:
+    return emulator.backend.get_kernel(USER, slug).versions
+
+
+def test_cancel_stops_the_version_by_its_session_id(stub_project, cli_runner, emulator):
+    result = cli_runner.invoke(cli, ["launch", "--name", "long", "--detach", *sets(
+        [*STUB_CHAIN, "max_steps=1000", "segment_steps=1000", 'sample_prompt="stub: step=0.5"'])])
+    assert result.exit_code == 0, result.output
+    follower = start_launcher("watch", "long")
+    for _ in range(100):  # the driver learns the session id from the kernel's session event
+        if run_status(".kaggle-runner", "long")["segments"][0]["session_id"]:
+            break
+        time.sleep(0.2)
+    cancelled = cli_runner.invoke(cli, ["cancel", "long"])
+    assert cancelled.exit_code == 0 and "Cancelled run long and its kernel version 1" in cancelled.output, \
+        cancelled.output
+    out, _ = follower.communicate(timeout=60)
+    assert "was cancelled" in out, out
+    for _ in range(100):
+        if versions_of(emulator)[0].status == "CANCEL_ACKNOWLEDGED":
+            break
+        time.sleep(0.2)
+    assert versions_of(emulator)[0].status == "CANCEL_ACKNOWLEDGED"
+
+
+def test_a_refused_cancel_says_where_to_stop_the_version(stub_project, cli_runner, emulator):
+    admin(emulator.url, "realism", {"cancel_refused": True})
+    result = cli_runner.invoke(cli, ["launch", "--name", "stuck", "--detach", *sets(
+        [*STUB_CHAIN, "max_steps=1000", "segment_steps=1000", 'sample_prompt="stub: step=0.5"'])])
+    assert result.exit_code == 0, result.output
+    time.sleep(1)
+    cancelled = cli_runner.invoke(cli, ["cancel", "stuck"])
+    assert cancelled.exit_code == 0, cancelled.output
+    assert "did not stop version 1" in cancelled.output and f"kaggle.com/code/{USER}/{SLUG}" in cancelled.output
+    admin(emulator.url, "realism", {"cancel_refused": False})
+
+
+def test_the_launcher_cancels_a_version_kaggle_reports_running_past_its_limit(stub_project, cli_runner, emulator):
+    admin(emulator.url, "faults", {"stuck_running": True})
+    # The kernel stops itself after 10 steps, but Kaggle keeps saying RUNNING; the launcher's own deadline
+    # (session timeout + 5 s of grace, counted from the first RUNNING) cancels it by its session id.
+    result = cli_runner.invoke(cli, ["launch", "--name", "overrun", *sets(
+        [*STUB_CHAIN, "session_timeout_seconds=12", "safety_margin_seconds=2", "segment_grace_seconds=5",
+         "max_segments=1"])])
+    assert result.exit_code == 4, result.output
+    assert "past its session limit; cancelling it" in result.output
+    status = run_status(".kaggle-runner", "overrun")
+    assert status["segments"][0]["kaggle_status"] == "CANCEL_ACKNOWLEDGED"
+    assert status["state"] == "stopped" and "max_segments" in status["reason"]
+
+
+def _launch_while_both_gpu_sessions_are_busy(emulator, monkeypatch, release: Path):
+    """The user's other notebooks hold both GPU sessions until `release` exists; launch reaches its refusal."""
+    blocker = f"import pathlib, time\nwhile not pathlib.Path({str(release)!r}).exists():\n    time.sleep(0.2)\n"
+    api = official_client(emulator.url, monkeypatch)
+    for name in ("one", "two"):
+        assert not api.kernels_push(str(write_kernel(release.parent / name, blocker, slug=f"other-{name}",
+                                                     title=f"Other {name}"))).error
+    process = start_launcher("launch", "--name", "waits", *sets([*STUB_CHAIN, "max_steps=5"]))
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "Maximum batch GPU session count of 2 reached" in line:
+            break
+    assert "Waiting for one of your GPU sessions to end" in seen[-1], "".join(seen)
+    assert process.poll() is None and run_status(".kaggle-runner", "waits")["state"] == "running"
+    return process
+
+
+def test_a_push_waits_while_both_gpu_sessions_are_busy(stub_project, emulator, monkeypatch, tmp_path):
+    process = _launch_while_both_gpu_sessions_are_busy(emulator, monkeypatch, tmp_path / "release")
+    (tmp_path / "release").touch()
+    rest, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, rest
+    status = run_status(".kaggle-runner", "waits")
+    assert status["state"] == "complete" and [s["kernel_version"] for s in status["segments"]] == [1]
+
+
+def test_cancel_stops_a_launch_waiting_for_a_gpu_session(stub_project, emulator, monkeypatch, tmp_path, cli_runner):
+    process = _launch_while_both_gpu_sessions_are_busy(emulator, monkeypatch, tmp_path / "release")
+    cancelled = cli_runner.invoke(cli, ["cancel", "waits"])
+    assert cancelled.exit_code == 0 and "no kernel version was running" in cancelled.output, cancelled.output
+    rest, _ = process.communicate(timeout=60)
+    assert process.returncode == 5 and "Run waits was cancelled." in rest, rest
+    assert run_status(".kaggle-runner", "waits")["state"] == "cancelled"
+    assert SLUG not in {k.slug for k in emulator.backend.kernels.values()}  # nothing pushed
+    (tmp_path / "release").touch()
+
+
+def test_status_reads_while_another_process_follows(stub_project, cli_runner):
+    result = cli_runner.invoke(cli, ["launch", "--name", "followed", "--detach", *sets(STUB_CHAIN)])
+    assert result.exit_code == 0, result.output
+    follower = start_launcher("watch", "followed")
+    seen = set()
+    while follower.poll() is None:
+        status = cli_runner.invoke(cli, ["status", "followed", "--json"])
+        assert status.exit_code == 0, status.output
+        seen.add(json.loads(status.output)["state"])
+        time.sleep(0.3)
+    assert follower.returncode == 0, follower.stdout.read()
+    assert "running" in seen and run_status(".kaggle-runner", "followed")["state"] == "complete"
+
+
+def test_launcher_killed_at_every_transition_resumes_without_duplicates(stub_project, emulator):
+    points = ["before_push", "after_push", "after_end", "mid_download", "before_upload", "after_upload"]
+    env = {"KAGGLE_RUNNER_TEST_KILL_AT": ",".join(points)}
+    result = launcher("launch", "--name", "killed", *sets([*STUB_CHAIN, "max_steps=30"]), env=env)
+    kills = 0
+    while result.returncode == -9:
+        kills += 1
+        assert kills <= len(points), result.stdout + result.stderr
+        result = launcher("watch", "killed", env=env)  # the dead driver's lease is taken over at once
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert kills == len(points)
+    assert sorted(Path(".kaggle-runner/kill-points-fired").read_text().split()) == sorted(points)
+    status = run_status(".kaggle-runner", "killed")
+    assert status["state"] == "complete"
+    versions = [s["kernel_version"] for s in status["segments"]]
+    assert versions == list(range(1, len(versions_of(emulator)) + 1))  # no version pushed twice
+    assert len(emulator.backend.get_dataset(USER, f"{SLUG}-ckpt").versions) == len(versions) - 1  # nor uploaded
+    assert final_stub_weight(stub_project / "outputs/killed", 30) == stub_weight(30)
+
+
+@pytest.mark.parametrize("kill_at", ["before_push", "before_upload"])
+def test_two_watchers_at_once_make_one_driver(stub_project, emulator, kill_at):
+    """A run left in `pushing` (or `resume_downloaded`) by a dead launcher; two `watch` start together."""
+    result = launcher("launch", "--name", "twice", *sets([*STUB_CHAIN, "max_steps=30"]),
+                      env={"KAGGLE_RUNNER_TEST_KILL_AT": kill_at})
+    assert result.returncode == -9, result.stdout + result.stderr
+    assert run_status(".kaggle-runner", "twice")["segments"][-1]["phase"] == \
+        {"before_push": "pushing", "before_upload": "resume_downloaded"}[kill_at]
+    watchers = [start_launcher("watch", "twice") for _ in range(2)]
+    outputs = [w.communicate(timeout=240)[0] for w in watchers]
+    assert [w.returncode for w in watchers] == [0, 0], outputs
+    assert sum("following it read-only" in out for out in outputs) >= 1, outputs
+    status = run_status(".kaggle-runner", "twice")
+    assert status["state"] == "complete"
+    versions = [s["kernel_version"] for s in status["segments"]]
+    assert versions == list(range(1, len(versions_of(emulator)) + 1))  # one kernel version per segment
+    assert len(emulator.backend.get_dataset(USER, f"{SLUG}-ckpt").versions) == len(versions) - 1  # one per resume
+    assert final_stub_weight(stub_project / "outputs/twice", 30) == stub_weight(30)

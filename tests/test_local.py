@@ -1,0 +1,78 @@
+"""--local, the README's first command, and your own text through it: the background emulator, real kernels."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kaggle_runner.cli import cli
+from kaggle_runner.launcher import run_status
+from tests.chain_helpers import REAL_CHAIN as CHAIN
+from tests.chain_helpers import sets
+from tests.emulator_helpers import USER
+
+
+@pytest.mark.slow
+def test_local_launch_is_the_readme_demo(tmp_path, monkeypatch, cli_runner):
+    monkeypatch.chdir(tmp_path)
+    cli_runner.invoke(cli, ["init", "--preset", "tiny"])
+    try:
+        result = cli_runner.invoke(cli, ["launch", "--local", "--name", "local-demo",
+                                         *sets(["max_steps=50", "n_embd=64", "n_layer=2"])])
+        assert result.exit_code == 0, result.output
+        assert "on the local emulator" in result.output and "Resuming" in result.output
+        status = run_status(".kaggle-runner", "local-demo")
+        assert status["state"] == "complete" and len(status["segments"]) >= 2
+        assert (tmp_path / "outputs/local-demo/final_model/config.json").exists()
+        key = json.loads(Path(".kaggle-runner/emulator/local-credentials.json").read_text())["key"]
+        assert os.stat(".kaggle-runner/emulator/local-credentials.json").st_mode & 0o077 == 0
+        assert "GPU quota" in cli_runner.invoke(cli, ["quota", "--local"]).output
+        for path in Path("outputs").rglob("*"):
+            if path.is_file():
+                assert key.encode() not in path.read_bytes()
+    finally:
+        stopped = cli_runner.invoke(cli, ["emulator", "stop"])
+    assert "Stopped the local emulator" in stopped.output
+
+
+def _write_corpus(folder: Path, files: int = 30) -> None:
+    """Text of made-up sentences, deterministic: enough for a few training windows of the tiny model."""
+    import random
+
+    words = ["the", "river", "model", "train", "token", "checkpoint", "kaggle", "session", "resume", "window",
+             "gradient", "batch", "loss", "night", "morning", "quiet", "runner", "laptop", "data", "text"]
+    rng = random.Random(7)
+    (folder / "notes").mkdir(parents=True)
+    for index in range(files):
+        sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + "."
+                     for _ in range(60)]
+        where = folder / ("notes" if index % 3 == 0 else ".") / f"part-{index:02d}.txt"
+        where.write_text("\n".join(sentences) + "\n")
+
+
+@pytest.mark.slow
+def test_a_local_folder_of_text_goes_up_once_and_the_kernel_trains_on_it(project, cli_runner, emulator,
+                                                                         monkeypatch):
+    _write_corpus(project / "corpus")
+    own_text = ["data_dir=\"corpus\"", "tokenizer=\"bpe\"", "bpe_vocab_size=512", "max_steps=2", "segment_steps=2",
+                "eval_steps=2", "sample_tokens=0"]
+    result = cli_runner.invoke(cli, ["launch", "--name", "mine", *sets([*CHAIN, *own_text])])
+    assert result.exit_code == 0, result.output
+    assert "Uploading 30 text file(s)" in result.output
+    dataset = emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus")
+    assert len(dataset.versions) == 1 and "notes__part-00.txt" in dataset.versions[0].files  # sub-paths folded
+    version = emulator.backend.get_kernel(USER, "kaggle-runner-tiny").versions[0]
+    log = "".join(e["data"] for e in emulator.backend.read_log_events(USER, "kaggle-runner-tiny", version))
+    assert "Data: 30 text file(s)" in log
+    # Unchanged text is not uploaded again; changed text is a new version. (The stub kernel: data is not the point.)
+    monkeypatch.setenv("KAGGLE_RUNNER_TEST_KERNEL_SOURCE", str(Path(__file__).with_name("stub_kernel.py")))
+    again = cli_runner.invoke(cli, ["launch", "--name", "again", *sets([*CHAIN, *own_text])])
+    assert again.exit_code == 0 and "is up to date" in again.output, again.output
+    assert len(emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus").versions) == 1
+    (project / "corpus/part-01.txt").write_text("Something new entirely.\n" * 50)
+    changed = cli_runner.invoke(cli, ["launch", "--name", "changed", *sets([*CHAIN, *own_text])])
+    assert changed.exit_code == 0 and "Uploading 30 text file(s)" in changed.output, changed.output
+    assert len(emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus").versions) == 2
