@@ -8,7 +8,6 @@ final_model/. torch and transformers come with the `local` extra and are importe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kaggle_runner.artifacts import sha256_of
 from kaggle_runner.errors import KaggleRunnerError
 
 LOCAL_EXTRA = "pip install 'kaggle-runner[local]'"
@@ -50,14 +50,6 @@ def run_outputs(name: str, outputs: str | Path | None = None) -> Path:
 
 
 # -- best_model.pt as a Hugging Face folder ---------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _config_from_payload(payload: dict):
     """The kernel's GPT2Config, rebuilt from the payload when final_model/ is not there yet (a run in progress)."""
     from transformers import GPT2Config
@@ -100,7 +92,7 @@ def best_model_folder(outputs: str | Path) -> Path:
     if not source.is_file():
         raise KaggleRunnerError(f"{source} is missing: the run has not saved best weights yet "
                                 "(the kernel writes them at its first evaluation)")
-    digest = _sha256(source)
+    digest = sha256_of(source)
     try:
         if json.loads((target / STAMP).read_text())["source_sha256"] == digest:
             return target

@@ -40,18 +40,6 @@ def emulator(tmp_path):
 
 
 @pytest.fixture
-def stub_project(tmp_path, monkeypatch, emulator, cli_runner):
-    """A project whose kernel is the stub, with credentials for the emulator in the environment."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("KAGGLE_USERNAME", USER)
-    monkeypatch.setenv("KAGGLE_KEY", KEY)
-    monkeypatch.setenv("KAGGLE_RUNNER_API_ENDPOINT", emulator.url)
-    monkeypatch.setenv("KAGGLE_RUNNER_TEST_KERNEL_SOURCE", STUB)
-    assert cli_runner.invoke(cli, ["init", "--preset", "tiny"]).exit_code == 0
-    return tmp_path
-
-
-@pytest.fixture
 def project(tmp_path, monkeypatch, emulator, cli_runner):
     """A project folder with a tiny config and credentials for the emulator in the environment."""
     monkeypatch.chdir(tmp_path)
@@ -60,3 +48,10 @@ def project(tmp_path, monkeypatch, emulator, cli_runner):
     monkeypatch.setenv("KAGGLE_RUNNER_API_ENDPOINT", emulator.url)
     assert cli_runner.invoke(cli, ["init", "--preset", "tiny"]).exit_code == 0
     return tmp_path
+
+
+@pytest.fixture
+def stub_project(project, monkeypatch):
+    """The same project, whose kernel is the stub (tests/stub_kernel.py): the chain's logic without training."""
+    monkeypatch.setenv("KAGGLE_RUNNER_TEST_KERNEL_SOURCE", STUB)
+    return project
