@@ -28,6 +28,10 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except KaggleRunnerError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a full or read-only disk anywhere: what failed and where, in one line
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}; free space or check the folder's "
+                                       "permissions, then run the command again") from None
         except KeyboardInterrupt:
             from kaggle_runner.launcher import CURRENT_RUN
 

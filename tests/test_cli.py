@@ -103,3 +103,10 @@ def test_status_table_fits_80_columns_without_cutting_anything(monkeypatch, caps
     assert "".join(line[:state_at].strip() for line in rows) == run["name"]  # folded, never cut short
     assert " ".join(line[reason_at:].strip() for line in rows).split() == run["reason"].split()
     assert rows[0][state_at:reason_at].split() == ["complete", "2", "2", "COMPLETE", "100/100", "6.0265"]
+
+
+def test_a_disk_error_is_one_line_not_a_traceback(cli_runner, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    result = cli_runner.invoke(cli, ["init", "--preset", "tiny", "-o", str(tmp_path / "a-file" / "x.toml")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: ") and "a-file" in result.output, result.output
