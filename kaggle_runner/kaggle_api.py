@@ -425,15 +425,21 @@ class KaggleGateway:
                                         request)
         return (response.current_version_number or None) if response else None
 
+    @staticmethod
+    def _quiet_upload() -> bool:
+        """The client's own upload bar (bytes, rate, time left, on stderr) where a person watches a terminal."""
+        return not sys.stderr.isatty()
+
     def create_dataset(self, folder: Path) -> None:
-        response = self.call("creating the checkpoint dataset",
-                             lambda: self._api.dataset_create_new(str(folder), public=False, quiet=True))
+        response = self.call("creating the dataset",
+                             lambda: self._api.dataset_create_new(str(folder), public=False,
+                                                                  quiet=self._quiet_upload()))
         if response.status != "ok" and response.error:
             raise KaggleApiError(f"Kaggle refused the dataset: {response.error}")
 
     def create_dataset_version(self, folder: Path, notes: str, delete_old_versions: bool = False) -> None:
         response = self.call("uploading a dataset version",
-                             lambda: self._api.dataset_create_version(str(folder), notes, quiet=True,
+                             lambda: self._api.dataset_create_version(str(folder), notes, quiet=self._quiet_upload(),
                                                                       delete_old_versions=delete_old_versions))
         if response.status != "ok" and response.error:
             raise KaggleApiError(f"Kaggle refused the dataset version: {response.error}")
