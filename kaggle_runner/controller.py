@@ -204,6 +204,11 @@ def _drive_with_lease(ctx: Context, detach: bool) -> Run:
             if heartbeat.lost:
                 raise KaggleRunnerError(f"run {run.name} was taken over by another process while this one stalled")
             segment = ctx.store.last_segment(run.name)
+            if segment.phase == Phase.FINAL:  # ended by a launcher of an older version, killed in between
+                ctx.store.update_run(run.name, only_if_active=True, state=RunState.STOPPED,
+                                     reason=f"the launcher stopped while ending the run; `kaggle-runner resume "
+                                            f"{run.name}` continues it")
+                continue
             step = PHASES.get(Phase(segment.phase)) if segment.phase in Phase._value2member_map_ else None
             if step is None:
                 raise KaggleRunnerError(f"run {run.name} segment {segment.idx} is in phase {segment.phase!r}, which "
@@ -219,6 +224,14 @@ def _drive_with_lease(ctx: Context, detach: bool) -> Run:
 
 
 # -- pushing -----------------------------------------------------------------------------------------------
+def still_driving(ctx: Context) -> None:
+    """Right before a side effect: renew the lease, and stop if another process took the run over meanwhile
+    (this one may have been suspended past the heartbeat's limit)."""
+    if not ctx.store.heartbeat(ctx.run_name):
+        raise KaggleRunnerError(f"run {ctx.run_name} is now driven by another process; this one stops without "
+                                "pushing or uploading")
+
+
 def chain_checkpoint(run: Run, segment: Segment) -> dict | None:
     """What the kernel must resume from: the exact file, by name and checksum, in the chain's own dataset."""
     if not segment.resume_from:
@@ -282,6 +295,9 @@ def _push_when_a_gpu_session_is_free(ctx: Context, run: Run, folder: Path, timeo
     """
     interval, waiting = ctx.pace.poll, False
     while True:
+        if ctx.cancelled():  # `cancel` found nothing running: nothing may start now
+            return None
+        still_driving(ctx)
         try:
             return ctx.gateway.push(folder, timeout, base_version)
         except GpuSessionsBusy as exc:
@@ -291,7 +307,8 @@ def _push_when_a_gpu_session_is_free(ctx: Context, run: Run, folder: Path, timeo
                 waiting = True
         if not ctx.sleep(interval):
             return None
-        interval = min(ctx.pace.max_poll, interval * 1.5)
+        # Every retry is a push: against Kaggle at most one each 5 minutes, never a tight re-push loop.
+        interval = min(ctx.pace.max_poll * 5, interval * 1.5)
 
 
 def _record_push(ctx: Context, run: Run, segment: Segment, result: PushResult) -> None:
@@ -303,8 +320,7 @@ def _record_push(ctx: Context, run: Run, segment: Segment, result: PushResult) -
 
 
 def _end_run(ctx: Context, run: Run, segment: Segment, expected: Phase, state: RunState, reason: str) -> None:
-    ctx.store.transition(run.name, segment.idx, expected, Phase.FINAL)
-    ctx.store.update_run(run.name, only_if_active=True, state=state, reason=reason)
+    ctx.store.end_run(run.name, segment.idx, expected, state, reason)
     ctx.console.say(f"The chain {'failed' if state == RunState.FAILED else 'stopped'}: {reason}")
     ctx.notify(str(state), state, reason, segment.idx)
 
@@ -328,6 +344,7 @@ def follow_segment(ctx: Context, run: Run, segment: Segment) -> None:
     follower = LogFollower(ctx.gateway, ref, version, on_event)
     interval, cancel_sent, trouble_noted = ctx.pace.poll, False, False
     running_at = segment.running_at
+    unseen_since: float | None = None
     while True:
         if ctx.cancelled():
             return
@@ -342,8 +359,9 @@ def follow_segment(ctx: Context, run: Run, segment: Segment) -> None:
                 trouble_noted = True
             time.sleep(ctx.pace.max_poll)
             continue
-        if seen is None:  # Kaggle does not show the run yet ("No runs found for this kernel")
-            if time.time() - (segment.pushed_at or time.time()) > ctx.pace.status_visible:
+        if seen is None:  # Kaggle does not show the run (yet): "No runs found for this kernel", or a 403
+            unseen_since = unseen_since or time.time()
+            if running_at is None and time.time() - unseen_since > ctx.pace.status_visible:
                 _end_run(ctx, run, segment, Phase.RUNNING, RunState.FAILED,
                          f"Kaggle has not shown a run of {ref} version {version} for "
                          f"{ctx.pace.status_visible / 60:.0f} minutes after the push; look at "
@@ -351,6 +369,7 @@ def follow_segment(ctx: Context, run: Run, segment: Segment) -> None:
                 return
             time.sleep(interval)
             continue
+        unseen_since = None
         status, message = seen
         if status in (KaggleStatus.COMPLETE, KaggleStatus.ERROR, KaggleStatus.CANCEL_ACKNOWLEDGED):
             break
@@ -482,8 +501,7 @@ def conclude_segment(ctx: Context, run: Run, segment: Segment) -> None:
     if decision.action == "complete":
         target = fetch_outputs(ctx, run, segment, Path("outputs") / run.name)
         ctx.console.say(f"Training complete. Outputs in {target}")
-        ctx.store.transition(run.name, segment.idx, Phase.ENDED, Phase.FINAL)
-        ctx.store.update_run(run.name, only_if_active=True, state=RunState.COMPLETE, reason=decision.reason)
+        ctx.store.end_run(run.name, segment.idx, Phase.ENDED, RunState.COMPLETE, decision.reason)
         ctx.notify("completed", RunState.COMPLETE, decision.reason, segment.idx)
         return
     _end_run(ctx, run, segment, Phase.ENDED, decision.final_state or RunState.FAILED, decision.reason)
@@ -559,7 +577,11 @@ def upload_tokens_once(ctx: Context, run: Run, segment: Segment) -> int:
         ctx.console.note(f"note: not caching tokens ({exc})")
         return 0
     ctx.console.say(f"Uploading the token arrays once ({size / 2**20:.1f} MiB) to dataset {data_ref(run)}")
-    ctx.gateway.create_dataset(folder)
+    try:
+        ctx.gateway.create_dataset(folder)
+    except KaggleApiError as exc:  # optional: later segments tokenize again
+        ctx.console.note(f"note: not caching tokens ({exc})")
+        return 0
     return size
 
 
@@ -583,6 +605,7 @@ def upload_for_resume(ctx: Context, run: Run, segment: Segment) -> None:
     ctx.console.say(f"Uploading {Path(segment.resume_from or '').name} and best_model.pt ({size / 2**20:.1f} MiB) "
                     f"to dataset {run.dataset_ref}")
     kill_point(ctx.store, "before_upload")
+    still_driving(ctx)
     started = time.time()
     if current is None and segment.dataset_version_before == 0:
         ctx.gateway.create_dataset(folder)

@@ -34,14 +34,11 @@ KNOWN_KAGGLESDK = ("0.1.38",)
 
 
 class KaggleApiError(KaggleRunnerError):
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, transient: bool | None = None):
         super().__init__(message)
         self.status = status
-
-    @property
-    def transient(self) -> bool:
-        """Worth trying again later: rate limits, server errors and dropped connections."""
-        return self.status is None or self.status in RETRY_STATUSES
+        # Worth trying again later: rate limits, server errors and dropped connections; nothing else.
+        self.transient = status in RETRY_STATUSES if transient is None else transient
 
 
 class PushRefused(KaggleApiError):
@@ -153,8 +150,8 @@ def explain(error: BaseException, what: str) -> KaggleApiError:
         return KaggleApiError(f"{what}: Kaggle is rate-limiting requests (429); wait a few minutes", status)
     if status and status >= 500:
         return KaggleApiError(f"{what}: Kaggle's server failed ({status}); try again later", status)
-    if isinstance(error, requests.ConnectionError | requests.Timeout):
-        return KaggleApiError(f"{what}: cannot reach the Kaggle API ({type(error).__name__})")
+    if isinstance(error, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError):
+        return KaggleApiError(f"{what}: cannot reach the Kaggle API ({type(error).__name__})", transient=True)
     return KaggleApiError(f"{what}: {error}", status)
 
 
@@ -374,7 +371,10 @@ class KaggleGateway:
 
     def log_stream(self, ref: str, version: int) -> Iterator[dict]:
         self.requests += 1
-        yield from self._api.kernels_logs_stream(f"{ref}/{version}")
+        try:
+            yield from self._api.kernels_logs_stream(f"{ref}/{version}")
+        except (requests.RequestException, ValueError) as exc:  # the client turns 401/403 into ValueError
+            raise explain(exc, f"following the log of {ref} v{version}") from None
 
     def cancel(self, session_id: int) -> str | None:
         from kagglesdk.kernels.types.kernels_api_service import ApiCancelKernelSessionRequest

@@ -222,7 +222,7 @@ def watch_all(workspace: str | Path, console: Console | None = None, notify_url:
     def one(run: Run) -> None:
         try:
             results[run.name] = watch_run(workspace, run.name, console, notify_url)
-        except KaggleRunnerError as exc:
+        except Exception as exc:  # noqa: BLE001 - one run's trouble must not end the others; said in one line
             console.note(f"run {run.name}: {exc}")
             results[run.name] = Store(workspace).get_run(run.name)
 

@@ -346,6 +346,21 @@ class Store:
             self._insert_segment(db, following)
             self._event(db, run, "segment", f"segment {idx} done; segment {following.idx} {following.phase}")
 
+    def end_run(self, run: str, idx: int, expected: Phase, state: RunState, reason: str) -> None:
+        """The last segment to `final` and the run to its final state in one transaction (a kill between
+        the two would leave a run neither `watch` nor `resume` could continue). A cancel already recorded wins."""
+        with self.connect() as db:
+            changed = db.execute("UPDATE segments SET phase = ? WHERE run = ? AND idx = ? AND phase = ?",
+                                 (Phase.FINAL.value, run, idx, Phase(expected).value)).rowcount
+            if not changed:
+                raise self._moved(db, run, idx, expected)
+            done = db.execute(f"UPDATE runs SET state = ?, reason = ?, updated_at = ? WHERE name = ? AND state NOT IN "
+                              f"({', '.join('?' * len(FINAL_STATES))})",
+                              (RunState(state).value, reason, time.time(), run, *sorted(FINAL_STATES))).rowcount
+            self._event(db, run, "segment", f"segment {idx} final")
+            if done:
+                self._event(db, run, "state", f"{RunState(state).value}: {reason}")
+
     @staticmethod
     def _moved(db, run: str, idx: int, expected: Phase) -> TransitionError:
         row = db.execute("SELECT phase FROM segments WHERE run = ? AND idx = ?", (run, idx)).fetchone()

@@ -61,7 +61,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch, trained) -> Path:
+def fetched(tmp_path, monkeypatch, trained) -> Path:
     monkeypatch.chdir(tmp_path)
     shutil.copytree(trained, tmp_path / "outputs/r")
     return tmp_path
@@ -71,7 +71,7 @@ def generate(cli_runner, *args: str):
     return cli_runner.invoke(cli, ["generate", "r", *args])
 
 
-def test_generate_prints_text_and_a_seed_repeats_it(project, cli_runner):
+def test_generate_prints_text_and_a_seed_repeats_it(fetched, cli_runner):
     first = generate(cli_runner, "The quick", "--tokens", "12", "--seed", "7")
     assert first.exit_code == 0, first.output
     assert first.stdout.startswith("The quick") and len(first.stdout.strip()) > len("The quick")
@@ -84,7 +84,7 @@ def test_generate_prints_text_and_a_seed_repeats_it(project, cli_runner):
                                                                "--temperature", "0").stdout
 
 
-def test_a_prompt_longer_than_the_context_is_cut_from_the_left(project, cli_runner):
+def test_a_prompt_longer_than_the_context_is_cut_from_the_left(fetched, cli_runner):
     prompt = " ".join(TEXT[:6])  # far more than 32 tokens
     result = generate(cli_runner, prompt, "--tokens", "200", "--seed", "1", "--top-k", "0")
     assert result.exit_code == 0, result.output
@@ -94,16 +94,16 @@ def test_a_prompt_longer_than_the_context_is_cut_from_the_left(project, cli_runn
     assert result.stdout.strip() and not result.stdout.startswith(TEXT[0][:10])
 
 
-def test_best_uses_best_model_pt_as_a_hugging_face_folder(project, cli_runner):
+def test_best_uses_best_model_pt_as_a_hugging_face_folder(fetched, cli_runner):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final = generate(cli_runner, "Loss goes", "--tokens", "12", "--seed", "3")
     best = generate(cli_runner, "Loss goes", "--tokens", "12", "--seed", "3", "--best")
     assert best.exit_code == 0, best.output
     assert best.stdout.startswith("Loss goes") and best.stdout != final.stdout
-    folder = project / "outputs/r/best_model"
+    folder = fetched / "outputs/r/best_model"
     model = AutoModelForCausalLM.from_pretrained(folder)
-    payload = torch.load(project / "outputs/r/best_model.pt", weights_only=True)
+    payload = torch.load(fetched / "outputs/r/best_model.pt", weights_only=True)
     for key, tensor in payload["model"].items():
         assert torch.equal(model.state_dict()[key], tensor), key
     assert AutoTokenizer.from_pretrained(folder).model_max_length == CONTEXT
@@ -112,12 +112,12 @@ def test_best_uses_best_model_pt_as_a_hugging_face_folder(project, cli_runner):
     assert (folder / "config.json").stat().st_mtime_ns == stamp  # built once, reused
     # Before training completes there is no final_model/: the payload alone rebuilds the model.
     shutil.rmtree(folder)
-    shutil.rmtree(project / "outputs/r/final_model")
+    shutil.rmtree(fetched / "outputs/r/final_model")
     assert generate(cli_runner, "Loss goes", "--tokens", "12", "--seed", "3", "--best").stdout == best.stdout
 
 
-def test_generate_fetches_the_outputs_when_they_are_not_here(project, cli_runner, monkeypatch, trained):
-    shutil.rmtree(project / "outputs/r")
+def test_generate_fetches_the_outputs_when_they_are_not_here(fetched, cli_runner, monkeypatch, trained):
+    shutil.rmtree(fetched / "outputs/r")
     calls = []
 
     def fake_fetch(workspace, name, out_dir=None, console=None):
@@ -133,7 +133,7 @@ def test_generate_fetches_the_outputs_when_they_are_not_here(project, cli_runner
     assert len(calls) == 1
 
 
-def test_without_torch_generate_names_the_extra(project, cli_runner, monkeypatch):
+def test_without_torch_generate_names_the_extra(fetched, cli_runner, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     result = generate(cli_runner, "The")
     assert result.exit_code == 1

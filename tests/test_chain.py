@@ -88,3 +88,18 @@ def test_no_gpu_stops_and_divergence_fails_naming_the_run():
     decision = decide(outcome(reason="diverged"), [], 1, 6, 2, None, 1.0, "demo")
     assert decision.action == "fail" and "diverged" in decision.reason and "resume demo" in decision.reason
     assert "RUN" not in decision.reason
+
+
+def test_ending_a_run_is_one_transaction_and_a_cancel_already_recorded_wins(tmp_path):
+    from kaggle_runner.states import Phase, RunState
+    from kaggle_runner.store import Run, Segment, Store
+
+    store = Store(tmp_path / "ws")
+    for name in ("ends", "cancelled"):
+        store.create_run(Run(name, "{}", "alice", f"alice/{name}", "alice/d", None, 1, RunState.RUNNING, "", 3, 0, 0))
+        store.add_segment(Segment(run=name, idx=1, phase=Phase.ENDED))
+    store.end_run("ends", 1, Phase.ENDED, RunState.STOPPED, "max_segments")
+    assert (store.get_run("ends").state, store.last_segment("ends").phase) == ("stopped", "final")
+    store.update_run("cancelled", state=RunState.CANCELLED, reason="cancelled by the user")
+    store.end_run("cancelled", 1, Phase.ENDED, RunState.FAILED, "late")
+    assert store.get_run("cancelled").state == "cancelled" and store.last_segment("cancelled").phase == "final"
