@@ -394,7 +394,7 @@ def follow_segment(ctx: Context, run: Run, segment: Segment) -> None:
     _record_end(ctx, run, segment, status, message)
 
 
-def _small_outputs(ctx: Context, run: Run, segment: Segment, folder: Path) -> int:
+def small_outputs(ctx: Context, run: Run, segment: Segment, folder: Path) -> int:
     """Download manifest, run_state and history; Kaggle lists outputs only some time after the version ends.
 
     Lists again with backoff until a whole run_state.json is there (or at least the manifest, for a kernel
@@ -430,7 +430,7 @@ def _small_outputs(ctx: Context, run: Run, segment: Segment, folder: Path) -> in
 
 def _record_end(ctx: Context, run: Run, segment: Segment, status: str, message: str | None) -> None:
     folder = ctx.segment_dir(segment.idx)
-    downloaded = _small_outputs(ctx, run, segment, folder)
+    downloaded = small_outputs(ctx, run, segment, folder)
     run_state = artifacts.read_run_state(folder)
     history = artifacts.read_json_file(folder / "training_history.json")
     val_loss = None

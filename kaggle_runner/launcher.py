@@ -17,7 +17,16 @@ from urllib.parse import urlparse
 
 from kaggle_runner import artifacts, corpus
 from kaggle_runner.config import RunConfig, build_config, load_config
-from kaggle_runner.controller import PHASES, Context, Pace, cancel_version, drive, fetch_outputs, quota_left_hours
+from kaggle_runner.controller import (
+    PHASES,
+    Context,
+    Pace,
+    cancel_version,
+    drive,
+    fetch_outputs,
+    quota_left_hours,
+    small_outputs,
+)
 from kaggle_runner.credentials import find_credentials
 from kaggle_runner.display import Console
 from kaggle_runner.errors import KaggleRunnerError
@@ -265,8 +274,18 @@ def resume_run(workspace: str | Path, name: str, max_segments: int | None = None
     segments = store.segments(name)
     last = segments[-1]
     limit = max(max_segments or 0, run.max_segments, len(segments) + 1)
-    manifest = artifacts.read_manifest(store.workspace / "runs" / name / f"segment-{last.idx}")
-    if last.phase in (Phase.FINAL, Phase.ENDED) and artifacts.checkpoints_newest_first(manifest) \
+    ctx = _context(workspace, run, console)
+    folder = ctx.segment_dir(last.idx)
+    if last.kernel_version and not (folder / artifacts.MANIFEST).exists() and last.kaggle_status is not None:
+        # Kaggle may list a version's outputs long after it ended: look again before concluding there is no
+        # newer checkpoint, which would resume from an older one and throw a session's work away.
+        ctx.console.say(f"Looking for the outputs of version {last.kernel_version} again")
+        small_outputs(ctx, run, last, folder)
+    manifest = artifacts.read_manifest(folder)
+    if last.phase == Phase.FINAL and last.kernel_version and last.kaggle_status is None:
+        # The chain stopped before Kaggle ever reported on this version: follow it, never push a second one.
+        store.transition(name, last.idx, Phase.FINAL, Phase.RUNNING)
+    elif last.phase in (Phase.FINAL, Phase.ENDED) and artifacts.checkpoints_newest_first(manifest) \
             and last.kernel_version:
         store.transition(name, last.idx, Phase(last.phase), Phase.ENDED_RESUME)
     elif last.phase in (Phase.FINAL, Phase.ENDED, Phase.REPUSH):
@@ -276,7 +295,6 @@ def resume_run(workspace: str | Path, name: str, max_segments: int | None = None
             resume_sha256=last.resume_sha256, resume_step=last.resume_step, best_sha256=last.best_sha256))
     store.update_run(name, state=RunState.RUNNING, reason="resumed by hand", max_segments=limit,
                      config_json=config_json)
-    ctx = _context(workspace, store.get_run(name), console)
     ctx.notify_url = notify_url
     return drive(ctx)
 
