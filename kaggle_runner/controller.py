@@ -535,7 +535,11 @@ def download_for_resume(ctx: Context, run: Run, segment: Segment) -> None:
     manifest = artifacts.read_manifest(folder)
     moved = 0
     for rel in artifacts.checkpoints_newest_first(manifest):
-        moved += ctx.gateway.download(run.kernel_ref, segment.kernel_version, folder, artifacts.exact_pattern([rel]))
+        size = manifest["files"][rel]["size"]
+        with ctx.console.transfer("downloading", size) as update, \
+                _watching_size(folder / rel, lambda done, rel=rel, update=update: update(Path(rel).name, done)):
+            moved += ctx.gateway.download(run.kernel_ref, segment.kernel_version, folder,
+                                          artifacts.exact_pattern([rel]))
         if artifacts.verified(folder, rel, manifest["files"][rel]):
             break
         ctx.console.note(f"note: {rel} does not match its checksum; trying the previous checkpoint")

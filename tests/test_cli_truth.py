@@ -111,3 +111,17 @@ def test_service_files_keep_watch_all_running(tmp_path, monkeypatch, cli_runner,
     assert result.exit_code == 0, result.output
     assert expected in result.output and "--all" in result.output
     assert str((tmp_path / ".kaggle-runner").resolve()) in result.output
+
+
+def test_resume_takes_a_fixed_config_file(stub_project, cli_runner):
+    result = cli_runner.invoke(cli, ["launch", "--name", "filed", "--max-segments", "1", *sets(STUB_CHAIN)])
+    assert result.exit_code == 4, result.output
+    fixed = Path("fixed.toml")
+    fixed.write_text(Path("kaggle-runner.toml").read_text().replace("max_segments = 8", "max_segments = 3"))
+    same_run = [item for item in STUB_CHAIN if not item.startswith("max_segments")]  # launch's --set, kept
+    resumed = cli_runner.invoke(cli, ["resume", "filed", "-c", str(fixed), *sets(same_run)])
+    assert resumed.exit_code == 0, resumed.output
+    assert run_status(".kaggle-runner", "filed")["state"] == "complete"
+    Path("bad.toml").write_text(Path("kaggle-runner.toml").read_text().replace("n_layer = 4", "n_layer = 6"))
+    refused = cli_runner.invoke(cli, ["resume", "filed", "-c", "bad.toml"])
+    assert refused.exit_code == 1 and "already completed" in refused.output  # a completed run is not resumed
