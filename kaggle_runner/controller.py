@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -371,7 +372,7 @@ def follow_segment(ctx: Context, run: Run, segment: Segment) -> None:
             continue
         unseen_since = None
         status, message = seen
-        if status in (KaggleStatus.COMPLETE, KaggleStatus.ERROR, KaggleStatus.CANCEL_ACKNOWLEDGED):
+        if KaggleStatus(status).terminal:
             break
         if status == KaggleStatus.RUNNING:
             if running_at is None:
@@ -461,12 +462,12 @@ def _record_end(ctx: Context, run: Run, segment: Segment, status: str, message: 
 
 
 # -- deciding -----------------------------------------------------------------------------------------------
-def quota_left_hours(ctx: Context) -> float | None:
+def quota_left_hours(gateway: KaggleGateway, note: Callable[[str], None]) -> float | None:
     """GPU hours left this week; None when Kaggle does not say (a failed read warns and goes on)."""
     try:
-        quota = ctx.gateway.quota()
+        quota = gateway.quota()
     except KaggleApiError as exc:
-        ctx.console.note(f"warning: could not read the GPU quota ({exc}); going on without it")
+        note(f"warning: could not read the GPU quota ({exc}); going on without it")
         return None
     if quota["used_seconds"] is None or quota["total_seconds"] is None:
         return None
@@ -484,7 +485,7 @@ def conclude_segment(ctx: Context, run: Run, segment: Segment) -> None:
     manifest = artifacts.read_manifest(ctx.segment_dir(segment.idx))
     outcome = chain.SegmentOutcome(segment.kaggle_status or "ERROR", segment.failure_message, segment.run_state,
                                    has_checkpoint=bool(artifacts.checkpoints_newest_first(manifest)))
-    quota_left = quota_left_hours(ctx) if config.min_quota_hours > 0 else None
+    quota_left = quota_left_hours(ctx.gateway, ctx.console.note) if config.min_quota_hours > 0 else None
     decision = chain.decide(outcome, [s.global_step or 0 for s in counted], len(counted) + 1, run.max_segments,
                             config.max_stalled_segments, quota_left, config.min_quota_hours, run.name,
                             segment.resume_retries, config.max_resume_retries)
@@ -623,22 +624,30 @@ def upload_for_resume(ctx: Context, run: Run, segment: Segment) -> None:
                          bytes_uploaded=size + token_bytes, upload_seconds=round(took, 3))
 
 
-def _wait_for_dataset(ctx: Context, run: Run, ref: str, newer_than: int | None, deadline: float) -> bool:
+def _sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return True
+
+
+def wait_for_dataset(gateway: KaggleGateway, ref: str, newer_than: int | None, deadline: float,
+                     note: Callable[[str], None], then: str, sleep: Callable[[float], bool] = _sleep,
+                     first: float = 0.5, cap: float = 30.0) -> bool:
     """Until `ref` shows a version above `newer_than` and says ready (404 meanwhile is "not yet").
 
-    False when the dataset is optional (`newer_than` None) and does not exist.
+    False when the dataset is optional (`newer_than` None) and does not exist, or `sleep` says to stop (a
+    cancel). Past `deadline`, one line ending with `then`, what the user can do.
     """
-    interval, noted = ctx.pace.poll / 2, False
+    interval, noted = first, False
     while True:
         try:
-            version = ctx.gateway.dataset_version(ref)
-            status = ctx.gateway.dataset_status(ref) if version else None
+            version = gateway.dataset_version(ref)
+            status = gateway.dataset_status(ref) if version else None
         except KaggleApiError as exc:
             if not exc.transient:
                 raise
             version, status = None, None
             if not noted:
-                ctx.console.note(f"note: {exc}; still waiting for dataset {ref}")
+                note(f"note: {exc}; still waiting for dataset {ref}")
                 noted = True
         if newer_than is None and version is None and status is None:
             return False
@@ -646,20 +655,21 @@ def _wait_for_dataset(ctx: Context, run: Run, ref: str, newer_than: int | None, 
             return True
         if time.time() > deadline:
             raise KaggleRunnerError(f"dataset {ref} is still {status or 'not visible'} (version {version}) after "
-                                    f"{DATASET_READY_TIMEOUT / 60:.0f} minutes; `kaggle-runner watch {run.name}` "
-                                    "tries again")
-        if not ctx.sleep(interval):
+                                    f"{DATASET_READY_TIMEOUT / 60:.0f} minutes; {then}")
+        if not sleep(interval):
             return False
-        interval = min(ctx.pace.max_poll, interval * 1.5)
+        interval = min(cap, interval * 1.5)
 
 
 def start_next_segment(ctx: Context, run: Run, segment: Segment) -> None:
     """Wait until the new checkpoint version is ready and settled (Kaggle pins versions at push), then open
     the next segment, naming the exact checkpoint it must resume from."""
     deadline = time.time() + DATASET_READY_TIMEOUT
-    if not _wait_for_dataset(ctx, run, run.dataset_ref, segment.dataset_version_before or 0, deadline):
+    waiting = {"deadline": deadline, "note": ctx.console.note, "sleep": ctx.sleep, "first": ctx.pace.poll / 2,
+               "cap": ctx.pace.max_poll, "then": f"`kaggle-runner watch {run.name}` tries again"}
+    if not wait_for_dataset(ctx.gateway, run.dataset_ref, segment.dataset_version_before or 0, **waiting):
         return
-    _wait_for_dataset(ctx, run, data_ref(run), None, deadline)
+    wait_for_dataset(ctx.gateway, data_ref(run), None, **waiting)
     if segment.dataset_version is None:
         ctx.store.update_segment(run.name, segment.idx, dataset_version=ctx.gateway.dataset_version(run.dataset_ref))
         settle = settle_seconds(ctx, run)
@@ -735,7 +745,7 @@ def _fetch_outputs(ctx: Context, run: Run, segment: Segment, target: Path) -> Pa
     os.replace(staging / artifacts.MANIFEST, target / artifacts.MANIFEST)
     for log in staging.glob("*.log"):
         os.replace(log, target / log.name)
-    _remove_tree(staging)
+    shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -756,12 +766,6 @@ def _watching_size(path: Path, report: Callable[[int], None]):
     finally:
         stop.set()
         thread.join(timeout=1)
-
-
-def _remove_tree(folder: Path) -> None:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def cancel_version(ctx: Context, run: Run, segment: Segment) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from urllib.parse import urlparse
 from kaggle_runner import artifacts, corpus
 from kaggle_runner.config import RunConfig, build_config, load_config
 from kaggle_runner.controller import (
+    DATASET_READY_TIMEOUT,
     PHASES,
     Context,
     Pace,
@@ -26,13 +28,14 @@ from kaggle_runner.controller import (
     fetch_outputs,
     quota_left_hours,
     small_outputs,
+    wait_for_dataset,
 )
 from kaggle_runner.credentials import find_credentials
 from kaggle_runner.display import Console
 from kaggle_runner.errors import KaggleRunnerError
-from kaggle_runner.kaggle_api import KaggleApiError, KaggleGateway, kagglesdk_warning
+from kaggle_runner.kaggle_api import KaggleGateway, kagglesdk_warning
 from kaggle_runner.local import ensure_background_emulator, local_credentials
-from kaggle_runner.states import Phase, RunState
+from kaggle_runner.states import KaggleStatus, Phase, RunState
 from kaggle_runner.store import Run, Segment, Store
 from kaggle_runner.workspace import known_workspaces, remember_workspace
 
@@ -90,8 +93,6 @@ def _gateway(workspace: Path, local: bool, endpoint: str | None, notify: Callabl
     if local:
         url = ensure_background_emulator(workspace)
         return KaggleGateway(url, local_credentials(workspace), notify=notify)
-    import os
-
     check_endpoint(endpoint, allow_http=os.environ.get("KAGGLE_RUNNER_ALLOW_HTTP") == "1")
     credentials = find_credentials()  # clear errors for missing or world-readable files, before any request
     warning = kagglesdk_warning()
@@ -132,7 +133,7 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
     # The first request, before anything is recorded: a refusal (401, a bad host) leaves no run behind.
     gateway.current_version(kernel_ref, pushed_before=False)
     if config.min_quota_hours > 0:
-        left = quota_left_hours(Context(store, "", gateway, console, Pace(1, 1, 1, 1, 1)))
+        left = quota_left_hours(gateway, console.note)
         if left is not None and left < config.min_quota_hours:
             raise KaggleRunnerError(f"only {left:.1f} GPU hours of quota left this week, less than min_quota_hours "
                                     f"({config.min_quota_hours}); wait for the weekly reset (`kaggle-runner quota`)")
@@ -176,32 +177,13 @@ def upload_corpus(store: Store, gateway: KaggleGateway, console: Console, config
         else:
             gateway.create_dataset_version(built.folder, f"{built.files} files, {built.content_hash[:12]}")
         console.say(f"Uploaded in {time.time() - started:.1f}s; waiting until Kaggle can mount it")
-        _wait_until_mountable(gateway, ref, before or 0, config.dataset_settle_seconds)
+        wait_for_dataset(gateway, ref, before or 0, time.time() + DATASET_READY_TIMEOUT, console.note,
+                         "launch again later (the upload is not repeated if the text did not change)")
+        time.sleep(config.dataset_settle_seconds)  # Kaggle attaches the version mountable at push time
         corpus.remember_hash(store.workspace, ref, built.content_hash)
     sources = list(dict.fromkeys([*config.dataset_sources, ref]))
     return config.model_copy(update={"dataset": "text-files", "text_files_path": config.corpus_dataset_slug,
                                      "dataset_sources": sources})
-
-
-def _wait_until_mountable(gateway: KaggleGateway, ref: str, newer_than: int, settle: float,
-                          timeout: float = 1800.0) -> None:
-    deadline, interval = time.time() + timeout, 0.5
-    while True:
-        try:
-            version = gateway.dataset_version(ref)
-            ready = bool(version and version > newer_than and gateway.dataset_status(ref) == "ready")
-        except KaggleApiError as exc:
-            if not exc.transient:
-                raise
-            ready = False
-        if ready:
-            break
-        if time.time() > deadline:
-            raise KaggleRunnerError(f"dataset {ref} was not ready after {timeout / 60:.0f} minutes; launch again "
-                                    "later (the upload is not repeated if the text did not change)")
-        time.sleep(interval)
-        interval = min(30.0, interval * 1.5)
-    time.sleep(settle)  # Kaggle attaches the version that is mountable when the kernel is pushed
 
 
 def watch_run(workspace: str | Path, name: str, console: Console | None = None, notify_url: str | None = None) -> Run:
@@ -416,8 +398,7 @@ def _live(workspace: str | Path, store: Store, run: Run) -> dict:
     if seen is None:
         return {"live": "Kaggle does not show the version yet", "kaggle_status": None}
     status, message = seen
-    hint = f"; `kaggle-runner watch {run.name}` drives it on" if status in ("COMPLETE", "ERROR",
-                                                                              "CANCEL_ACKNOWLEDGED") else ""
+    hint = f"; `kaggle-runner watch {run.name}` drives it on" if KaggleStatus(status).terminal else ""
     return {"kaggle_status": status, "live": f"Kaggle says {status}" + (f": {message}" if message else "") + hint}
 
 
