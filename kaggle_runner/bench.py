@@ -111,14 +111,15 @@ def synthetic_data(config: RunConfig, vocab: int, n_windows: int) -> dict[str, A
 
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
+PRECISION_OF = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}  # --dtype -> the precision key
 
 
 def prepare_kernel_run(config: RunConfig, steps: int, warmup: int, device: str = "auto",
                        dtype: str = "auto") -> dict[str, Any]:
     """The kernel's model, optimizer and run state over synthetic tokens, ready for optimizer_step.
 
-    dtype other than auto overrides the kernel's choice on CUDA: float16 runs a T4's path (fp16 autocast and
-    GradScaler) on a newer GPU.
+    dtype other than auto overrides the configuration's precision, as the precision key does in the kernel:
+    float16 runs a T4's path (fp16 autocast and GradScaler) on a newer GPU, or, slowly, on a CPU.
     """
     try:
         import torch
@@ -138,11 +139,8 @@ def prepare_kernel_run(config: RunConfig, steps: int, warmup: int, device: str =
     if device == "cuda" and not torch.cuda.is_available():
         raise KaggleRunnerError(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA device; "
                                 "use --device cpu, or run bench on a machine with a GPU")
-    torch_device, kernel_dtype = kernel.pick_device_and_dtype(device)
-    if dtype != "auto":
-        if torch_device.type == "cpu" and dtype != "float32":
-            raise KaggleRunnerError(f"--dtype {dtype} needs a CUDA device: the kernel trains in float32 on a CPU")
-        kernel_dtype = getattr(torch, dtype)
+    precision = settings["precision"] if dtype == "auto" else PRECISION_OF[dtype]
+    torch_device, kernel_dtype = kernel.pick_device_and_dtype(device, precision)
     vocab = vocab_size_of(config)
     model, note = build_bench_model(config, settings, vocab, torch_device)
     if config.init_from:
@@ -173,7 +171,7 @@ def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device
     started = time.perf_counter()
     for _ in range(steps):
         loss = kernel.optimizer_step(run, settings)
-    float(loss)  # one host sync at the end, as the kernel does at log steps
+    last_loss = float(loss)  # one host sync at the end, as the kernel does at log steps
     synchronize()
     elapsed = time.perf_counter() - started
     tokens_per_second = steps * run.tokens_per_step / elapsed
@@ -202,6 +200,8 @@ def benchmark_kernel(config: RunConfig, steps: int = 20, warmup: int = 3, device
         "peak_flops": peak,
         "torch": torch.__version__,
         "compiled": run.model is not run.eager_model,
+        "loss": last_loss,  # the last step's: a finite number says the precision path trains
+        "grad_scale": run.scaler.get_scale() if run.scaler is not None else None,  # fp16's GradScaler, else None
         "cpu_dropout_kernels": any(isinstance(module, kernel.CpuDropout) for module in model.modules()),
         "model": type(model).__name__,
         "parameters": kernel.count_parameters(model)["total"],

@@ -368,8 +368,8 @@ def emulator_stop(workspace: str) -> None:
 @click.option("--warmup", default=3, show_default=True, type=int, help="Steps before timing starts.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto",
-              show_default=True, help="Override the kernel's precision on CUDA: float16 runs a T4's fp16 + "
-              "GradScaler path on a newer GPU.")
+              show_default=True, help="Override the precision key: float16 runs a T4's fp16 + GradScaler path "
+              "on a newer GPU (or, slowly, on a CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
 @handle_errors
 def bench(preset, config_path, overrides, steps, warmup, device, dtype, as_json) -> None:

@@ -67,6 +67,9 @@ class RunConfig(BaseModel):
     log_steps: int = Field(50, gt=0)
     seed: int = Field(42, ge=0, lt=2**32)  # numpy's seed range
     compile: Literal["auto", "on", "off"] = "auto"
+    # The dtype the step autocasts to. auto: bf16 on Ampere and newer, fp16 with a GradScaler on a T4, fp32 on a
+    # CPU. fp32 trades speed for range (a model that diverges in fp16); fp16/bf16 on a CPU run slowly.
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     world_size: int | None = Field(None, ge=1)
 
     # [checkpoints]

@@ -258,14 +258,22 @@ def build_scheduler(optimizer, config: dict, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def pick_device_and_dtype(prefer: str = "auto") -> tuple[torch.device, torch.dtype]:
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_device_and_dtype(prefer: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The device, and the dtype the step autocasts to. auto: bf16 from Ampere (sm_80) on, fp16 with a
+    GradScaler below it (a T4), fp32 on a CPU. An explicit precision holds on any device: fp16 on a CPU runs
+    a T4's path (autocast and GradScaler), slowly, which is how the tests check it."""
     if prefer != "cpu" and torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         # sm_75 (T4) reports bf16 as supported but emulates it slowly: decide by compute capability.
         major, _ = torch.cuda.get_device_capability()
-        return torch.device("cuda", local_rank), torch.bfloat16 if major >= 8 else torch.float16
-    return torch.device("cpu"), torch.float32
+        device, dtype = torch.device("cuda", local_rank), torch.bfloat16 if major >= 8 else torch.float16
+    else:
+        device, dtype = torch.device("cpu"), torch.float32
+    return device, PRECISIONS.get(precision, dtype)
 
 
 def compile_wanted(config: dict, device: torch.device) -> bool:
@@ -745,15 +753,15 @@ def build_training(config: dict, data: dict, raw_model, device: torch.device, dt
     """Optimizer, schedule, precision and counters around a model: what optimizer_step needs (bench uses it)."""
     optimizer = build_optimizer(raw_model, config)
     loss_module = LossModule(raw_model)
-    if device.type == "cuda":
+    if dtype != torch.float32:
         def autocast():
-            return torch.autocast("cuda", dtype=dtype)
+            return torch.autocast(device.type, dtype=dtype)
     else:
         autocast = contextlib.nullcontext
     windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
     return Run(data=data, device=device, raw_model=raw_model, eager_model=loss_module, model=loss_module,
                optimizer=optimizer, scheduler=build_scheduler(optimizer, config, total_steps),
-               scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, autocast=autocast,
+               scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, autocast=autocast,
                total_steps=total_steps, tokens_per_step=windows_per_step * config["max_length"],
                tokenizer_json=data.get("tokenizer_json"), vocab_size=raw_model.config.vocab_size,
                order=epoch_order(config["seed"], 1, data["train_windows"]),
@@ -1584,7 +1592,7 @@ def use_cpu_dropout_kernels(model) -> None:
 # ===================================================================================================
 def setup_run(config: dict, started: float, resume: ResumePoint | None) -> Run:
     checkpoint = load_checkpoint(resume, config) if resume else None  # before any data work
-    device, dtype = pick_device_and_dtype()
+    device, dtype = pick_device_and_dtype(precision=config.get("precision", "auto"))
     init_distributed(device)
     saved_tokenizer = checkpoint["tokenizer_json"] if checkpoint else None
     data = None

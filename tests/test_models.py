@@ -139,16 +139,22 @@ def test_pretrained_gpt2_folder_on_an_hf_dataset_without_validation_split(tmp_pa
 
 @pytest.mark.slow
 def test_pretrained_llama_folder_on_jsonl_files_in_an_attached_dataset(tmp_path):
-    """init_from a Llama folder (its tokenizer adds <s>; documents are joined by its </s>), with .jsonl and .md
-    text files found by the dataset's slug under the input root's datasets/<owner>/<slug>/ layout."""
+    """The finetune preset's path on a T4, on the CPU: init_from a Llama folder, gradient checkpointing, fp16
+    autocast with a GradScaler (whose state every checkpoint carries). Its tokenizer adds <s>; documents are
+    joined by its </s>; .jsonl and .md files are found by the dataset's slug under datasets/<owner>/<slug>/."""
     model = save_tiny_model(tmp_path / "llama-tiny", "llama")
     inputs = tmp_path / "input"
     write_jsonl_corpus(inputs / "datasets" / "alice" / "my-corpus")
     overrides = [*SMALL, f"init_from={json.dumps(str(model))}", 'dataset="text-files"',
-                 'text_files_path="my-corpus"', "gradient_checkpointing=true"]
+                 'text_files_path="my-corpus"', "gradient_checkpointing=true", 'precision="fp16"']
     straight, second = check_exact_resume(tmp_path, overrides, inputs)
     assert f"Data: 3 text file(s) from {inputs / 'datasets/alice/my-corpus'}" in straight.stdout
-    assert "LlamaForCausalLM" in straight.stdout
+    assert "LlamaForCausalLM" in straight.stdout and "precision float16" in straight.stdout
+    scalers = [torch.load(run.working / "checkpoints/checkpoint_epoch1_step6.pt", weights_only=True)["scaler"]
+               for run in (straight, second)]
+    assert scalers[0] and scalers[0]["scale"] > 0 and scalers[0] == scalers[1]  # resumed with the scale it had
+    assert all(h["train_loss"] < 10 for h in json.loads((straight.working / "training_history.json").read_text())
+               if h["kind"] == "train")  # finite, and a tiny model's loss: fp16 trained it
     tokens = next((straight.working / "token_cache").glob("tokens-train-*.npy"))
     import numpy as np
 
@@ -162,9 +168,9 @@ def test_llama_from_scratch_trains_and_resumes_exactly(tmp_path):
     inputs = tmp_path / "input"
     write_jsonl_corpus(inputs / "my-corpus")  # the older mount layout: <input>/<slug>/
     overrides = [*SMALL, 'model_type="llama"', 'dataset="text-files"', 'text_files_path="my-corpus/*.jsonl"',
-                 "n_embd=32", "n_head=4", "bpe_vocab_size=320"]
+                 "n_embd=32", "n_head=4", "bpe_vocab_size=320", 'precision="bf16"']  # an Ampere GPU's autocast
     straight, second = check_exact_resume(tmp_path, overrides, inputs)
-    assert "Model: llama (LlamaForCausalLM)" in straight.stdout
+    assert "Model: llama (LlamaForCausalLM)" in straight.stdout and "precision bfloat16" in straight.stdout
     config = json.loads((straight.working / "final_model/config.json").read_text())
     assert config["model_type"] == "llama" and config["hidden_size"] == 32 and config["intermediate_size"] == 128
     assert config["max_position_embeddings"] == 32 and config["num_hidden_layers"] == 2
@@ -245,6 +251,7 @@ def test_count_parameters_needs_no_gpt2_attributes():
     (['model_type="mamba"'], "model_type"),
     (['text_column=""'], "text_column"),
     (['validation_split=""'], "validation_split"),
+    (['precision="fp8"'], "precision"),
 ])
 def test_new_keys_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -257,4 +264,4 @@ def test_finetune_preset_and_new_keys_reach_the_kernel():
     assert config.max_length == 512 and config.enable_internet
     settings = load_preset("tiny", ['dataset="hf:roneneldan/TinyStories"', 'dataset_config="x"']).kernel_config()
     assert {"init_from", "model_type", "gradient_checkpointing", "dataset_config", "text_column", "train_split",
-            "validation_split"} <= set(settings)
+            "validation_split", "precision"} <= set(settings)
