@@ -15,8 +15,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_processes_share_each_step_and_only_rank_zero_writes(tmp_path):
-    run = run_kernel(render(tmp_path, ["world_size=2", "max_steps=12", "eval_steps=6"]), tmp_path / "w")
+    """Two T4s' path: fp16 autocast with a GradScaler in each process, gradients all-reduced by DDP."""
+    run = run_kernel(render(tmp_path, ["world_size=2", "max_steps=12", "eval_steps=6", 'precision="fp16"']),
+                     tmp_path / "w")
     assert run.returncode == 0, run.stdout[-3000:]
+    assert "precision float16" in run.stdout
     assert "Starting 2 training processes" in run.stdout
     assert len(run.events("end")) == 1 and len(run.events("start")) == 1  # one voice in the log
     assert len(run.events("session")) == 1
@@ -26,6 +29,7 @@ def test_two_processes_share_each_step_and_only_rank_zero_writes(tmp_path):
     checkpoint = torch.load(run.working / state["newest_checkpoint"], weights_only=True)
     # Each rank takes half of every step's 8 x 2 windows: the effective batch is the config's.
     assert checkpoint["world_size"] * checkpoint["micro_batch_size"] * checkpoint["accumulation"] == 16
+    assert checkpoint["scaler"]["scale"] > 0
     history = [h for h in json.loads((run.working / "training_history.json").read_text()) if h["kind"] == "eval"]
     assert [h["step"] for h in history] == [6, 12] and history[-1]["val_loss"] < history[0]["val_loss"]
     assert (run.working / "final_model/config.json").exists()
