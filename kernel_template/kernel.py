@@ -972,7 +972,8 @@ def train(run: Run, config: dict) -> str:
             if run.model is run.eager_model:
                 raise
             # torch.compile fails lazily, at the first step: fall back to eager and redo the step.
-            log(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:300]}); training uncompiled")
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]  # inductor's messages run to pages
+            log(f"torch.compile failed ({type(exc).__name__}: {first_line}); training uncompiled")
             run.model = run.eager_model
             continue
         run.tokens_this_segment += run.tokens_per_step
