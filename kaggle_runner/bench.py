@@ -6,8 +6,10 @@ attention scores (the PaLM paper's accounting, appendix B). MFU divides the achi
 dense peak for the precision used. For other models (init_from, model_type = "llama") N_matmul is counted from
 the model itself: every weight matrix but the embedding tables, plus a tied LM head.
 
-A preset that fine-tunes a hub model (init_from = "HuggingFaceTB/SmolLM2-135M") needs the hub; where it cannot
-be reached (offline, as in CI), bench times a tiny random Llama, SmolLM2's family, instead and says so.
+A preset that fine-tunes a hub model (init_from = "HuggingFaceTB/SmolLM2-135M") needs the hub. Where it cannot
+be reached (offline, as in CI and on a lent GPU machine), bench times the model's exact architecture with random
+weights when it knows it (KNOWN_ARCHITECTURES): speed and memory depend on the shape, not on the weights'
+values. For any other model it times a tiny random Llama and says its figures are not the model's.
 """
 
 from __future__ import annotations
@@ -55,7 +57,21 @@ def model_flops_per_token(model, max_length: int) -> float:
     return 6 * matmul + 12 * settings.num_hidden_layers * settings.hidden_size * max_length
 
 
-# What bench times when init_from cannot be loaded here: SmolLM2's architecture (a Llama), at toy size.
+# Architectures of the hub models the presets and docs name, from each model's config.json on the hub: what
+# bench builds, with random weights, when the hub is out of reach.
+KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "HuggingFaceTB/SmolLM2-135M": {
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0},
+    "Qwen/Qwen2.5-0.5B": {
+        "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+        "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+        "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151643},
+}
+# What bench times for any other init_from it cannot load: a Llama, the commonest family, at toy size.
 STAND_IN = {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 8192}
 
 
@@ -67,9 +83,20 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def known_architecture(init_from: str):
+    """init_from's exact architecture with random weights (float32, SDPA attention, as load_pretrained gives)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(KNOWN_ARCHITECTURES[init_from])
+    model_config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa").float()
+
+
 def build_bench_model(config: RunConfig, settings: dict[str, Any], vocab: int, device) -> tuple[Any, str | None]:
-    """The kernel's model for this config; for an init_from that cannot be loaded here, a tiny random Llama
-    stand-in and a note saying so."""
+    """The kernel's model for this config; for an init_from that cannot be loaded here, its architecture with
+    random weights when known, else a tiny random Llama; with a note saying which."""
     import os
 
     from kaggle_runner.kernel_template import kernel
@@ -82,6 +109,11 @@ def build_bench_model(config: RunConfig, settings: dict[str, Any], vocab: int, d
             return kernel.prepare_model(settings, vocab, device), None
         except kernel.KernelStop as exc:
             reason = str(exc).split(". ")[0]
+    if config.init_from in KNOWN_ARCHITECTURES:
+        model = kernel.prepare_model(settings, vocab, device, model=known_architecture(config.init_from))
+        return model, (f"init_from {config.init_from!r} was not loaded ({reason}): timing its exact architecture "
+                       "with random weights instead. Speed and memory are the real model's (they depend on the "
+                       "shape, not the weights); the loss is not.")
     stand_in = {**settings, "init_from": None, "model_type": "llama", "dropout": 0.0,
                 **{key: STAND_IN[key] for key in ("n_embd", "n_layer", "n_head")}}
     model = kernel.prepare_model(stand_in, STAND_IN["vocab_size"], device)

@@ -186,10 +186,11 @@ def build_model(config: dict, vocab_size: int, eos_id: int | None = None):
     return GPT2LMHeadModel(model_config)
 
 
-def prepare_model(config: dict, vocab_size: int, device: torch.device, eos_id: int | None = None):
-    """The model on its device; activations recomputed in the backward pass when gradient_checkpointing is on;
-    CPU dropout kernels where eager CPU training of a GPT-2 uses dropout (other models stay as they are)."""
-    model = build_model(config, vocab_size, eos_id).to(device)
+def prepare_model(config: dict, vocab_size: int, device: torch.device, eos_id: int | None = None, model=None):
+    """The model (build_model's, unless given: bench brings init_from's architecture with random weights) on
+    its device; activations recomputed in the backward pass when gradient_checkpointing is on; CPU dropout
+    kernels where eager CPU training of a GPT-2 uses dropout (other models stay as they are)."""
+    model = (build_model(config, vocab_size, eos_id) if model is None else model).to(device)
     if config.get("gradient_checkpointing"):
         # Non-reentrant checkpointing restores the RNG state for the recomputation: same dropout masks.
         options = {"use_reentrant": False}

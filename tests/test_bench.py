@@ -53,20 +53,47 @@ def test_bench_runs_the_t4_fp16_path_on_a_cpu_when_asked(cli_runner):
     assert math.isfinite(report["loss"]) and report["grad_scale"] > 0  # a GradScaler ran the steps
 
 
-def test_bench_finetune_preset_times_a_stand_in_when_the_hub_is_out_of_reach(cli_runner, monkeypatch):
+def test_bench_finetune_preset_times_smollm2s_exact_architecture_when_the_hub_is_out_of_reach(cli_runner,
+                                                                                             monkeypatch):
+    """Offline (CI, a lent GPU machine) the figures are still the real model's: same shape, random weights."""
     from kaggle_runner import bench
 
     monkeypatch.setattr(bench, "hub_reachable", lambda timeout=3.0: False)  # as offline CI is, without waiting
-    result = cli_runner.invoke(cli, ["bench", "--preset", "finetune", "--set", "max_length=64", "--set",
-                                     "batch_size=2", "--set", "gradient_accumulation_steps=2", "--steps", "1",
+    result = cli_runner.invoke(cli, ["bench", "--preset", "finetune", "--set", "max_length=32", "--set",
+                                     "batch_size=1", "--set", "gradient_accumulation_steps=1", "--steps", "1",
                                      "--warmup", "0", "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert "Note: init_from 'HuggingFaceTB/SmolLM2-135M' was not loaded" in result.output
-    assert report["model"] == "LlamaForCausalLM" and "stand-in" in report["stand_in"]
+    assert "its exact architecture" in report["stand_in"]
+    assert report["model"] == "LlamaForCausalLM" and report["parameters"] == 134_515_008  # docs/kernel.md's count
+    assert report["config"] == {"n_embd": 576, "n_layer": 30, "n_head": 9, "vocab_size": 49152, "max_length": 32,
+                                "micro_batch_size": 1, "gradient_accumulation_steps": 1, "dtype": "float32"}
+    assert report["tokens_per_second"] * report["step_time_ms"] / 1000 == pytest.approx(32)
+    assert report["cpu_dropout_kernels"] is False  # a Llama keeps its own attention
+
+
+def test_bench_times_a_tiny_stand_in_for_a_hub_model_it_does_not_know(cli_runner, monkeypatch):
+    from kaggle_runner import bench
+
+    monkeypatch.setattr(bench, "hub_reachable", lambda timeout=3.0: False)
+    result = cli_runner.invoke(cli, ["bench", "--preset", "finetune", "--set", 'init_from="someone/their-model"',
+                                     "--set", "max_length=64", "--set", "batch_size=2", "--set",
+                                     "gradient_accumulation_steps=2", "--steps", "1", "--warmup", "0", "--device",
+                                     "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert "nothing about the real model's speed" in report["stand_in"]
     assert report["config"]["n_embd"] == 64 and report["config"]["vocab_size"] == 8192
     assert report["tokens_per_second"] * report["step_time_ms"] / 1000 == pytest.approx(4 * 64)
-    assert report["cpu_dropout_kernels"] is False  # a Llama keeps its own attention
+
+
+def test_known_architectures_build_the_hub_models_parameter_counts():
+    from kaggle_runner.bench import known_architecture
+
+    qwen = known_architecture("Qwen/Qwen2.5-0.5B")
+    assert type(qwen).__name__ == "Qwen2ForCausalLM"
+    assert sum(p.numel() for p in qwen.parameters()) == 494_032_768  # Qwen2.5-0.5B's published count
 
 
 def test_flops_per_token_of_any_model_matches_the_gpt2_formula_on_gpt2():
