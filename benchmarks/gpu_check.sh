@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures in docs/performance.md, as one command for a lent GPU machine:
 # the seed shape's tokens/s and MFU with torch.compile on and off, the kernel against HF Trainer, the T4's fp16
-# path, and a profile that turns the step's GPU time into an estimate for 3 epochs on 2xT4
-# (benchmarks/gpu_profile.py). About 4 minutes on an H100.
+# path, a profile (benchmarks/gpu_profile.py) that turns the step's GPU time into an estimate for 3 epochs on
+# 2xT4, and the finetune preset (SmolLM2-135M) in bf16 and fp16. About 5 minutes on an H100.
 #
 # The device image has torch, transformers and accelerate but not pydantic or python-slugify, so carry
 # them as wheels for its Python 3.12. Prepare once, here, in the repository root:
@@ -58,3 +58,14 @@ else
 fi
 step "bench-$PRESET-compile-off" "$PYTHON" -m kaggle_runner.cli bench --preset "$PRESET" --device "$DEVICE" \
     --steps "$STEPS" --set 'compile="off"' --json
+# The finetune preset: SmolLM2-135M's exact architecture with random weights (the machine has no hub; bench
+# says so), at the kernel's own choice of precision and on the T4's fp16 + GradScaler path. On a CPU, a
+# micro-batch of one short window keeps the check to a minute.
+FINETUNE_SHAPE=()
+if [ "$DEVICE" = cpu ]; then
+    FINETUNE_SHAPE=(--set batch_size=1 --set gradient_accumulation_steps=1 --set max_length=64)
+fi
+step "bench-finetune" "$PYTHON" -m kaggle_runner.cli bench --preset finetune --device "$DEVICE" \
+    --steps "$STEPS" "${FINETUNE_SHAPE[@]}" --json
+step "bench-finetune-float16" "$PYTHON" -m kaggle_runner.cli bench --preset finetune --device "$DEVICE" \
+    --steps "$STEPS" --dtype float16 "${FINETUNE_SHAPE[@]}" --json
