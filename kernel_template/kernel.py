@@ -420,7 +420,7 @@ def carve_validation(documents: list[str], seed: int, what: str) -> dict[str, li
 def read_text_file(path: str, column: str) -> list[str]:
     """A text file's documents: the whole file, or for .jsonl one per line (the `column` field of its object)."""
     text = Path(path).read_text(encoding="utf-8", errors="replace")
-    if not path.endswith(".jsonl"):
+    if not path.lower().endswith(".jsonl"):
         return [text]
     documents = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -437,14 +437,16 @@ def read_text_file(path: str, column: str) -> list[str]:
     return documents
 
 
-def text_file_documents(config: dict) -> dict[str, list[str]]:
+def text_files(config: dict) -> list[str]:
+    """The files text_files_path names: a file, a glob, or a folder's text files (by suffix, in any case)."""
     path = config["text_files_path"]
     patterns = text_file_patterns(path)
     files: list[str] = []
     for pattern in patterns:
         for match in sorted(glob.glob(pattern, recursive=True)):
             if os.path.isdir(match):
-                files += sorted(str(p) for p in Path(match).rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+                files += sorted(str(p) for p in Path(match).rglob("*")
+                                if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
             elif os.path.isfile(match):
                 files.append(match)
         if files:
@@ -452,10 +454,15 @@ def text_file_documents(config: dict) -> dict[str, list[str]]:
     if not files:
         raise KernelStop("data_error", f"text_files_path {path!r} matches no text files (looked in "
                          f"{', '.join(patterns)}). Attach the dataset that holds them to the kernel.")
+    return files
+
+
+def text_file_documents(config: dict) -> dict[str, list[str]]:
+    files = text_files(config)
     log(f"Data: {len(files)} text file(s) from {os.path.dirname(files[0])}")
     column = config.get("text_column", "text")
     per_file = [read_text_file(f, column) for f in files]
-    if len(per_file) == 1 and files[0].endswith(".jsonl"):  # one .jsonl file: carve documents
+    if len(per_file) == 1 and files[0].lower().endswith(".jsonl"):  # one .jsonl file: carve documents
         return carve_validation(per_file[0], config["seed"], os.path.basename(files[0]))
     if len(per_file) == 1:  # one text file: its last 5% is the validation split
         text = per_file[0][0]
@@ -603,10 +610,26 @@ def tokenize_split(tokenizer, documents: list[str], cache_key: str, eos: int | N
 DATA_KEYS = ("dataset", "text_files_path", "dataset_config", "text_column", "train_split", "validation_split")
 
 
-def data_fingerprint(tokenizer_json: str, config: dict) -> str:
+def data_content(config: dict) -> str:
+    """What the corpus holds, beyond the keys that name it: the bytes of text-files' files and of an hf: folder.
+    A corpus changed under the same name (a new data_dir version, an edited folder) must never meet the tokens
+    of the old one. Built-in datasets and hub ids are fixed by their names ("" here)."""
+    if config["dataset"] == "text-files":
+        files = text_files(config)
+    elif config["dataset"].startswith("hf:") and (folder := local_folder(config["dataset"][3:])):
+        files = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file())
+    else:
+        return ""
+    digest = hashlib.sha256()
+    for path in files:  # names relative to nothing: the same corpus hashes alike under either mount layout
+        digest.update(f"{os.path.basename(path)}\0{sha256_of(Path(path))}\n".encode())
+    return digest.hexdigest()
+
+
+def data_fingerprint(tokenizer_json: str, config: dict, content: str) -> str:
     """Names token arrays: the same tokenizer on the same corpus (and the same carved validation split) gives the
-    same ids."""
-    keys = [config.get(key) for key in DATA_KEYS]
+    same ids. `content` is data_content's digest."""
+    keys = [config.get(key) for key in DATA_KEYS] + [content]
     if config["dataset"].startswith("hf:") or config["dataset"] == "text-files":
         keys.append(config["seed"])  # chooses the carved validation documents
     source = tokenizer_json + json.dumps(keys)
@@ -652,8 +675,9 @@ def keep_tokens_for_later(splits: dict, fingerprint: str) -> None:
 def prepare_data(config: dict, saved_tokenizer_json: str | None = None) -> dict:
     started = time.time()
     splits, tokenizer = None, None
+    content = data_content(config)
     if saved_tokenizer_json and config.get("cache_tokens", True):
-        fingerprint = data_fingerprint(saved_tokenizer_json, config)
+        fingerprint = data_fingerprint(saved_tokenizer_json, config, content)
         cached = {split: find_cached_tokens(token_file_name(split, fingerprint), config)
                   for split in ("train", "validation")}
         if all(cached.values()):  # no documents to load, nothing to tokenize
@@ -665,7 +689,7 @@ def prepare_data(config: dict, saved_tokenizer_json: str | None = None) -> dict:
     if splits is None:
         documents = load_documents(config)
         tokenizer = build_tokenizer(config, documents, saved_tokenizer_json)
-        fingerprint = data_fingerprint(tokenizer.to_str(), config)
+        fingerprint = data_fingerprint(tokenizer.to_str(), config, content)
         eos = eos_token(config)
         eos_id = tokenizer.token_to_id(eos) if eos else None
         splits = {split: tokenize_split(tokenizer, documents[split], f"{split}-{fingerprint}", eos_id)

@@ -207,6 +207,15 @@ def test_carved_validation_split_is_disjoint_and_fixed_by_the_seed():
         kernel.carve_validation(documents[:1], 42, "x")
 
 
+def test_text_file_suffixes_match_in_any_case_as_the_corpus_upload_takes_them(tmp_path):
+    (tmp_path / "NOTES.MD").write_text("upper")
+    (tmp_path / "Data.JSONL").write_text('{"text": "a"}\n{"text": "b"}\n')
+    (tmp_path / "image.PNG").write_bytes(b"\x89PNG")
+    files = kernel.text_files({"text_files_path": str(tmp_path)})
+    assert [Path(f).name for f in files] == ["Data.JSONL", "NOTES.MD"]
+    assert kernel.read_text_file(files[0], "text") == ["a", "b"]
+
+
 def test_jsonl_lines_are_documents_and_a_missing_field_is_named(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text('{"text": "one"}\n\n{"text": "two", "x": 1}\n')
@@ -224,13 +233,37 @@ def test_hf_dataset_split_and_column_errors_name_what_exists(tmp_path):
         kernel.load_documents({**config, "text_column": "body", "train_split": "training"})
 
 
-def test_token_cache_fingerprint_covers_the_data_keys():
+def test_token_cache_fingerprint_covers_the_data_keys_and_the_corpus_bytes():
     config = load_preset("tiny").kernel_config()
-    prints = {kernel.data_fingerprint("{}", {**config, **change}) for change in (
+    prints = {kernel.data_fingerprint("{}", {**config, **change}, "") for change in (
         {}, {"dataset": "hf:a/b"}, {"dataset": "hf:a/b", "dataset_config": "x"},
         {"dataset": "hf:a/b", "text_column": "body"}, {"dataset": "hf:a/b", "train_split": "t"},
         {"dataset": "hf:a/b", "validation_split": "v"}, {"dataset": "hf:a/b", "seed": 1})}
-    assert len(prints) == 7
+    prints.add(kernel.data_fingerprint("{}", config, "another corpus's digest"))
+    assert len(prints) == 8
+
+
+@pytest.mark.slow
+def test_a_corpus_changed_under_the_same_name_never_reuses_the_old_tokens(tmp_path):
+    """A new data_dir version keeps its dataset's name, and a tokenizer that does not depend on the text
+    (init_from's) gives the same fingerprint to both: the token dataset of the old chain must not match."""
+    model = save_tiny_model(tmp_path / "llama-tiny", "llama")
+    inputs = tmp_path / "input"
+    corpus = inputs / "datasets" / "alice" / "my-corpus"
+    write_jsonl_corpus(corpus)
+    overrides = [*SMALL, f"init_from={json.dumps(str(model))}", 'dataset="text-files"',
+                 'text_files_path="my-corpus"', "segment_steps=2"]
+    first = run_kernel(render(tmp_path / "a", overrides), tmp_path / "first", input_dir=inputs)
+    assert first.run_state()["reason"] == "step_budget", first.stdout[-3000:]
+    chain = attach_checkpoint(first.working, inputs)  # its checkpoint and its token arrays, as the chain attaches
+    again = run_kernel(render(tmp_path / "b", overrides, chain), tmp_path / "again", input_dir=inputs)
+    assert "Data: reusing tokens" in again.stdout, again.stdout[-3000:]  # the same corpus: tokenized once
+    (corpus / "notes.md").write_text("# Other notes\n\n" + "A different sentence, line after line.\n" * 400)
+    changed = run_kernel(render(tmp_path / "c", overrides, chain), tmp_path / "changed", input_dir=inputs)
+    assert changed.returncode == 0, changed.stdout[-3000:]
+    assert "Data: reusing tokens" not in changed.stdout and "Data: 3 text file(s)" in changed.stdout
+    old, new = ({p.name for p in (run.working / "token_cache").glob("*.npy")} for run in (first, changed))
+    assert old and new and not old & new
 
 
 def test_count_parameters_needs_no_gpt2_attributes():
