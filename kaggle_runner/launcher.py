@@ -181,7 +181,12 @@ def upload_corpus(store: Store, gateway: KaggleGateway, console: Console, config
                          "launch again later (the upload is not repeated if the text did not change)")
         time.sleep(config.dataset_settle_seconds)  # Kaggle attaches the version mountable at push time
         corpus.remember_hash(store.workspace, ref, built.content_hash)
-    sources = list(dict.fromkeys([*config.dataset_sources, ref]))
+    return on_corpus(config, username)
+
+
+def on_corpus(config: RunConfig, username: str) -> RunConfig:
+    """A data_dir configuration as the run stores it: training on the attached <user>/<slug>-corpus dataset."""
+    sources = list(dict.fromkeys([*config.dataset_sources, f"{username}/{config.corpus_dataset_slug}"]))
     return config.model_copy(update={"dataset": "text-files", "text_files_path": config.corpus_dataset_slug,
                                      "dataset_sources": sources})
 
@@ -231,6 +236,8 @@ def _resume_config(run: Run, config_path: str | None, overrides) -> str:
     old = RunConfig.model_validate_json(run.config_json)
     if config_path:
         new = load_config(config_path, overrides)
+        if new.data_dir:  # as launch stored it; the corpus itself stays the version the run trains on
+            new = on_corpus(new, run.username)
     else:
         new = build_config(old.model_dump(), overrides, source=f"run {run.name}")
     changed = [key for key in RESUME_FIXED_KEYS

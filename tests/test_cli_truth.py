@@ -113,6 +113,21 @@ def test_service_files_keep_watch_all_running(tmp_path, monkeypatch, cli_runner,
     assert str((tmp_path / ".kaggle-runner").resolve()) in result.output
 
 
+def test_resume_takes_the_config_file_of_a_data_dir_run(stub_project, cli_runner):
+    """launch stores a data_dir run as training on the uploaded corpus dataset; the same file given to resume
+    is read the same way, not refused as a change of dataset."""
+    Path("corpus").mkdir()
+    Path("corpus/a.txt").write_text("Some text of my own, line after line.\n" * 50)
+    own = [*STUB_CHAIN, 'data_dir="corpus"', 'dataset="stdlib-docs"']
+    result = cli_runner.invoke(cli, ["launch", "--name", "texts", "--max-segments", "1", *sets(own)])
+    assert result.exit_code == 4, result.output
+    assert "data_dir is set, so the run trains on 'corpus', not on dataset 'stdlib-docs'" in result.output
+    same_run = [item for item in own if not item.startswith("max_segments")]
+    resumed = cli_runner.invoke(cli, ["resume", "texts", "-c", "kaggle-runner.toml", *sets(same_run)])
+    assert resumed.exit_code == 0, resumed.output
+    assert run_status(".kaggle-runner", "texts")["state"] == "complete"
+
+
 def test_resume_takes_a_fixed_config_file(stub_project, cli_runner):
     result = cli_runner.invoke(cli, ["launch", "--name", "filed", "--max-segments", "1", *sets(STUB_CHAIN)])
     assert result.exit_code == 4, result.output
