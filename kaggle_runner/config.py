@@ -24,7 +24,7 @@ MACHINE_SHAPES = {"NvidiaTeslaT4"}
 RETIRED_MACHINE_SHAPES = {"NvidiaTeslaP100": "Kaggle runs it on NvidiaTeslaT4 instead."}
 
 
-DATASETS = ("wikitext-103", "stdlib-docs", "text-files")
+DATASETS = ("wikitext-103", "wikitext-2", "stdlib-docs", "text-files")
 
 
 class ConfigError(KaggleRunnerError):
@@ -78,7 +78,7 @@ class RunConfig(BaseModel):
     resume_from_checkpoint: str | None = None
 
     # [data]
-    # wikitext-103 | stdlib-docs | text-files | hf:<hub id or local save_to_disk folder>
+    # wikitext-103 | wikitext-2 | stdlib-docs | text-files | hf:<hub id or local save_to_disk folder>
     dataset: str = "wikitext-103"
     dataset_config: str | None = None
     text_column: str = Field("text", min_length=1)

@@ -158,7 +158,13 @@ def pretrained_tokenizer(config: dict):
 def build_model(config: dict, vocab_size: int, eos_id: int | None = None):
     """init_from's pretrained model, or GPT-2 / Llama from scratch (seeded, vocabulary padded to 64)."""
     if config.get("init_from"):
-        return load_pretrained(config, "model")
+        model = load_pretrained(config, "model")
+        positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if positions and config["max_length"] > positions:  # GPT-2's learned positions end there: an index error
+            raise KernelStop("config_error", f"max_length {config['max_length']} is longer than init_from "
+                             f"{config['init_from']!r} was trained for ({positions} positions); set max_length "
+                             f"to at most {positions}")
+        return model
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     padded_vocab = (vocab_size + 63) // 64 * 64  # multiples of 64 keep the LM head's matmul on fast paths
@@ -370,24 +376,29 @@ def parse_stdlib_documents(stdlib: Path) -> dict[str, list[str]]:
     return splits
 
 
+WIKITEXT = {"wikitext-103": "wikitext-103-raw-v1", "wikitext-2": "wikitext-2-raw-v1"}  # dataset -> hub config
+
+
 def wikitext_documents(config: dict) -> dict[str, list[str]]:
+    """WikiText-103 or -2 from the hub. Its rows are lines, not documents: joined, each article stays whole."""
     try:
         from datasets import load_dataset
     except ImportError as exc:
         raise KernelStop("data_error", "the 'datasets' package is missing; pip install datasets") from exc
+    name = config["dataset"]
 
     def load():
-        return load_dataset("Salesforce/wikitext", "wikitext-103-raw-v1")
+        return load_dataset("Salesforce/wikitext", WIKITEXT[name])
 
     try:
-        data = with_retries("Downloading WikiText-103", load)
+        data = with_retries(f"Downloading {name}", load)
     except Exception as exc:
-        raise KernelStop("data_error", f"could not download WikiText-103 from the Hugging Face hub "
+        raise KernelStop("data_error", f"could not download {name} from the Hugging Face hub "
                          f"({type(exc).__name__}: {exc}). {offline_hint(config)}") from None
     splits = {}
     for split in ("train", "validation"):
         if split not in data:
-            raise KernelStop("data_error", f"WikiText-103 has no '{split}' split")
+            raise KernelStop("data_error", f"{name} has no '{split}' split")
         # Articles start with ' = Title = ' lines; joining lines keeps each article's text contiguous.
         splits[split] = ["".join(data[split]["text"])]
     return splits
@@ -522,7 +533,7 @@ def load_documents(config: dict) -> dict[str, list[str]]:
     source = config["dataset"]
     if source.startswith("hf:"):
         splits = hf_documents(config)
-    elif source == "wikitext-103":
+    elif source in WIKITEXT:
         splits = wikitext_documents(config)
     elif source == "stdlib-docs":
         splits = stdlib_documents()
@@ -564,7 +575,11 @@ def build_tokenizer(config: dict, documents: dict[str, list[str]], saved_json: s
     if saved_json:
         return Tokenizer.from_str(saved_json)
     if config.get("init_from"):  # fine-tuning: the model's own tokenizer
-        return pretrained_tokenizer(config).backend_tokenizer
+        tokenizer = pretrained_tokenizer(config).backend_tokenizer
+        # A tokenizer.json may switch on truncation or padding: either would cut or pad every packed chunk.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        return tokenizer
     if config["tokenizer"] == "gpt2":
         return gpt2_tokenizer(config)
     return train_bpe_tokenizer(documents["train"], config["bpe_vocab_size"])

@@ -196,6 +196,27 @@ def test_the_shape_check_on_resume_covers_init_from_and_model_type(tmp_path, cap
 
 
 # ---- fast checks: no kernel subprocess ----------------------------------------------------------------------
+def test_a_window_longer_than_the_pretrained_models_positions_is_a_config_error(tmp_path):
+    folder = save_tiny_model(tmp_path / "gpt2-tiny", "gpt2")  # 64 learned positions
+    config = {**load_preset("tiny").kernel_config(), "init_from": str(folder), "max_length": 65}
+    with pytest.raises(kernel.KernelStop, match="max_length 65 is longer than init_from .* \\(64 positions\\); "
+                                                "set max_length to at most 64"):
+        kernel.build_model(config, 0)
+    assert kernel.build_model({**config, "max_length": 64}, 0).config.n_positions == 64
+
+
+def test_a_pretrained_tokenizers_own_truncation_and_padding_are_switched_off(tmp_path, monkeypatch):
+    """Left on, they would cut or pad every packed chunk of text, silently."""
+    folder = save_tiny_model(tmp_path / "gpt2-tiny", "gpt2")
+    saved = json.loads((folder / "tokenizer.json").read_text())
+    saved["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    (folder / "tokenizer.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(kernel, "PRETRAINED_TOKENIZER", {})
+    tokenizer = kernel.build_tokenizer({"init_from": str(folder)}, {}, None)
+    assert tokenizer.truncation is None and tokenizer.padding is None
+    assert len(tokenizer.encode("Return the parser " * 20, add_special_tokens=False).ids) > 8
+
+
 def test_carved_validation_split_is_disjoint_and_fixed_by_the_seed():
     documents = [f"document {i}" for i in range(250)]
     a, b = kernel.carve_validation(documents, 42, "x"), kernel.carve_validation(documents, 42, "x")
@@ -294,6 +315,7 @@ def test_new_keys_are_validated(overrides, message):
 def test_finetune_preset_and_new_keys_reach_the_kernel():
     config = load_preset("finetune")
     assert config.init_from == "HuggingFaceTB/SmolLM2-135M" and config.gradient_checkpointing
+    assert config.dataset == "wikitext-2"  # WikiText's rows are lines: the built-in name keeps articles whole
     assert config.max_length == 512 and config.enable_internet
     settings = load_preset("tiny", ['dataset="hf:roneneldan/TinyStories"', 'dataset_config="x"']).kernel_config()
     assert {"init_from", "model_type", "gradient_checkpointing", "dataset_config", "text_column", "train_split",
