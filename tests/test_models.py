@@ -84,11 +84,12 @@ def deterministic_history(run) -> list:
             for h in json.loads((run.working / "training_history.json").read_text()) if h["kind"] != "sample"]
 
 
-def check_exact_resume(tmp: Path, overrides: list[str], inputs: Path) -> tuple:
+def check_exact_resume(tmp: Path, overrides: list[str], inputs: Path, env: dict | None = None) -> tuple:
     """An uninterrupted run of 8 steps, and a chain segment resumed from its step-4 checkpoint (what a segment
     stopped at step 4 leaves: tests/test_kernel.py proves those bytes equal) that segment_steps stops at step 6:
     bitwise the same weights, optimizer state and history at step 6. Two kernel runs, not three."""
-    straight = run_kernel(render(tmp / "a", [*overrides, "max_checkpoints=4"]), tmp / "straight", input_dir=inputs)
+    straight = run_kernel(render(tmp / "a", [*overrides, "max_checkpoints=4"]), tmp / "straight", input_dir=inputs,
+                          env=env)
     assert straight.returncode == 0, straight.stdout[-3000:]
     chain = attach_checkpoint(straight.working, inputs, checkpoint="checkpoints/checkpoint_epoch1_step4.pt")
     second = run_kernel(render(tmp / "b", [*overrides, "max_checkpoints=4", "segment_steps=2"], chain),
@@ -169,8 +170,12 @@ def test_llama_from_scratch_trains_and_resumes_exactly(tmp_path):
     write_jsonl_corpus(inputs / "my-corpus")  # the older mount layout: <input>/<slug>/
     overrides = [*SMALL, 'model_type="llama"', 'dataset="text-files"', 'text_files_path="my-corpus/*.jsonl"',
                  "n_embd=32", "n_head=4", "bpe_vocab_size=320", 'precision="bf16"']  # an Ampere GPU's autocast
-    straight, second = check_exact_resume(tmp_path, overrides, inputs)
+    # Out of memory at step 3: the micro-batch halves for good, the effective batch and the resume stay exact.
+    straight, second = check_exact_resume(tmp_path, overrides, inputs, env={"KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP": "3"})
     assert "Model: llama (LlamaForCausalLM)" in straight.stdout and "precision bfloat16" in straight.stdout
+    assert "Out of memory at step 3: micro-batch now 2, accumulation 2 (effective batch unchanged)" in straight.stdout
+    saved = torch.load(second.working / "checkpoints/checkpoint_epoch1_step6.pt", weights_only=True)
+    assert (saved["micro_batch_size"], saved["accumulation"]) == (2, 2)
     config = json.loads((straight.working / "final_model/config.json").read_text())
     assert config["model_type"] == "llama" and config["hidden_size"] == 32 and config["intermediate_size"] == 128
     assert config["max_position_embeddings"] == 32 and config["num_hidden_layers"] == 2

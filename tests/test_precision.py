@@ -39,13 +39,16 @@ def test_fp16_gradient_checkpointing_and_compile_together_train_a_pretrained_lla
     write_jsonl_corpus(inputs / "my-corpus")
     overrides = [*SMALL, f"init_from={json.dumps(str(model))}", 'dataset="text-files"', 'text_files_path="my-corpus"',
                  "gradient_checkpointing=true", 'precision="fp16"', 'compile="on"', "max_steps=4", "eval_steps=4",
-                 "save_steps=4", "log_steps=4"]
+                 "save_steps=1", "max_checkpoints=2", "log_steps=4"]
     run = run_kernel(render(tmp_path / "kernel", overrides), tmp_path / "working", input_dir=inputs)
     assert run.returncode == 0 and run.run_state()["reason"] == "complete", run.stdout[-3000:]
     assert "precision float16" in run.stdout and "gradient checkpointing" in run.stdout
     assert "torch.compile failed" not in run.stdout and "training uncompiled" not in run.stdout
     history = json.loads((run.working / "training_history.json").read_text())
     assert [h["step"] for h in history if h["kind"] == "eval"] == [4]
+    kept = sorted(p.name for p in (run.working / "checkpoints").iterdir())
+    assert kept == ["checkpoint_epoch1_step3.pt", "checkpoint_epoch1_step4.pt"]  # rotation: the 2 newest
+    assert (run.working / "best_model.pt").is_file()
     assert all(0 < h["train_loss"] < 10 for h in history if h["kind"] == "train")
     checkpoint = torch.load(run.working / "checkpoints/checkpoint_epoch1_step4.pt", weights_only=True)
     assert checkpoint["scaler"]["scale"] > 0
