@@ -32,9 +32,17 @@ def corpus_documents() -> list[str]:
 def save_tiny_model(folder: Path, family: str) -> Path:
     """A random model of the family with a small trained BPE tokenizer, saved as a hub model would be."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
-    specials = ["<|endoftext|>"] if family == "gpt2" else ["<s>", "</s>"]
+    specials = ["<s>", "</s>"] if family == "llama" else ["<|endoftext|>"]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -48,6 +56,11 @@ def save_tiny_model(folder: Path, family: str) -> Path:
                                        bos_token="<|endoftext|>")
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
                                                     bos_token_id=0, eos_token_id=0))
+    elif family == "qwen2":  # Qwen2.5's layout: biased q/k/v projections, grouped KV heads, no BOS token
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=64, tie_word_embeddings=True, eos_token_id=0))
     else:  # a Llama-style tokenizer: its post-processor puts <s> before every text
         tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
         fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
@@ -162,6 +175,21 @@ def test_pretrained_llama_folder_on_jsonl_files_in_an_attached_dataset(tmp_path)
     ids = np.load(tokens)
     assert 0 not in ids and (ids == 1).sum() > 100  # no <s> inside the packed data; </s> between documents
     check_final_model(straight)
+
+
+@pytest.mark.slow
+def test_pretrained_qwen2_folder_trains_and_its_final_model_loads(tmp_path):
+    """A third family through the same AutoModelForCausalLM path (Qwen2.5's: attention biases, no BOS)."""
+    model = save_tiny_model(tmp_path / "qwen2-tiny", "qwen2")
+    inputs = tmp_path / "input"
+    write_jsonl_corpus(inputs / "my-corpus")
+    overrides = [*SMALL, f"init_from={json.dumps(str(model))}", 'dataset="text-files"', 'text_files_path="my-corpus"']
+    run = run_kernel(render(tmp_path / "kernel", overrides), tmp_path / "working", input_dir=inputs)
+    assert run.returncode == 0 and run.run_state()["reason"] == "complete", run.stdout[-3000:]
+    assert "Qwen2ForCausalLM" in run.stdout
+    evals = [h for h in json.loads((run.working / "training_history.json").read_text()) if h["kind"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    check_final_model(run)
 
 
 @pytest.mark.slow
