@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -64,7 +66,8 @@ def test_uneven_share_is_refused_clearly(tmp_path):
 
 def test_the_same_script_under_torchrun_and_its_checkpoint_in_one_process(tmp_path):
     """torchrun starts the ranks (RANK/WORLD_SIZE/LOCAL_RANK set): the kernel starts none of its own and joins
-    the process group from the environment; its checkpoint resumes in a plain one-process run."""
+    the process group from the environment; its checkpoint resumes in a plain one-process run, whose checkpoint
+    resumes under torchrun again, this time with a rendezvous as multi-node runs use (--nnodes, c10d)."""
     inputs = tmp_path / "in"
     corpus = inputs / "corpus"  # a small corpus: parsing the whole standard library twice would double the time
     corpus.mkdir(parents=True)
@@ -82,11 +85,24 @@ def test_the_same_script_under_torchrun_and_its_checkpoint_in_one_process(tmp_pa
     assert state["reason"] == "step_budget" and state["global_step"] == 8
     assert torch.load(first.working / state["newest_checkpoint"], weights_only=True)["world_size"] == 2
     chain = attach_checkpoint(first.working, inputs, layout="datasets")
-    second = run_kernel(render(tmp_path / "b", [*data, "world_size=1"], chain), tmp_path / "second",
-                        input_dir=inputs)
+    second = run_kernel(render(tmp_path / "b", [*data, "world_size=1", "segment_steps=4"], chain),
+                        tmp_path / "second", input_dir=inputs)
     assert second.returncode == 0, second.stdout[-2000:]
     start = second.events("start")[0]
     assert start["global_step"] == 8 and start["world_size"] == 1 and start["resumed_from"]["global_step"] == 8
-    assert second.run_state()["status"] == "complete" and second.run_state()["global_step"] == 16
-    history = json.loads((second.working / "training_history.json").read_text())
-    assert {h["segment"] for h in history if h["kind"] != "sample"} == {1, 2}
+    assert second.run_state()["reason"] == "step_budget" and second.run_state()["global_step"] == 12
+    chain = attach_checkpoint(second.working, tmp_path / "in2", layout="datasets")
+    shutil.copytree(corpus, tmp_path / "in2" / "corpus")
+    with socket.socket() as probe:  # a free port for the rendezvous endpoint
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rendezvous = ["-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
+                  f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=kernel-test"]
+    third = run_kernel(render(tmp_path / "c", data, chain), tmp_path / "third", input_dir=tmp_path / "in2",
+                       launcher=rendezvous)
+    assert third.returncode == 0, third.stdout[-3000:]
+    start = third.events("start")[0]
+    assert start["global_step"] == 12 and start["world_size"] == 2 and start["resumed_from"]["global_step"] == 12
+    assert third.run_state()["status"] == "complete" and third.run_state()["global_step"] == 16
+    history = json.loads((third.working / "training_history.json").read_text())
+    assert {h["segment"] for h in history if h["kind"] != "sample"} == {1, 2, 3}
