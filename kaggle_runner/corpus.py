@@ -42,12 +42,18 @@ def corpus_files(data_dir: Path) -> list[Path]:
     return files
 
 
-def build_corpus(data_dir: Path, target: Path, dataset_ref: str, title: str) -> Corpus:
-    """The dataset folder for `data_dir` and the hash of its content (names and bytes)."""
+def content_hash(data_dir: Path) -> tuple[list[Path], str]:
+    """The corpus's text files and the hash of their names and bytes: what decides whether to upload."""
     files = corpus_files(data_dir)
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(data_dir).as_posix().encode() + b"\0" + artifacts.sha256_of(path).encode())
+    return files, digest.hexdigest()
+
+
+def build_corpus(data_dir: Path, target: Path, dataset_ref: str, title: str) -> Corpus:
+    """The dataset folder for `data_dir` (files flat, or one zip past 50 files) and its content hash."""
+    files, digest = content_hash(data_dir)
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -63,7 +69,7 @@ def build_corpus(data_dir: Path, target: Path, dataset_ref: str, title: str) -> 
         "id": dataset_ref, "title": title, "licenses": [{"name": "other"}],
         "description": "Training text for a kaggle-runner chain, uploaded from a local folder."}, indent=2))
     size = sum(p.stat().st_size for p in target.iterdir() if p.name != "dataset-metadata.json")
-    return Corpus(target, len(files), size, digest.hexdigest())
+    return Corpus(target, len(files), size, digest)
 
 
 def uploaded_hash(workspace: Path, dataset_ref: str) -> str | None:
