@@ -56,17 +56,17 @@ def _write_corpus(folder: Path, files: int = 30) -> None:
 @pytest.mark.slow
 def test_a_local_folder_of_text_goes_up_once_and_the_kernel_trains_on_it(project, cli_runner, emulator,
                                                                          monkeypatch):
-    _write_corpus(project / "corpus")
+    _write_corpus(project / "corpus", files=51)  # past Kaggle's 50 top-level files: one zip, extracted on mount
     own_text = ["data_dir=\"corpus\"", "tokenizer=\"bpe\"", "bpe_vocab_size=512", "max_steps=2", "segment_steps=2",
                 "eval_steps=2", "sample_tokens=0"]
     result = cli_runner.invoke(cli, ["launch", "--name", "mine", *sets([*CHAIN, *own_text])])
     assert result.exit_code == 0, result.output
-    assert "Uploading 30 text file(s)" in result.output
+    assert "Uploading 51 text file(s)" in result.output
     dataset = emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus")
-    assert len(dataset.versions) == 1 and "notes__part-00.txt" in dataset.versions[0].files  # sub-paths folded
+    assert len(dataset.versions) == 1 and "corpus.zip" in dataset.versions[0].files
     version = emulator.backend.get_kernel(USER, "kaggle-runner-tiny").versions[0]
     log = "".join(e["data"] for e in emulator.backend.read_log_events(USER, "kaggle-runner-tiny", version))
-    assert "Data: 30 text file(s)" in log
+    assert "Data: 51 text file(s)" in log
     # Unchanged text is not uploaded again; changed text is a new version. (The stub kernel: data is not the point.)
     monkeypatch.setenv("KAGGLE_RUNNER_TEST_KERNEL_SOURCE", str(Path(__file__).with_name("stub_kernel.py")))
     again = cli_runner.invoke(cli, ["launch", "--name", "again", *sets([*CHAIN, *own_text])])
@@ -74,5 +74,5 @@ def test_a_local_folder_of_text_goes_up_once_and_the_kernel_trains_on_it(project
     assert len(emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus").versions) == 1
     (project / "corpus/part-01.txt").write_text("Something new entirely.\n" * 50)
     changed = cli_runner.invoke(cli, ["launch", "--name", "changed", *sets([*CHAIN, *own_text])])
-    assert changed.exit_code == 0 and "Uploading 30 text file(s)" in changed.output, changed.output
+    assert changed.exit_code == 0 and "Uploading 51 text file(s)" in changed.output, changed.output
     assert len(emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus").versions) == 2
