@@ -120,6 +120,8 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
         check_run_name(name)
     for warning in config.warnings():
         console.note(f"warning: {warning}")
+    if not local:
+        check_paths_reach_kaggle(config, Path(config_path).parent)
     store = Store(workspace)
     gateway = _gateway(store.workspace, local, endpoint, console.note)
     username = gateway.username
@@ -151,6 +153,27 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
     CURRENT_RUN["name"] = name
     console.say(f"Run {name}: kernel {kernel_ref}" + (" on the local emulator" if local else ""))
     return drive(Context(store, run.name, gateway, console, Pace.for_run(run)), detach=detach)
+
+
+def check_paths_reach_kaggle(config: RunConfig, config_dir: Path) -> None:
+    """A path written as one of this machine's (./x, ../x, ~/x, /x) that exists here names nothing a Kaggle
+    kernel can see: say so before anything is pushed, rather than let the kernel fail on Kaggle an hour later.
+    (--local runs kernels on this machine, where such paths do work.)"""
+    def local_folder(value: str | None) -> Path | None:
+        if not value or not value.startswith(("/", "./", "../", "~")):
+            return None
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else config_dir / path
+        return path if path.exists() else None
+
+    if local_folder(config.init_from):
+        raise KaggleRunnerError(f"init_from {config.init_from!r} is a folder on this machine, which a Kaggle kernel "
+                                "cannot see: upload it as a Kaggle dataset, add it to dataset_sources and set "
+                                "init_from to its folder name there, or use a Hugging Face hub id")
+    if config.dataset == "text-files" and not config.data_dir and local_folder(config.text_files_path):
+        raise KaggleRunnerError(f"text_files_path {config.text_files_path!r} is on this machine, which a Kaggle "
+                                f"kernel cannot see: set data_dir = {config.text_files_path!r} instead, and "
+                                "kaggle-runner uploads it as a private dataset")
 
 
 def upload_corpus(store: Store, gateway: KaggleGateway, console: Console, config: RunConfig, username: str,

@@ -113,6 +113,21 @@ def test_service_files_keep_watch_all_running(tmp_path, monkeypatch, cli_runner,
     assert str((tmp_path / ".kaggle-runner").resolve()) in result.output
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ('init_from="./my-model"', "init_from './my-model' is a folder on this machine, which a Kaggle kernel cannot"),
+    ('text_files_path="./my-model"', "set data_dir = './my-model' instead"),
+])
+def test_a_path_on_this_machine_is_refused_before_anything_goes_to_kaggle(tmp_path, monkeypatch, cli_runner, setting,
+                                                                          message):
+    monkeypatch.chdir(tmp_path)
+    assert cli_runner.invoke(cli, ["init", "--preset", "tiny"]).exit_code == 0
+    Path("my-model").mkdir()
+    extra = ['dataset="text-files"'] if setting.startswith("text_files_path") else []
+    result = cli_runner.invoke(cli, ["launch", "--set", setting, *sum((["--set", e] for e in extra), [])])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not Path(".kaggle-runner").exists()
+
+
 def test_resume_takes_the_config_file_of_a_data_dir_run(stub_project, cli_runner):
     """launch stores a data_dir run as training on the uploaded corpus dataset; the same file given to resume
     is read the same way, not refused as a change of dataset."""
