@@ -493,8 +493,10 @@ def local_folder(path: str) -> str | None:
 
 
 def hf_documents(config: dict) -> dict[str, list[str]]:
-    """dataset = "hf:<id>": datasets.load_dataset(id, dataset_config), or load_from_disk when the id is a folder
-    written by Dataset(Dict).save_to_disk; then the same path: splits, text_column, a carved validation split."""
+    """dataset = "hf:<id>": datasets.load_dataset(id, dataset_config), for a hub id or a folder of data files laid
+    out as a hub repository (parquet, json, csv, txt: the hub's own path, minus the download), or load_from_disk
+    for a folder written by Dataset(Dict).save_to_disk; then one path: splits, text_column, a carved validation
+    split."""
     try:
         from datasets import load_dataset, load_from_disk
     except ImportError as exc:
@@ -502,8 +504,10 @@ def hf_documents(config: dict) -> dict[str, list[str]]:
     name, subset = config["dataset"][3:], config.get("dataset_config")
     folder = local_folder(name)
     try:
-        if folder:
+        if folder and any(os.path.isfile(os.path.join(folder, f)) for f in ("dataset_dict.json", "state.json")):
             data = load_from_disk(folder)
+        elif folder:
+            data = load_dataset(folder, subset)
         else:
             data = with_retries(f"Downloading dataset {name}", lambda: load_dataset(name, subset),
                                 attempts=4 if config.get("enable_internet", True) else 1)

@@ -287,6 +287,23 @@ def test_hf_dataset_split_and_column_errors_name_what_exists(tmp_path):
         kernel.load_documents({**config, "text_column": "body", "train_split": "training"})
 
 
+def test_a_folder_laid_out_as_a_hub_dataset_goes_through_load_dataset_as_a_hub_id_does(tmp_path, monkeypatch):
+    """A hub dataset repository is a folder of data files (data/<split>-*.parquet); load_dataset reads such a
+    folder with the same builders as after a download. Both splits here: the named validation split is used."""
+    import datasets
+    from datasets import Dataset
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    documents = corpus_documents()
+    files = tmp_path / "repo" / "data"
+    files.mkdir(parents=True)
+    Dataset.from_dict({"story": documents[:200]}).to_parquet(files / "train-00000-of-00001.parquet")
+    Dataset.from_dict({"story": documents[200:220]}).to_parquet(files / "validation-00000-of-00001.parquet")
+    config = {**load_preset("tiny").kernel_config(), "dataset": f"hf:{tmp_path / 'repo'}", "text_column": "story"}
+    splits = kernel.load_documents(config)
+    assert splits["train"] == documents[:200] and splits["validation"] == documents[200:220]
+
+
 def test_token_cache_fingerprint_covers_the_data_keys_and_the_corpus_bytes():
     config = load_preset("tiny").kernel_config()
     prints = {kernel.data_fingerprint("{}", {**config, **change}, "") for change in (
