@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import sqlite3
 import time
@@ -56,6 +57,8 @@ CREATE TABLE IF NOT EXISTS drivers (
     heartbeat REAL NOT NULL
 );
 """
+# Columns the drivers table gained since workspaces were first created: (name, declaration).
+DRIVER_COLUMNS = [("token", "TEXT NOT NULL DEFAULT ''"), ("pid_ns", "TEXT NOT NULL DEFAULT ''")]
 
 # A driver that has not beaten for this long is gone (hung or its host asleep): another may take over.
 HEARTBEAT_STALE_SECONDS = 60.0
@@ -136,6 +139,8 @@ class Driver:
     host: str
     started_at: float
     heartbeat: float
+    token: str = ""  # random per process: pid and host alone repeat across containers and pid reuse
+    pid_ns: str = ""  # the pid namespace `pid` means something in ("" in leases older than this column)
 
     def describe(self) -> str:
         return f"process {self.pid} on {self.host}"
@@ -154,6 +159,35 @@ def _column_type(annotation: str) -> str:
 
 def this_host() -> str:
     return socket.gethostname()
+
+
+def _new_token() -> str:
+    return secrets.token_hex(8)
+
+
+# This process's lease identity. A fork gets its own: parent and child must never renew each other's lease.
+_PROCESS_TOKEN = _new_token()
+
+
+def _renew_token() -> None:
+    global _PROCESS_TOKEN
+    _PROCESS_TOKEN = _new_token()
+
+
+os.register_at_fork(after_in_child=_renew_token)
+
+
+def process_token() -> str:
+    return _PROCESS_TOKEN
+
+
+def pid_namespace() -> str:
+    """The pid namespace of this process: two containers may share a hostname, and pids mean nothing across
+    namespaces. Empty where the system does not say (not Linux)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -240,6 +274,10 @@ class Store:
             if field.name not in have:
                 default = " NOT NULL DEFAULT 0" if field.default == 0 else ""
                 db.execute(f"ALTER TABLE segments ADD COLUMN {field.name} {_column_type(str(field.type))}{default}")
+        have = {row["name"] for row in db.execute("PRAGMA table_info(drivers)")}
+        for name, declaration in DRIVER_COLUMNS:
+            if name not in have:  # a lease written before: empty token, matched by pid and host as it was
+                db.execute(f"ALTER TABLE drivers ADD COLUMN {name} {declaration}")
 
     @contextmanager
     def connect(self):
@@ -376,38 +414,48 @@ class Store:
 
     @staticmethod
     def _live_driver(db, run: str) -> Driver | None:
-        row = db.execute("SELECT pid, host, started_at, heartbeat FROM drivers WHERE run = ?", (run,)).fetchone()
+        row = db.execute("SELECT pid, host, started_at, heartbeat, token, pid_ns FROM drivers WHERE run = ?",
+                         (run,)).fetchone()
         if row is None:
             return None
         holder = Driver(**dict(row))
-        if holder.host == this_host() and not _pid_alive(holder.pid):
+        # A gone pid means a dead driver only where that pid means the same process: this host, this pid
+        # namespace (a container with our hostname has its own pids). Elsewhere only the heartbeat tells.
+        if holder.host == this_host() and holder.pid_ns in ("", pid_namespace()) and not _pid_alive(holder.pid):
             return None
         if time.time() - holder.heartbeat > HEARTBEAT_STALE_SECONDS:
             return None
         return holder
 
-    def acquire_driver(self, run: str, pid: int | None = None) -> Driver | None:
+    @staticmethod
+    def _ours(holder: Driver) -> bool:
+        if holder.token:
+            return holder.token == process_token()
+        return holder.pid == os.getpid() and holder.host == this_host()  # a lease older than tokens
+
+    def acquire_driver(self, run: str) -> Driver | None:
         """Take the lease for `run`; None on success, else the live driver that holds it."""
-        pid = pid or os.getpid()
+        pid = os.getpid()
         with self.connect() as db:
             holder = self._live_driver(db, run)
-            if holder is not None and not (holder.pid == pid and holder.host == this_host()):
+            if holder is not None and not self._ours(holder):
                 return holder
             now = time.time()
-            db.execute("INSERT OR REPLACE INTO drivers VALUES (?, ?, ?, ?, ?)", (run, pid, this_host(), now, now))
+            db.execute("INSERT OR REPLACE INTO drivers (run, pid, host, started_at, heartbeat, token, pid_ns) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (run, pid, this_host(), now, now, process_token(), pid_namespace()))
             self._event(db, run, "driver", f"driven by process {pid} on {this_host()}")
         return None
 
-    def heartbeat(self, run: str, pid: int | None = None) -> bool:
+    def heartbeat(self, run: str) -> bool:
         """Renew the lease; False if it is no longer ours (taken over after a long stall)."""
         with self.connect() as db:
-            return bool(db.execute("UPDATE drivers SET heartbeat = ? WHERE run = ? AND pid = ? AND host = ?",
-                                   (time.time(), run, pid or os.getpid(), this_host())).rowcount)
+            return bool(db.execute("UPDATE drivers SET heartbeat = ? WHERE run = ? AND token = ?",
+                                   (time.time(), run, process_token())).rowcount)
 
-    def release_driver(self, run: str, pid: int | None = None) -> None:
+    def release_driver(self, run: str) -> None:
         with self.connect() as db:
-            db.execute("DELETE FROM drivers WHERE run = ? AND pid = ? AND host = ?",
-                       (run, pid or os.getpid(), this_host()))
+            db.execute("DELETE FROM drivers WHERE run = ? AND token = ?", (run, process_token()))
 
     # -- events --------------------------------------------------------------------------------------
     @staticmethod

@@ -158,3 +158,71 @@ def test_two_watchers_at_once_make_one_driver(stub_project, emulator, kill_at):
     assert versions == list(range(1, len(versions_of(emulator)) + 1))  # one kernel version per segment
     assert len(emulator.backend.get_dataset(USER, f"{SLUG}-ckpt").versions) == len(versions) - 1  # one per resume
     assert final_stub_weight(stub_project / "outputs/twice", 30) == stub_weight(30)
+
+
+# -- the lease's identity --------------------------------------------------------------------------------------
+def _lease_held_elsewhere(store, run: str, pid: int, pid_ns: str, token: str = "another-process") -> None:
+    """A lease as another launcher writes it: in a container with our hostname, say, whose pids are its own."""
+    from kaggle_runner.store import this_host
+
+    with store.connect() as db:
+        now = time.time()
+        db.execute("INSERT OR REPLACE INTO drivers (run, pid, host, started_at, heartbeat, token, pid_ns) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)", (run, pid, this_host(), now, now, token, pid_ns))
+
+
+def test_a_lease_with_our_pid_and_host_but_another_token_is_not_ours(tmp_path):
+    import os
+
+    from kaggle_runner.store import Store, pid_namespace
+
+    store = Store(tmp_path / "ws")
+    # The same pid on the same hostname: a container's launcher (pids start again at 1 there) or a reused pid.
+    _lease_held_elsewhere(store, "run", os.getpid(), pid_namespace())
+    assert store.heartbeat("run") is False  # not renewed as if it were ours
+    store.release_driver("run")  # nor released
+    holder = store.acquire_driver("run")
+    assert holder is not None and holder.token == "another-process"  # nor taken: its holder beats
+    assert store.driver("run") is not None
+    # Our own lease is renewed and released by its token.
+    assert store.acquire_driver("mine") is None and store.heartbeat("mine") is True
+    store.release_driver("mine")
+    assert store.driver("mine") is None
+
+
+def test_a_gone_pid_frees_a_lease_at_once_only_in_our_pid_namespace(tmp_path):
+    import subprocess
+    import sys
+
+    from kaggle_runner.store import Store, pid_namespace
+
+    store = Store(tmp_path / "ws")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)  # a process that has exited: its pid is free here
+    _lease_held_elsewhere(store, "here", pid, pid_namespace())
+    assert store.driver("here") is None  # our namespace, pid gone: taken over at once, as before
+    _lease_held_elsewhere(store, "container", pid, "pid:[1]")
+    assert store.driver("container") is not None  # another namespace: only a stale heartbeat frees it
+    with store.connect() as db:
+        db.execute("UPDATE drivers SET heartbeat = heartbeat - 120 WHERE run = 'container'")
+    assert store.driver("container") is None
+
+
+def test_a_store_from_before_lease_tokens_is_migrated(tmp_path):
+    import os
+    import sqlite3
+
+    from kaggle_runner.store import Store, this_host
+
+    (tmp_path / "ws").mkdir()
+    db = sqlite3.connect(tmp_path / "ws/runs.sqlite")
+    db.executescript("CREATE TABLE drivers (run TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, "
+                     "started_at REAL NOT NULL, heartbeat REAL NOT NULL);")
+    db.execute("INSERT INTO drivers VALUES ('old', ?, ?, ?, ?)", (os.getpid(), this_host(), time.time(), time.time()))
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "ws")
+    holder = store.driver("old")
+    assert holder is not None and holder.token == "" and holder.pid == os.getpid()
+    assert store.acquire_driver("old") is None  # a token-less lease of this very pid and host: ours, as before
+    assert store.driver("old").token and store.heartbeat("old")
