@@ -671,13 +671,23 @@ def start_next_segment(ctx: Context, run: Run, segment: Segment) -> None:
         return
     wait_for_dataset(ctx.gateway, data_ref(run), None, **waiting)
     if segment.dataset_version is None:
-        ctx.store.update_segment(run.name, segment.idx, dataset_version=ctx.gateway.dataset_version(run.dataset_ref))
         settle = settle_seconds(ctx, run)
+        # The end of the settle is recorded before sleeping: a launcher killed meanwhile sleeps only the rest.
+        ctx.store.update_segment(run.name, segment.idx, dataset_version=ctx.gateway.dataset_version(run.dataset_ref),
+                                 settle_until=time.time() + settle)
         if settle:
             ctx.console.say(f"Dataset ready; letting it settle {settle:.0f}s before pushing (Kaggle attaches the "
                             "version that is mountable at push time)")
-        if not ctx.sleep(settle):
-            return
+        kill_point(ctx.store, "mid_settle")
+        remaining = settle
+    elif segment.settle_until is None:  # recorded by a launcher older than settle_until: settle in full
+        remaining = settle_seconds(ctx, run)
+    else:
+        remaining = segment.settle_until - time.time()
+        if remaining > 0:
+            ctx.console.say(f"Dataset ready; letting it settle {remaining:.0f}s more (the settle was interrupted)")
+    if remaining > 0 and not ctx.sleep(remaining):
+        return
     ctx.store.advance_segment(run.name, segment.idx, Phase.RESUME_UPLOADED, Segment(
         run=run.name, idx=segment.idx + 1, phase=Phase.PUSHING, resume_from=segment.resume_from,
         resume_sha256=segment.resume_sha256, resume_step=segment.resume_step, best_sha256=segment.best_sha256))

@@ -118,6 +118,7 @@ class Segment:
     val_loss: float | None = None
     dataset_version_before: int | None = None
     dataset_version: int | None = None  # the checkpoint-dataset version this segment's resume uploaded
+    settle_until: float | None = None  # when the settle after "ready" ends: a restarted launcher sleeps the rest
     resume_proven: int = 0  # the next segment's kernel reported it resumed from that exact checkpoint
     bytes_downloaded: int = 0
     bytes_uploaded: int = 0

@@ -160,6 +160,22 @@ def test_two_watchers_at_once_make_one_driver(stub_project, emulator, kill_at):
     assert final_stub_weight(stub_project / "outputs/twice", 30) == stub_weight(30)
 
 
+def test_a_launcher_killed_while_the_dataset_settles_sleeps_the_rest_before_pushing(stub_project, emulator):
+    from kaggle_runner.store import Store
+
+    chain = [*STUB_CHAIN, "dataset_settle_seconds=10"]
+    result = launcher("launch", "--name", "settling", *sets(chain), env={"KAGGLE_RUNNER_TEST_KILL_AT": "mid_settle"})
+    assert result.returncode == -9, result.stdout + result.stderr
+    settle_until = Store(".kaggle-runner").segments("settling")[0].settle_until
+    assert settle_until is not None
+    result = launcher("watch", "settling")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "more (the settle was interrupted)" in result.stdout, result.stdout
+    first, second = Store(".kaggle-runner").segments("settling")
+    assert second.pushed_at >= first.settle_until == settle_until  # never pushed before the settle ended
+    assert final_stub_weight(stub_project / "outputs/settling", 20) == stub_weight(20)
+
+
 # -- the lease's identity --------------------------------------------------------------------------------------
 def _lease_held_elsewhere(store, run: str, pid: int, pid_ns: str, token: str = "another-process") -> None:
     """A lease as another launcher writes it: in a container with our hostname, say, whose pids are its own."""
