@@ -253,6 +253,15 @@ def push_segment(ctx: Context, run: Run, segment: Segment) -> None:
         ctx.console.note(f"note: version {current[0]} of {ref} was pushed before an interruption; following it")
         _record_push(ctx, run, segment, PushResult(current[0], current[1], ""))
         return
+    elif segment.push_attempted_at is not None:
+        landed = _await_earlier_push(ctx, run, segment, pushed_before)
+        if ctx.cancelled():
+            return
+        if landed is not None:
+            ctx.console.note(f"note: version {landed.version} of {ref} was pushed before an interruption; "
+                             "following it")
+            _record_push(ctx, run, segment, landed)
+            return
     config = config_of(run)
     if segment.idx > 1:  # later segments resume from the chain's dataset, never from a fixed path
         config = config.model_copy(update={"resume_from_checkpoint": None})
@@ -263,8 +272,7 @@ def push_segment(ctx: Context, run: Run, segment: Segment) -> None:
                            chain_checkpoint=chain_checkpoint(run, segment)).folder
     kill_point(ctx.store, "before_push")
     try:
-        result = _push_when_a_gpu_session_is_free(ctx, run, folder, config.session_timeout_seconds,
-                                                  segment.base_version)
+        result = _push_when_a_gpu_session_is_free(ctx, run, segment, folder, config.session_timeout_seconds)
     except QuotaExhausted as exc:
         refresh = _quota_refresh(ctx)
         _end_run(ctx, run, segment, Phase.PUSHING, RunState.STOPPED,
@@ -281,6 +289,40 @@ def push_segment(ctx: Context, run: Run, segment: Segment) -> None:
     _record_push(ctx, run, segment, result)
 
 
+def _await_earlier_push(ctx: Context, run: Run, segment: Segment, pushed_before: bool) -> PushResult | None:
+    """A push was sent before an interruption and Kaggle shows nothing newer: it may still have landed.
+
+    Straight after a push Kaggle can answer 404 (or 403 for a kernel's first version) for a while, so keep
+    looking, at the kernel and at the status of the version the push would have made, until the pace's
+    status-visible window since that push has passed. Pushing sooner could start a second session.
+    """
+    ref, expected = run.kernel_ref, (segment.base_version or 0) + 1
+    until = (segment.push_attempted_at or 0.0) + ctx.pace.status_visible
+    interval, noted = ctx.pace.poll, False
+    while True:
+        try:
+            current = ctx.gateway.current_version(ref, pushed_before=pushed_before)
+            if current and current[0] > (segment.base_version or 0):
+                return PushResult(current[0], current[1], "")
+            if ctx.gateway.status(ref, expected) is not None:
+                return PushResult(expected, current[1] if current else 0, "")
+        except KaggleApiError as exc:
+            if not exc.transient:
+                raise
+        if time.time() >= until:
+            ctx.console.note(f"note: Kaggle shows no version of {ref} from the push before the interruption; "
+                             "pushing now")
+            return None
+        if not noted:
+            ctx.console.note(f"note: a push of {ref} was sent before an interruption and Kaggle does not show it "
+                             f"yet; looking for up to {max(0.0, until - time.time()) / 60:.0f} more minute(s) "
+                             "before pushing again")
+            noted = True
+        if not ctx.sleep(min(interval, max(0.0, until - time.time()) + 0.1)):
+            return None
+        interval = min(ctx.pace.max_poll, interval * 1.5)
+
+
 def _quota_refresh(ctx: Context) -> str | None:
     try:
         return ctx.gateway.quota()["refresh"]
@@ -288,8 +330,8 @@ def _quota_refresh(ctx: Context) -> str | None:
         return None
 
 
-def _push_when_a_gpu_session_is_free(ctx: Context, run: Run, folder: Path, timeout: int,
-                                     base_version: int | None) -> PushResult | None:
+def _push_when_a_gpu_session_is_free(ctx: Context, run: Run, segment: Segment, folder: Path,
+                                     timeout: int) -> PushResult | None:
     """Push; while both GPU sessions are taken (by the user's other notebooks), wait rather than end the chain.
 
     None when the run was cancelled while waiting.
@@ -299,9 +341,12 @@ def _push_when_a_gpu_session_is_free(ctx: Context, run: Run, folder: Path, timeo
         if ctx.cancelled():  # `cancel` found nothing running: nothing may start now
             return None
         still_driving(ctx)
+        # Recorded before the push: a launcher killed from here on must look for the version before pushing.
+        ctx.store.update_segment(run.name, segment.idx, push_attempted_at=time.time())
         try:
-            return ctx.gateway.push(folder, timeout, base_version)
+            return ctx.gateway.push(folder, timeout, segment.base_version)
         except GpuSessionsBusy as exc:
+            ctx.store.update_segment(run.name, segment.idx, push_attempted_at=None)  # refused: nothing landed
             if not waiting:
                 ctx.console.note(f"note: {exc} Waiting for one of your GPU sessions to end; "
                                  f"`kaggle-runner cancel {run.name}` stops waiting.")

@@ -105,6 +105,7 @@ class Segment:
     resume_step: int | None = None
     best_sha256: str | None = None
     resume_retries: int = 0  # pushes of the same resume that found no checkpoint (Kaggle pinned an old version)
+    push_attempted_at: float | None = None  # a push was sent then: it may have landed even if Kaggle shows nothing
     pushed_at: float | None = None
     running_at: float | None = None  # first RUNNING status: session time counts from here, not from the push
     session_id: str | None = None  # from the kernel's session event; what cancel needs

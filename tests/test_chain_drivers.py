@@ -160,6 +160,21 @@ def test_two_watchers_at_once_make_one_driver(stub_project, emulator, kill_at):
     assert final_stub_weight(stub_project / "outputs/twice", 30) == stub_weight(30)
 
 
+def test_a_first_push_kaggle_does_not_show_yet_is_not_pushed_again(stub_project, emulator):
+    # Kaggle shows neither the kernel nor the version's run for a while after the first push; the launcher
+    # dies right after pushing, before recording the version, and `watch` starts while Kaggle still says 403.
+    admin(emulator.url, "realism", {"kernel_404_window": 12.0, "status_404_window": 12.0})
+    result = launcher("launch", "--name", "unseen", *sets([*STUB_CHAIN, "max_steps=10"]),
+                      env={"KAGGLE_RUNNER_TEST_KILL_AT": "after_push"})
+    assert result.returncode == -9, result.stdout + result.stderr
+    result = launcher("watch", "unseen")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(versions_of(emulator)) == 1  # one kernel version for the one segment
+    assert "was sent before an interruption and Kaggle does not show it yet" in result.stderr, result.stderr
+    status = run_status(".kaggle-runner", "unseen")
+    assert status["state"] == "complete" and [s["kernel_version"] for s in status["segments"]] == [1]
+
+
 def test_a_launcher_killed_while_the_dataset_settles_sleeps_the_rest_before_pushing(stub_project, emulator):
     from kaggle_runner.store import Store
 

@@ -557,6 +557,31 @@ def test_session_limit_kills_without_sigterm_by_default(api, emulator, tmp_path)
     assert (tmp_path / "out/partial.txt").exists() and not (tmp_path / "out/got_sigterm.txt").exists()
 
 
+def _current_version(api, ref: str) -> int:
+    """GetKernel through the official client's SDK: the version Kaggle calls current."""
+    from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelRequest
+
+    request = ApiGetKernelRequest()
+    request.user_name, request.kernel_slug = ref.split("/")
+    with api.build_kaggle_client() as kaggle:
+        return kaggle.kernels.kernels_api_client.get_kernel(request).metadata.current_version_number
+
+
+def test_get_kernel_can_lag_behind_a_push(api, emulator, tmp_path):
+    ref = f"{USER}/hello-kernel"
+    admin(emulator.url, "realism", {"kernel_404_window": 1.0})
+    api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
+    with pytest.raises(requests.HTTPError) as unseen:  # a first version not shown yet: the kernel is unknown
+        _current_version(api, ref)
+    assert unseen.value.response.status_code == 403
+    time.sleep(1.0)
+    assert _current_version(api, ref) == 1
+    api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
+    assert _current_version(api, ref) == 1  # the previous version is still "current"
+    time.sleep(1.0)
+    assert _current_version(api, ref) == 2
+
+
 # -- trust boundaries -------------------------------------------------------------------------------------
 def _rpc(url: str, method: str, body, service: str = "kernels.KernelsApiService", **kwargs) -> requests.Response:
     data = body if isinstance(body, bytes) else json.dumps(body)

@@ -142,7 +142,9 @@ def cancel_kernel_session(ctx: Context, body: dict) -> dict:
 
 def get_kernel(ctx: Context, body: dict) -> dict:
     owner, slug = _name(body, "userName"), _name(body, "kernelSlug")
-    kernel, version = ctx.backend.get_version(owner, slug, body.get("versionLabel"))
+    label = body.get("versionLabel")
+    kernel, version = ctx.backend.get_version(owner, slug, label) if label else \
+        ctx.backend.current_version(owner, slug)
     source = (ctx.backend.kernel_dir(owner, slug, version.number) / version.code_file).read_text()
     return {"metadata": {"id": kernel.id, "ref": f"{owner}/{slug}", "title": kernel.title,
                          "language": kernel.language, "kernelType": kernel.kernel_type,

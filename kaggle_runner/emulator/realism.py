@@ -26,6 +26,9 @@ class Realism:
     dataset_404_window: float = 0.5
     # GetKernelSessionStatus answers 404 "No runs found for this kernel" this long after a push.
     status_404_window: float = 1.0
+    # GetKernel does not show a version this long after its push: the previous version is "current", and a
+    # kernel with no earlier version is unknown (403/404). No direct evidence: off by default.
+    kernel_404_window: float = 0.0
     # Status stays RUNNING this long after the process exits (plus the bytes-proportional part), and the
     # output listing stays empty this long after the terminal status.
     output_lag: float = 1.0

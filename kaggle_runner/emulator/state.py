@@ -264,6 +264,16 @@ class Backend:
             raise NotFound(f"Kernel {owner}/{slug} not found")
         return kernel
 
+    def current_version(self, owner: str, slug: str) -> tuple[Kernel, Version]:
+        """GetKernel's view: the newest version pushed at least kernel_404_window ago."""
+        kernel = self.get_kernel(owner, slug)
+        shown = [v for v in kernel.versions if self.clock() - v.created_at >= self.realism.kernel_404_window]
+        if not shown:
+            if self.realism.never_pushed_403:
+                raise PermissionDenied(KERNEL_DENIED_MESSAGE)
+            raise NotFound(f"Kernel {owner}/{slug} not found")
+        return kernel, shown[-1]
+
     def get_version(self, owner: str, slug: str, label: str | None) -> tuple[Kernel, Version]:
         kernel = self.get_kernel(owner, slug)
         if not kernel.versions:
