@@ -8,6 +8,7 @@ finds the live driver's lease and follows read-only instead of acting. docs/chai
     pushing -> running -> ended -> ended_resume -> resume_downloaded -> resume_uploaded -> done
                             |  \\-> repush -> done (the same resume pushed again)
                             \\-> final (complete, failed, stopped)
+    resume_uploaded -> resume_downloaded (the version failed processing or never got ready: upload again)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from kaggle_runner.kaggle_api import (
     PushRefused,
     PushResult,
     QuotaExhausted,
+    SourcesNotAttached,
 )
 from kaggle_runner.logfollow import LogFollower, session_id_from
 from kaggle_runner.render import render_kernel
@@ -42,6 +44,26 @@ from kaggle_runner.store import Driver, Run, Segment, Store, TransitionError
 
 DATASET_READY_TIMEOUT = 1800.0
 HEARTBEAT_SECONDS = 10.0
+# A checkpoint version that failed processing, or never became ready, is uploaded again this many times at
+# most; then the chain stops and says so. Each try costs an upload, never GPU time.
+MAX_DATASET_REUPLOADS = 2
+# Pushes refused because Kaggle does not see the chain's own dataset yet, pushed again after a wait that
+# doubles from the pace's repush_wait (against Kaggle 2+4+8+16 minutes in all).
+MAX_ATTACH_RETRIES = 4
+# Kaggle's statuses of a dataset version that will never become ready (kagglesdk DatabundleVersionStatus).
+DATASET_FAILED_STATUSES = ("failed", "deleted")
+
+
+class DatasetNotReady(KaggleRunnerError):
+    """A dataset version failed processing, or was still not ready at the deadline."""
+
+    def __init__(self, message: str, ref: str, version: int | None, status: str | None, failed: bool):
+        super().__init__(message)
+        self.ref, self.version, self.status, self.failed = ref, version, status, failed
+
+
+class DatasetNotVisible(KaggleRunnerError):
+    """Pushes kept being refused because Kaggle did not see the chain's own dataset."""
 
 
 @dataclass(frozen=True)
@@ -53,12 +75,15 @@ class Pace:
     status_visible: float  # how long a pushed version may answer 404 "No runs found" before we give up
     output_wait: float  # how long outputs may take to be listed after the terminal status
     repush_wait: float  # least wait before pushing a resume again that found no checkpoint; doubles each time
+    dataset_ready: float = DATASET_READY_TIMEOUT  # how long a new checkpoint version may take to become ready
 
     @classmethod
     def for_run(cls, run: Run) -> Pace:
         if run.local or run.endpoint:  # an emulator or a hand-picked host: brisk
-            return cls(poll=1.0, max_poll=2.0, status_visible=120.0, output_wait=60.0, repush_wait=3.0)
-        return cls(poll=5.0, max_poll=60.0, status_visible=900.0, output_wait=600.0, repush_wait=120.0)
+            return cls(poll=1.0, max_poll=2.0, status_visible=120.0, output_wait=60.0, repush_wait=3.0,
+                       dataset_ready=120.0)
+        return cls(poll=5.0, max_poll=60.0, status_visible=900.0, output_wait=600.0, repush_wait=120.0,
+                   dataset_ready=DATASET_READY_TIMEOUT)
 
 
 @dataclass
@@ -273,6 +298,9 @@ def push_segment(ctx: Context, run: Run, segment: Segment) -> None:
     kill_point(ctx.store, "before_push")
     try:
         result = _push_when_a_gpu_session_is_free(ctx, run, segment, folder, config.session_timeout_seconds)
+    except DatasetNotVisible as exc:
+        _end_run(ctx, run, segment, Phase.PUSHING, RunState.STOPPED, str(exc))
+        return
     except QuotaExhausted as exc:
         refresh = _quota_refresh(ctx)
         _end_run(ctx, run, segment, Phase.PUSHING, RunState.STOPPED,
@@ -333,10 +361,11 @@ def _quota_refresh(ctx: Context) -> str | None:
 def _push_when_a_gpu_session_is_free(ctx: Context, run: Run, segment: Segment, folder: Path,
                                      timeout: int) -> PushResult | None:
     """Push; while both GPU sessions are taken (by the user's other notebooks), wait rather than end the chain.
+    Likewise, a bounded number of times, while Kaggle refuses the push for not seeing the chain's own dataset.
 
     None when the run was cancelled while waiting.
     """
-    interval, waiting = ctx.pace.poll, False
+    interval, waiting, unseen = ctx.pace.poll, False, 0
     while True:
         if ctx.cancelled():  # `cancel` found nothing running: nothing may start now
             return None
@@ -351,10 +380,30 @@ def _push_when_a_gpu_session_is_free(ctx: Context, run: Run, segment: Segment, f
                 ctx.console.note(f"note: {exc} Waiting for one of your GPU sessions to end; "
                                  f"`kaggle-runner cancel {run.name}` stops waiting.")
                 waiting = True
-        if not ctx.sleep(interval):
+            wait = interval
+            # Every retry is a push: against Kaggle at most one each 5 minutes, never a tight re-push loop.
+            interval = min(ctx.pace.max_poll * 5, interval * 1.5)
+        except SourcesNotAttached as exc:
+            if not set(exc.sources) <= {run.dataset_ref, data_ref(run)}:
+                raise  # a dataset of the user's configuration: only the user can fix it
+            if exc.landed is not None:
+                # A version runs without the chain's dataset. Pushing another would start a second session:
+                # follow it. Without its checkpoint the kernel ends `resume_missing` at once, and the chain
+                # pushes the same resume again after a longer wait (max_resume_retries).
+                ctx.console.note(f"note: {exc}; following that version")
+                return exc.landed
+            ctx.store.update_segment(run.name, segment.idx, push_attempted_at=None)  # refused: nothing landed
+            unseen += 1
+            if unseen > MAX_ATTACH_RETRIES:
+                raise DatasetNotVisible(
+                    f"Kaggle refused {unseen} pushes of {run.kernel_ref} because it did not see dataset "
+                    f"{', '.join(exc.sources)} ({exc}); check https://www.kaggle.com/datasets/{exc.sources[0]}, "
+                    f"then `kaggle-runner resume {run.name}`") from None
+            wait = ctx.pace.repush_wait * 2 ** (unseen - 1)
+            ctx.console.note(f"note: {exc}; Kaggle does not see it yet, pushing again in {wait:.0f}s "
+                             f"({unseen} of {MAX_ATTACH_RETRIES})")
+        if not ctx.sleep(wait):
             return None
-        # Every retry is a push: against Kaggle at most one each 5 minutes, never a tight re-push loop.
-        interval = min(ctx.pace.max_poll * 5, interval * 1.5)
 
 
 def _record_push(ctx: Context, run: Run, segment: Segment, result: PushResult) -> None:
@@ -650,8 +699,9 @@ def upload_for_resume(ctx: Context, run: Run, segment: Segment) -> None:
         ctx.store.transition(run.name, segment.idx, Phase.RESUME_DOWNLOADED, Phase.RESUME_UPLOADED)
         return
     # Older versions go only once this segment proved it resumed from the newest one: until then the older
-    # checkpoint may be the only one a session can mount.
-    delete_old = bool(segment.resume_proven)
+    # checkpoint may be the only one a session can mount. Nor on a repeated upload: the one before it failed,
+    # and this one might too.
+    delete_old = bool(segment.resume_proven) and not segment.dataset_reuploads
     ctx.console.say(f"Uploading {Path(segment.resume_from or '').name} and best_model.pt ({size / 2**20:.1f} MiB) "
                     f"to dataset {run.dataset_ref}")
     kill_point(ctx.store, "before_upload")
@@ -680,9 +730,10 @@ def wait_for_dataset(gateway: KaggleGateway, ref: str, newer_than: int | None, d
     """Until `ref` shows a version above `newer_than` and says ready (404 meanwhile is "not yet").
 
     False when the dataset is optional (`newer_than` None) and does not exist, or `sleep` says to stop (a
-    cancel). Past `deadline`, one line ending with `then`, what the user can do.
+    cancel). DatasetNotReady, in one line ending with `then` (what the user can do), when that version failed
+    processing or is still not ready past `deadline`.
     """
-    interval, noted = first, False
+    interval, noted, started = first, False, time.time()
     while True:
         try:
             version = gateway.dataset_version(ref)
@@ -696,25 +747,43 @@ def wait_for_dataset(gateway: KaggleGateway, ref: str, newer_than: int | None, d
                 noted = True
         if newer_than is None and version is None and status is None:
             return False
-        if version and version > (newer_than or 0) and status == "ready":
+        newer = bool(version) and version > (newer_than or 0)
+        if newer and status == "ready":
             return True
+        if newer and status in DATASET_FAILED_STATUSES:
+            raise DatasetNotReady(f"dataset {ref} version {version} failed processing on Kaggle (status {status}); "
+                                  f"{then}", ref, version, status, failed=True)
         if time.time() > deadline:
-            raise KaggleRunnerError(f"dataset {ref} is still {status or 'not visible'} (version {version}) after "
-                                    f"{DATASET_READY_TIMEOUT / 60:.0f} minutes; {then}")
+            raise DatasetNotReady(f"dataset {ref} is still {status or 'not visible'} (version {version}) after "
+                                  f"{_duration(time.time() - started)}; {then}", ref, version, status, failed=False)
         if not sleep(interval):
             return False
         interval = min(cap, interval * 1.5)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} minutes" if seconds >= 120 else f"{seconds:.0f}s"
+
+
 def start_next_segment(ctx: Context, run: Run, segment: Segment) -> None:
     """Wait until the new checkpoint version is ready and settled (Kaggle pins versions at push), then open
-    the next segment, naming the exact checkpoint it must resume from."""
-    deadline = time.time() + DATASET_READY_TIMEOUT
+    the next segment, naming the exact checkpoint it must resume from. A version that failed processing, or
+    never became ready, is uploaded again (MAX_DATASET_REUPLOADS times at most)."""
+    deadline = time.time() + ctx.pace.dataset_ready
     waiting = {"deadline": deadline, "note": ctx.console.note, "sleep": ctx.sleep, "first": ctx.pace.poll / 2,
-               "cap": ctx.pace.max_poll, "then": f"`kaggle-runner watch {run.name}` tries again"}
-    if not wait_for_dataset(ctx.gateway, run.dataset_ref, segment.dataset_version_before or 0, **waiting):
+               "cap": ctx.pace.max_poll}
+    try:
+        ready = wait_for_dataset(ctx.gateway, run.dataset_ref, segment.dataset_version_before or 0,
+                                 then="uploading it again", **waiting)
+    except DatasetNotReady as exc:
+        _upload_again(ctx, run, segment, exc)
         return
-    wait_for_dataset(ctx.gateway, data_ref(run), None, **waiting)
+    if not ready:
+        return
+    try:
+        wait_for_dataset(ctx.gateway, data_ref(run), None, then="segments tokenize on their own", **waiting)
+    except DatasetNotReady as exc:  # optional: the kernel tokenizes when it finds no verified arrays
+        ctx.console.note(f"note: {exc}")
     if segment.dataset_version is None:
         settle = settle_seconds(ctx, run)
         # The end of the settle is recorded before sleeping: a launcher killed meanwhile sleeps only the rest.
@@ -737,6 +806,28 @@ def start_next_segment(ctx: Context, run: Run, segment: Segment) -> None:
         run=run.name, idx=segment.idx + 1, phase=Phase.PUSHING, resume_from=segment.resume_from,
         resume_sha256=segment.resume_sha256, resume_step=segment.resume_step, best_sha256=segment.best_sha256))
     ctx.store.update_run(run.name, only_if_active=True, state=RunState.RUNNING, reason="")
+
+
+def _upload_again(ctx: Context, run: Run, segment: Segment, problem: DatasetNotReady) -> None:
+    """Back to `resume_downloaded` to upload the checkpoint as a newer version, or stop once that was tried
+    MAX_DATASET_REUPLOADS times. Either way the next wait is for a version above the one that let us down."""
+    seen = max(problem.version or 0, segment.dataset_version_before or 0)
+    what = "failed processing" if problem.failed else f"was still {problem.status or 'not visible'}"
+    if segment.dataset_reuploads >= MAX_DATASET_REUPLOADS:
+        # `resume` downloads and uploads afresh: forget this resume's upload bookkeeping.
+        ctx.store.update_segment(run.name, segment.idx, dataset_version_before=None, dataset_version=None,
+                                 settle_until=None, dataset_reuploads=0)
+        _end_run(ctx, run, segment, Phase.RESUME_UPLOADED, RunState.STOPPED,
+                 f"the checkpoint dataset {run.dataset_ref} did not become ready after "
+                 f"{segment.dataset_reuploads + 1} uploads (version {problem.version} {what}); look at "
+                 f"https://www.kaggle.com/datasets/{run.dataset_ref}, then `kaggle-runner resume {run.name}` "
+                 "uploads it again")
+        return
+    ctx.console.note(f"note: checkpoint dataset {run.dataset_ref} version {problem.version} {what}; uploading it "
+                     f"again ({segment.dataset_reuploads + 1} of {MAX_DATASET_REUPLOADS})")
+    ctx.store.transition(run.name, segment.idx, Phase.RESUME_UPLOADED, Phase.RESUME_DOWNLOADED,
+                         dataset_version_before=seen, dataset_version=None, settle_until=None,
+                         dataset_reuploads=segment.dataset_reuploads + 1)
 
 
 # -- outputs and cancel, shared with the user commands --------------------------------------------------

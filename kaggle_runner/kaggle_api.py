@@ -53,6 +53,19 @@ class QuotaExhausted(PushRefused):
     """The weekly GPU quota is used up: nothing runs until it resets."""
 
 
+class SourcesNotAttached(PushRefused):
+    """Kaggle did not attach dataset `sources` it was asked to: they do not exist, or it does not see them yet.
+
+    `landed` is the version Kaggle created anyway, running without them (it lists them in
+    `invalidDatasetSources` beside a version number, as the official client's own output shows); None when it
+    refused the push outright (`error` naming them, version 0), so nothing landed.
+    """
+
+    def __init__(self, message: str, sources: list[str], landed: PushResult | None):
+        super().__init__(message)
+        self.sources, self.landed = sources, landed
+
+
 @dataclass(frozen=True)
 class PushResult:
     version: int
@@ -278,7 +291,8 @@ class KaggleGateway:
 
     def push(self, folder: Path, timeout_seconds: int | None, known_version: int | None) -> PushResult:
         """Push once. If the push fails in a way that may have landed, look before trying again."""
-        ref = json.loads((folder / "kernel-metadata.json").read_text())["id"]
+        metadata = json.loads((folder / "kernel-metadata.json").read_text())
+        ref, sources = metadata["id"], list(metadata.get("dataset_sources") or [])
         for attempt in range(1, self.attempts + 1):
             try:
                 self.requests += 1
@@ -299,11 +313,11 @@ class KaggleGateway:
                             f"nothing landed, pushing again in {delay:.1f}s")
                 time.sleep(delay)
                 continue
-            return self._read_push(ref, response)
+            return self._read_push(ref, response, sources)
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _read_push(ref: str, response) -> PushResult:
+    def _read_push(ref: str, response, sources: list[str] | tuple[str, ...] = ()) -> PushResult:
         """Kaggle refuses a push with HTTP 200, `error` set and version 0; a version of 0 alone is a refusal too."""
         error = (response.error or "").strip()
         if error:
@@ -312,10 +326,17 @@ class KaggleGateway:
                 raise GpuSessionsBusy(f"Kaggle refused the push: {error}")
             if "quota" in words:  # "Maximum weekly GPU quota of 30.00 hours reached."
                 raise QuotaExhausted(f"Kaggle refused the push: {error}")
+            named = [source for source in sources if source.lower() in words]
+            if named and "dataset" in words:  # a source it cannot attach (yet), named in its words
+                raise SourcesNotAttached(f"Kaggle refused the push of {ref}: {error}", named, None)
             raise PushRefused(f"Kaggle refused the push of {ref}: {error}")
         if response.invalid_dataset_sources:
-            raise PushRefused(f"Kaggle did not attach {', '.join(response.invalid_dataset_sources)}: "
-                              "the dataset does not exist or is not ready")
+            invalid = list(response.invalid_dataset_sources)
+            landed = PushResult(response.version_number, response.kernel_id, response.url) \
+                if response.version_number and response.version_number > 0 else None
+            raise SourcesNotAttached(f"Kaggle did not attach {', '.join(invalid)} to {ref}"
+                                     + (f" version {landed.version}" if landed else "")
+                                     + ": the dataset does not exist or Kaggle does not see it yet", invalid, landed)
         if not response.version_number or response.version_number <= 0:
             raise PushRefused(f"Kaggle accepted the push of {ref} but created no version (version "
                               f"{response.version_number}); nothing runs")

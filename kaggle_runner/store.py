@@ -119,6 +119,7 @@ class Segment:
     val_loss: float | None = None
     dataset_version_before: int | None = None
     dataset_version: int | None = None  # the checkpoint-dataset version this segment's resume uploaded
+    dataset_reuploads: int = 0  # uploads repeated because a version failed processing or never became ready
     settle_until: float | None = None  # when the settle after "ready" ends: a restarted launcher sleeps the rest
     resume_proven: int = 0  # the next segment's kernel reported it resumed from that exact checkpoint
     bytes_downloaded: int = 0

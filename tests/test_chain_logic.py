@@ -157,3 +157,81 @@ def test_a_torn_run_state_reads_as_missing_not_a_traceback(stub_project, cli_run
     # No readable run_state: the segment counts as ended without a word from the kernel, and the chain goes on
     # from its verified checkpoint.
     assert status["state"] == "complete", status
+
+
+def test_a_checkpoint_version_that_fails_processing_is_uploaded_again(stub_project, emulator, cli_runner):
+    admin(emulator.url, "realism", {"dataset_versions_failing": 1})  # the first resume's upload fails on Kaggle
+    result = cli_runner.invoke(cli, ["launch", "--name", "failed-upload", *sets(STUB_CHAIN)])
+    assert result.exit_code == 0, result.output
+    assert "failed processing" in result.output and "uploading it again (1 of 2)" in result.output
+    status = run_status(".kaggle-runner", "failed-upload")
+    assert status["state"] == "complete" and [s["kernel_version"] for s in status["segments"]] == [1, 2]
+    dataset = emulator.backend.get_dataset(USER, f"{SLUG}-ckpt")
+    assert [v.processing for v in dataset.versions] == ["failed", "ok"]
+    assert final_stub_weight(stub_project / "outputs/failed-upload", 20) == stub_weight(20)
+
+
+def test_a_checkpoint_dataset_that_keeps_failing_stops_the_chain_saying_so(stub_project, emulator, cli_runner):
+    admin(emulator.url, "realism", {"dataset_versions_failing": 3})  # the upload and both uploads again
+    result = cli_runner.invoke(cli, ["launch", "--name", "never-ready", *sets(STUB_CHAIN)])
+    assert result.exit_code == 4, result.output  # stopped by a guardrail, in one line, no traceback
+    assert "Traceback" not in result.output
+    status = run_status(".kaggle-runner", "never-ready")
+    ref = f"{USER}/{SLUG}-ckpt"
+    assert status["state"] == "stopped" and ref in status["reason"] and "after 3 uploads" in status["reason"]
+    assert "resume never-ready" in status["reason"], status["reason"]
+    assert len(emulator.backend.get_dataset(USER, f"{SLUG}-ckpt").versions) == 3
+    assert len(versions_of(emulator)) == 1  # no push of a resume that could not mount its checkpoint
+    resumed = cli_runner.invoke(cli, ["resume", "never-ready"])  # Kaggle processes versions again
+    assert resumed.exit_code == 0, resumed.output
+    assert run_status(".kaggle-runner", "never-ready")["state"] == "complete"
+    assert final_stub_weight(stub_project / "outputs/never-ready", 20) == stub_weight(20)
+
+
+def test_a_checkpoint_version_still_unready_at_the_deadline_is_uploaded_again(stub_project, emulator, cli_runner,
+                                                                             capsys):
+    from dataclasses import replace
+
+    from kaggle_runner.controller import drive
+    from kaggle_runner.launcher import _context
+    from kaggle_runner.store import Store
+
+    admin(emulator.url, "realism", {"dataset_versions_stuck": 1})  # never ready; the next one is
+    result = cli_runner.invoke(cli, ["launch", "--name", "stuck", "--detach", *sets(STUB_CHAIN)])
+    assert result.exit_code == 0, result.output
+    # The same driver `watch` runs, with the deadline for readiness cut from minutes to seconds.
+    ctx = _context(".kaggle-runner", Store(".kaggle-runner").get_run("stuck"))
+    ctx.pace = replace(ctx.pace, dataset_ready=10.0)
+    assert drive(ctx).state == "complete"
+    err = capsys.readouterr().err
+    assert "was still blobs_copied_to_sds" in err and "uploading it again (1 of 2)" in err, err
+    dataset = emulator.backend.get_dataset(USER, f"{SLUG}-ckpt")
+    assert [v.processing for v in dataset.versions] == ["stuck", "ok"]
+    assert [s.kernel_version for s in Store(".kaggle-runner").segments("stuck")] == [1, 2]
+    assert final_stub_weight(stub_project / "outputs/stuck", 20) == stub_weight(20)
+
+
+def test_a_push_refused_while_kaggle_does_not_see_the_checkpoint_dataset_is_pushed_again(stub_project, emulator,
+                                                                                         cli_runner):
+    admin(emulator.url, "faults", {"unattachable": 2, "unattachable_refused": True})  # the first push has none
+    result = cli_runner.invoke(cli, ["launch", "--name", "unseen-data", *sets(STUB_CHAIN)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("Kaggle does not see it yet, pushing again") == 2, result.output
+    status = run_status(".kaggle-runner", "unseen-data")
+    assert status["state"] == "complete" and [s["kernel_version"] for s in status["segments"]] == [1, 2]
+    assert final_stub_weight(stub_project / "outputs/unseen-data", 20) == stub_weight(20)
+
+
+def test_a_version_kaggle_ran_without_the_checkpoint_dataset_is_followed_not_failed(stub_project, emulator,
+                                                                                    cli_runner):
+    admin(emulator.url, "faults", {"unattachable": 1})  # the resume's version runs without its dataset
+    result = cli_runner.invoke(cli, ["launch", "--name", "unattached", *sets(STUB_CHAIN)])
+    assert result.exit_code == 0, result.output
+    assert "following that version" in result.output
+    status = run_status(".kaggle-runner", "unattached")
+    assert status["state"] == "complete", status
+    # The version without the dataset found no checkpoint; the same resume went out once more, never two
+    # versions at once.
+    assert [s["kernel_version"] for s in status["segments"]] == [1, 2, 3] == [v.number for v in versions_of(emulator)]
+    assert status["segments"][1]["resume_retries"] == 0 and status["segments"][2]["resume_retries"] == 1
+    assert final_stub_weight(stub_project / "outputs/unattached", 20) == stub_weight(20)

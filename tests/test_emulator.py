@@ -557,6 +557,7 @@ def test_session_limit_kills_without_sigterm_by_default(api, emulator, tmp_path)
     assert (tmp_path / "out/partial.txt").exists() and not (tmp_path / "out/got_sigterm.txt").exists()
 
 
+
 def _current_version(api, ref: str) -> int:
     """GetKernel through the official client's SDK: the version Kaggle calls current."""
     from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelRequest
@@ -581,6 +582,49 @@ def test_get_kernel_can_lag_behind_a_push(api, emulator, tmp_path):
     time.sleep(1.0)
     assert _current_version(api, ref) == 2
 
+
+def test_dataset_versions_can_fail_processing_or_never_finish(api, emulator, tmp_path):
+    ref = f"{USER}/my-dataset"
+    folder = write_dataset(tmp_path / "ds", "my-dataset", {"n.txt": b"one"})
+    admin(emulator.url, "realism", {"pin_window": 0, "dataset_versions_failing": 1, "dataset_versions_stuck": 1})
+    api.dataset_create_new(str(folder), quiet=True)
+    time.sleep(emulator.backend.realism.dataset_404_window)
+    assert api.dataset_status(ref) == "failed"
+    kernel = write_kernel(tmp_path / "k", READ_INPUTS, dataset_sources=[ref])
+    api.kernels_push(str(kernel))
+    assert _inputs(api, f"{USER}/hello-kernel") == {}  # a failed version never mounts
+    (folder / "n.txt").write_text("two")
+    api.dataset_create_version(str(folder), "v2", quiet=True)
+    time.sleep(emulator.backend.realism.dataset_404_window)
+    assert api.dataset_status(ref) == "blobs_copied_to_sds"  # its own status, not the previous version's
+    time.sleep(0.5)
+    assert api.dataset_status(ref) == "blobs_copied_to_sds"
+    (folder / "n.txt").write_text("three")
+    api.dataset_create_version(str(folder), "v3", quiet=True)  # the knobs are spent: this one processes
+    time.sleep(emulator.backend.realism.dataset_404_window)
+    assert api.dataset_status(ref) == "ready"
+    values = admin(emulator.url, "realism", {})
+    assert values["dataset_versions_failing"] == 0 and values["dataset_versions_stuck"] == 0
+    api.kernels_push(str(kernel))
+    assert _inputs(api, f"{USER}/hello-kernel") == {"my-dataset/n.txt": "three"}
+
+
+def test_a_push_can_find_its_dataset_sources_unattachable(api, emulator, tmp_path):
+    ref = f"{USER}/my-dataset"
+    api.dataset_create_new(str(write_dataset(tmp_path / "ds", "my-dataset", {"n.txt": b"one"})), quiet=True)
+    time.sleep(emulator.backend.realism.pin_window)
+    kernel = write_kernel(tmp_path / "k", READ_INPUTS, dataset_sources=[ref])
+    admin(emulator.url, "faults", {"unattachable": 1})
+    landed = api.kernels_push(str(kernel))  # a version runs, without the dataset
+    assert not landed.error and landed.versionNumber == 1 and landed.invalidDatasetSources == [ref]
+    assert _inputs(api, f"{USER}/hello-kernel") == {}
+    admin(emulator.url, "faults", {"unattachable": 1, "unattachable_refused": True})
+    refused = api.kernels_push(str(kernel))  # refused outright: no version
+    assert ref in refused.error and not refused.versionNumber
+    assert len(emulator.backend.get_kernel(USER, "hello-kernel").versions) == 1
+    again = api.kernels_push(str(kernel))  # the fault is spent
+    assert again.versionNumber == 2 and not again.invalidDatasetSources
+    assert _inputs(api, f"{USER}/hello-kernel") == {"my-dataset/n.txt": "one"}  # version 2: <input>/<slug>/
 
 # -- trust boundaries -------------------------------------------------------------------------------------
 def _rpc(url: str, method: str, body, service: str = "kernels.KernelsApiService", **kwargs) -> requests.Response:

@@ -52,6 +52,12 @@ class Realism:
     weekly_gpu_seconds: float = 30 * 3600
     # The quota reply leaves out timeReserved and any zero duration.
     quota_fields_absent: bool = False
+    # The next N dataset versions created fail processing: GetDatasetStatus says FAILED, they never mount.
+    # Counts down as versions are created. Thin evidence (kagglesdk's DatabundleVersionStatus has FAILED).
+    dataset_versions_failing: int = 0
+    # The next N dataset versions never finish processing: GetDatasetStatus keeps saying blobsCopiedToSds
+    # (not the previous version's "ready"), they never mount. Counts down likewise.
+    dataset_versions_stuck: int = 0
 
     @classmethod
     def off(cls) -> Realism:

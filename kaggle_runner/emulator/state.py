@@ -38,6 +38,9 @@ ACTIVE = (KaggleStatus.QUEUED, KaggleStatus.RUNNING, KaggleStatus.CANCEL_REQUEST
 # "Kernel push error: "; quoted in Kaggle/kaggle-cli#185 and in tools that match on it).
 GPU_SESSION_LIMIT_MESSAGE = f"Maximum batch GPU session count of {MAX_GPU_SESSIONS} reached."
 NO_RUNS_MESSAGE = "No runs found for this kernel"
+# The emulator's wording for a push refused over its dataset sources (the official client prints
+# "The following are not valid dataset sources and could not be added to the kernel: [...]").
+UNATTACHABLE_MESSAGE = "The following are not valid dataset sources: "
 KERNEL_DENIED_MESSAGE = "Permission 'kernels.get' was denied"
 CANCEL_DENIED_MESSAGE = "Permission 'kernelSessions.cancel' was denied"
 TERMINAL = (KaggleStatus.COMPLETE, KaggleStatus.ERROR, KaggleStatus.CANCEL_ACKNOWLEDGED)
@@ -56,7 +59,8 @@ def check_name(value: object, what: str) -> str:
 
 
 class SessionLimitReached(Exception):
-    """A push refused (GPU sessions in use, weekly GPU quota spent): Kaggle answers 200 with `error`."""
+    """A push refused (GPU sessions in use, weekly GPU quota spent, an injected unattachable dataset): Kaggle
+    answers 200 with `error` and version 0, and creates nothing."""
 
 
 @dataclass
@@ -99,6 +103,7 @@ class DatasetVersion:
     files: list[str]
     created_at: float
     notes: str = ""
+    processing: str = "ok"  # "failed" or "stuck": never ready, never mounted (Realism.dataset_versions_*)
 
 
 @dataclass
@@ -130,6 +135,11 @@ class Faults:
     hold_queued: bool = False
     drop_outputs_on_timeout: bool = False
     stuck_running: bool = False  # ended versions keep reporting RUNNING until cancelled, as Kaggle's can
+    # The next N pushes naming datasets get every one back in invalidDatasetSources: Kaggle does not see them
+    # (yet). The version still runs, without them, unless unattachable_refused: then `error` names them and
+    # no version is created.
+    unattachable: int = 0
+    unattachable_refused: bool = False
 
 
 class Backend:
@@ -231,7 +241,7 @@ class Backend:
             for method, statuses in spec.get("fail", {}).items():
                 self.faults.fail.setdefault(method, []).extend(int(s) for s in statuses)
             for key in ("drop_downloads", "dataset_delay", "hold_queued", "drop_outputs_on_timeout",
-                        "stuck_running"):
+                        "stuck_running", "unattachable", "unattachable_refused"):
                 if key in spec:
                     setattr(self.faults, key, type(getattr(self.faults, key))(spec[key]))
             if "hold_queued" in spec and not self.faults.hold_queued and self.runner:
@@ -298,6 +308,14 @@ class Backend:
             weekly = self.realism.weekly_gpu_seconds
             if gpu_session and weekly > 0 and sum(self.gpu_seconds()) >= weekly:
                 raise SessionLimitReached(weekly_quota_message(weekly))
+            valid, invalid = [], []
+            for source in settings["dataset_sources"]:
+                (valid if self._dataset_ref(source) in self.datasets else invalid).append(source)
+            if settings["dataset_sources"] and self.faults.unattachable > 0:
+                self.faults.unattachable -= 1
+                valid, invalid = [], list(settings["dataset_sources"])
+                if self.faults.unattachable_refused:
+                    raise SessionLimitReached(UNATTACHABLE_MESSAGE + ", ".join(invalid))
             kernel = self.kernels.get(ref)
             if kernel is None:
                 if not title:
@@ -308,9 +326,6 @@ class Backend:
                 self.kernels[ref] = kernel
             elif title:
                 kernel.title = title
-            valid, invalid = [], []
-            for source in settings["dataset_sources"]:
-                (valid if self._dataset_ref(source) in self.datasets else invalid).append(source)
             now = self.clock()
             pins = {s: self._mountable_version(self.datasets[self._dataset_ref(s)], now) for s in valid}
             version = Version(number=len(kernel.versions) + 1, kernel_type=settings["kernel_type"],
@@ -444,6 +459,10 @@ class Backend:
         with self.lock:
             dataset = self.visible_dataset(owner, slug)
             newest = dataset.versions[-1]
+            if newest.processing == "failed":
+                return "failed"
+            if newest.processing == "stuck":
+                return "blobsCopiedToSds"
             ready = self.clock() - newest.created_at >= self.faults.dataset_delay
             # Kaggle can answer for the previous version, already ready, while the new one processes.
             stale = self.realism.pin_window > 0 and len(dataset.versions) > 1
@@ -452,7 +471,7 @@ class Backend:
     def _mountable_version(self, dataset: Dataset, now: float) -> int | None:
         """The version a push made now attaches: the newest one settled for pin_window (and processed)."""
         settle = max(self.realism.pin_window, self.faults.dataset_delay)
-        settled = [v for v in dataset.versions if now - v.created_at >= settle]
+        settled = [v for v in dataset.versions if v.processing == "ok" and now - v.created_at >= settle]
         return settled[-1].number if settled else None
 
     def start_blob_upload(self, name: str, content_length: int) -> Blob:
@@ -532,8 +551,15 @@ class Backend:
                 self.datasets[ref] = dataset
             else:
                 dataset = self.get_dataset(owner, slug)
+            processing = "ok"
+            if self.realism.dataset_versions_failing > 0:
+                self.realism.dataset_versions_failing -= 1
+                processing = "failed"
+            elif self.realism.dataset_versions_stuck > 0:
+                self.realism.dataset_versions_stuck -= 1
+                processing = "stuck"
             version = DatasetVersion(number=len(dataset.versions) + 1, files=names, created_at=self.clock(),
-                                     notes=notes)
+                                     notes=notes, processing=processing)
             target = self.dataset_dir(owner, slug, version.number)
             target.mkdir(parents=True, exist_ok=True)
             for blob in blobs:
