@@ -649,8 +649,8 @@ def download_for_resume(ctx: Context, run: Run, segment: Segment) -> None:
     best = manifest["files"].get(artifacts.BEST_MODEL)
     wanted = [artifacts.BEST_MODEL] if best else []
     tokens = artifacts.token_files(manifest)
-    if tokens and ctx.gateway.dataset_version(data_ref(run)) is None:
-        wanted += tokens  # the first resume of a chain: its token arrays, to upload once
+    if tokens and not _token_dataset_holds(ctx, run, tokens):
+        wanted += tokens  # this segment tokenized: its arrays, for the chain's token dataset
     if wanted:
         moved += ctx.gateway.download(run.kernel_ref, segment.kernel_version, folder, artifacts.exact_pattern(wanted))
     info = manifest["files"][rel]
@@ -660,25 +660,51 @@ def download_for_resume(ctx: Context, run: Run, segment: Segment) -> None:
                          bytes_downloaded=segment.bytes_downloaded + moved)
 
 
-def upload_tokens_once(ctx: Context, run: Run, segment: Segment) -> int:
-    """Create the chain's token dataset from this segment's outputs, unless it exists or there are none."""
+def _token_dataset_holds(ctx: Context, run: Run, tokens: list[str]) -> bool:
+    """Whether the chain's token dataset already has these arrays (by name: the name is their fingerprint).
+    True too when Kaggle cannot say: the arrays are an optional cache, never worth failing a resume."""
+    ref = data_ref(run)
+    try:
+        if ctx.gateway.dataset_version(ref) is None:
+            return False
+        held = ctx.gateway.dataset_files(ref)
+    except KaggleApiError as exc:
+        ctx.console.note(f"note: not caching tokens ({exc})")
+        return True
+    return held is not None and {Path(rel).name for rel in tokens} <= held
+
+
+def upload_tokens(ctx: Context, run: Run, segment: Segment) -> int:
+    """The token arrays this segment wrote (it tokenized: no attached arrays matched its tokenizer and corpus)
+    as the chain's token dataset: created, or a new version when the dataset holds other arrays (an earlier
+    chain's, of another corpus). Arrays already there are not uploaded again."""
     source = ctx.segment_dir(segment.idx)
     tokens = [rel for rel in artifacts.token_files(artifacts.read_manifest(source))
               if (path := artifacts.confined(source, rel)) is not None and path.exists()]
-    if not tokens or ctx.gateway.dataset_version(data_ref(run)) is not None:
+    if not tokens or _token_dataset_holds(ctx, run, tokens):
+        return 0
+    ref = data_ref(run)
+    try:
+        exists = ctx.gateway.dataset_version(ref) is not None
+    except KaggleApiError as exc:  # optional: later segments just tokenize again
+        ctx.console.note(f"note: not caching tokens ({exc})")
         return 0
     folder = ctx.run_dir() / "data-dataset"
     try:
-        size = artifacts.build_flat_dataset(source, folder, tokens, data_ref(run),
+        size = artifacts.build_flat_dataset(source, folder, tokens, ref,
                                             artifacts.dataset_title(config_of(run).slug, "tokens"),
                                             "Token arrays of a kaggle-runner chain, so segments skip tokenizing.")
-    except artifacts.ArtifactError as exc:  # optional: later segments just tokenize again
+    except artifacts.ArtifactError as exc:
         ctx.console.note(f"note: not caching tokens ({exc})")
         return 0
-    ctx.console.say(f"Uploading the token arrays once ({size / 2**20:.1f} MiB) to dataset {data_ref(run)}")
+    ctx.console.say(f"Uploading the token arrays ({size / 2**20:.1f} MiB) to dataset {ref}"
+                    + (" as a new version (it holds other arrays)" if exists else ""))
     try:
-        ctx.gateway.create_dataset(folder)
-    except KaggleApiError as exc:  # optional: later segments tokenize again
+        if exists:
+            ctx.gateway.create_dataset_version(folder, f"{run.name}: token arrays of its corpus")
+        else:
+            ctx.gateway.create_dataset(folder)
+    except KaggleApiError as exc:
         ctx.console.note(f"note: not caching tokens ({exc})")
         return 0
     return size
@@ -686,7 +712,7 @@ def upload_tokens_once(ctx: Context, run: Run, segment: Segment) -> int:
 
 def upload_for_resume(ctx: Context, run: Run, segment: Segment) -> None:
     config = config_of(run)
-    token_bytes = upload_tokens_once(ctx, run, segment)
+    token_bytes = upload_tokens(ctx, run, segment)
     folder = ctx.run_dir() / "dataset"
     size = artifacts.build_resume_dataset(ctx.segment_dir(segment.idx), folder, segment.resume_from or "",
                                           run.dataset_ref, artifacts.dataset_title(config.dataset_slug))

@@ -446,6 +446,26 @@ class KaggleGateway:
                                         request)
         return (response.current_version_number or None) if response else None
 
+    def dataset_files(self, ref: str) -> set[str] | None:
+        """Names of the files in the dataset's newest version (all pages), or None if it is not there."""
+        from kagglesdk.datasets.types.dataset_api_service import ApiListDatasetFilesRequest
+
+        names: set[str] = set()
+        page_token = None
+        while True:
+            request = ApiListDatasetFilesRequest()
+            request.owner_slug, request.dataset_slug = ref.split("/")
+            request.page_size = 200
+            request.page_token = page_token
+            response = self._unless_missing(f"listing the files of dataset {ref}",
+                                            "datasets.dataset_api_client.list_dataset_files", request)
+            if response is None or response.error_message:
+                return None
+            names |= {f.name for f in response.dataset_files or [] if f and f.name}
+            page_token = response.next_page_token
+            if not page_token:
+                return names
+
     @staticmethod
     def _quiet_upload() -> bool:
         """The client's own upload bar (bytes, rate, time left, on stderr) where a person watches a terminal."""

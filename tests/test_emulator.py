@@ -114,6 +114,9 @@ def test_dataset_create_version_status_and_delete_old_versions(api, emulator, tm
     assert api.dataset_create_version(str(folder), "v2", quiet=True, delete_old_versions=True).status == "ok"
     root = emulator.backend.data_dir / "datasets" / USER / "ckpt-dataset"
     assert not (root / "v1").exists() and (root / "v2" / "a.bin").stat().st_size == 2000
+    time.sleep(emulator.backend.realism.dataset_404_window)
+    listed = api.dataset_list_files(f"{USER}/ckpt-dataset")  # the client's own `datasets files`
+    assert [(f.name, f.total_bytes) for f in listed.dataset_files] == [("a.bin", 2000)]
 
 
 def test_bad_key_gets_401_and_no_credentials_on_disk(emulator, monkeypatch, tmp_path):

@@ -53,26 +53,36 @@ def _write_corpus(folder: Path, files: int = 30) -> None:
         where.write_text("\n".join(sentences) + "\n")
 
 
+def _segment_log(emulator, index: int) -> str:
+    version = emulator.backend.get_kernel(USER, "kaggle-runner-tiny").versions[index]
+    return "".join(e["data"] for e in emulator.backend.read_log_events(USER, "kaggle-runner-tiny", version))
+
+
 @pytest.mark.slow
 def test_a_local_folder_of_text_goes_up_once_and_the_kernel_trains_on_it(project, cli_runner, emulator,
                                                                          monkeypatch):
+    """Two chains of two segments, the second on changed text: each uploads its corpus version and its own
+    token arrays (the first chain's are of another corpus), and each second segment reuses its chain's."""
     _write_corpus(project / "corpus", files=51)  # past Kaggle's 50 top-level files: one zip, extracted on mount
-    own_text = ["data_dir=\"corpus\"", "tokenizer=\"bpe\"", "bpe_vocab_size=512", "max_steps=2", "segment_steps=2",
+    own_text = ["data_dir=\"corpus\"", "tokenizer=\"bpe\"", "bpe_vocab_size=512", "max_steps=4", "segment_steps=2",
                 "eval_steps=2", "sample_tokens=0"]
     result = cli_runner.invoke(cli, ["launch", "--name", "mine", *sets([*CHAIN, *own_text])])
     assert result.exit_code == 0, result.output
     assert "Uploading 51 text file(s)" in result.output
     dataset = emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus")
     assert len(dataset.versions) == 1 and "corpus.zip" in dataset.versions[0].files
-    version = emulator.backend.get_kernel(USER, "kaggle-runner-tiny").versions[0]
-    log = "".join(e["data"] for e in emulator.backend.read_log_events(USER, "kaggle-runner-tiny", version))
-    assert "Data: 51 text file(s)" in log
-    # Unchanged text is not uploaded again; changed text is a new version. (The stub kernel: data is not the point.)
-    monkeypatch.setenv("KAGGLE_RUNNER_TEST_KERNEL_SOURCE", str(Path(__file__).with_name("stub_kernel.py")))
-    again = cli_runner.invoke(cli, ["launch", "--name", "again", *sets([*CHAIN, *own_text])])
-    assert again.exit_code == 0 and "is up to date" in again.output, again.output
-    assert len(emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus").versions) == 1
+    assert "Data: 51 text file(s)" in _segment_log(emulator, 0)
+    assert "Data: reusing tokens" in _segment_log(emulator, 1)
     (project / "corpus/part-01.txt").write_text("Something new entirely.\n" * 50)
     changed = cli_runner.invoke(cli, ["launch", "--name", "changed", *sets([*CHAIN, *own_text])])
     assert changed.exit_code == 0 and "Uploading 51 text file(s)" in changed.output, changed.output
+    assert "as a new version (it holds other arrays)" in changed.output
+    assert len(emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus").versions) == 2
+    assert len(emulator.backend.get_dataset(USER, "kaggle-runner-tiny-data").versions) == 2
+    assert "Data: reusing tokens" not in _segment_log(emulator, 2)
+    assert "Data: reusing tokens" in _segment_log(emulator, 3)
+    # Unchanged text is not uploaded again. (The stub kernel: data is not the point.)
+    monkeypatch.setenv("KAGGLE_RUNNER_TEST_KERNEL_SOURCE", str(Path(__file__).with_name("stub_kernel.py")))
+    again = cli_runner.invoke(cli, ["launch", "--name", "again", *sets([*CHAIN, *own_text])])
+    assert again.exit_code == 0 and "is up to date" in again.output, again.output
     assert len(emulator.backend.get_dataset(USER, "kaggle-runner-tiny-corpus").versions) == 2

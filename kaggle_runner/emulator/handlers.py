@@ -239,6 +239,19 @@ def get_dataset(ctx: Context, body: dict) -> dict:
             "isPrivate": dataset.is_private, "currentVersionNumber": len(dataset.versions)}
 
 
+def list_dataset_files(ctx: Context, body: dict) -> dict:
+    """The files of a version (the newest unless datasetVersionNumber names one), as Kaggle lists them."""
+    dataset = ctx.backend.visible_dataset(_name(body, "ownerSlug"), _name(body, "datasetSlug"))
+    number = body.get("datasetVersionNumber") or len(dataset.versions)
+    if not isinstance(number, int) or not 1 <= number <= len(dataset.versions):
+        raise BadRequest(f"Dataset {dataset.owner}/{dataset.slug} has no version {number!r}")
+    folder = ctx.backend.dataset_dir(dataset.owner, dataset.slug, number)
+    return {"datasetFiles": [
+        {"ref": name, "name": name, "datasetRef": f"{dataset.owner}/{dataset.slug}",
+         "totalBytes": (folder / name).stat().st_size if (folder / name).is_file() else 0}
+        for name in dataset.versions[number - 1].files]}
+
+
 RPCS: dict[tuple[str, str], Callable[[Context, dict], dict]] = {
     ("kernels.KernelsApiService", "SaveKernel"): save_kernel,
     ("kernels.KernelsApiService", "GetKernelSessionStatus"): get_kernel_session_status,
@@ -253,4 +266,5 @@ RPCS: dict[tuple[str, str], Callable[[Context, dict], dict]] = {
     ("datasets.DatasetApiService", "CreateDatasetVersionById"): create_dataset_version_by_id,
     ("datasets.DatasetApiService", "GetDatasetStatus"): get_dataset_status,
     ("datasets.DatasetApiService", "GetDataset"): get_dataset,
+    ("datasets.DatasetApiService", "ListDatasetFiles"): list_dataset_files,
 }
