@@ -736,8 +736,19 @@ def upload_for_resume(ctx: Context, run: Run, segment: Segment) -> None:
     if current is None and segment.dataset_version_before == 0:
         ctx.gateway.create_dataset(folder)
     else:
-        ctx.gateway.create_dataset_version(folder, f"{run.name} segment {segment.idx}: {segment.resume_from}",
-                                           delete_old_versions=delete_old)
+        try:
+            ctx.gateway.create_dataset_version(folder, f"{run.name} segment {segment.idx}: {segment.resume_from}",
+                                               delete_old_versions=delete_old)
+        except KaggleApiError as exc:
+            if not (exc.status == 403 and current == 1 and segment.dataset_reuploads):
+                raise
+            # Kaggle refuses a second version while the first still processes (kagglehub PR #182). That first
+            # version holds this very checkpoint: wait for it again, a wait the re-upload count bounds.
+            ctx.console.note(f"note: Kaggle refuses a new version of {run.dataset_ref} while its first one is "
+                             "still processing; waiting for that one instead")
+            ctx.store.transition(run.name, segment.idx, Phase.RESUME_DOWNLOADED, Phase.RESUME_UPLOADED,
+                                 dataset_version_before=0)
+            return
     took = time.time() - started
     kill_point(ctx.store, "after_upload")
     ctx.console.say(f"Uploaded {size / 2**20:.1f} MiB in {took:.1f}s ({size / 2**20 / max(took, 1e-3):.1f} MiB/s)")

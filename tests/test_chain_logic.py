@@ -188,27 +188,51 @@ def test_a_checkpoint_dataset_that_keeps_failing_stops_the_chain_saying_so(stub_
     assert final_stub_weight(stub_project / "outputs/never-ready", 20) == stub_weight(20)
 
 
-def test_a_checkpoint_version_still_unready_at_the_deadline_is_uploaded_again(stub_project, emulator, cli_runner,
-                                                                             capsys):
+def _drive_with_a_short_readiness_deadline(name: str):
+    """The same driver `watch` runs, with the deadline for a dataset's readiness cut from minutes to seconds."""
     from dataclasses import replace
 
     from kaggle_runner.controller import drive
     from kaggle_runner.launcher import _context
     from kaggle_runner.store import Store
 
+    ctx = _context(".kaggle-runner", Store(".kaggle-runner").get_run(name))
+    ctx.pace = replace(ctx.pace, dataset_ready=6.0)
+    return drive(ctx)
+
+
+def test_a_checkpoint_version_still_unready_at_the_deadline_is_uploaded_again(stub_project, emulator, cli_runner,
+                                                                             capsys, monkeypatch):
+    from kaggle_runner.store import Store
+    from tests.emulator_helpers import official_client, write_dataset
+
+    # The checkpoint dataset has a processed first version (an earlier run's): Kaggle takes new versions of it.
+    earlier = write_dataset(stub_project / "earlier", f"{SLUG}-ckpt", {"old.txt": b"an earlier run"})
+    official_client(emulator.url, monkeypatch).dataset_create_new(str(earlier), quiet=True)
     admin(emulator.url, "realism", {"dataset_versions_stuck": 1})  # never ready; the next one is
     result = cli_runner.invoke(cli, ["launch", "--name", "stuck", "--detach", *sets(STUB_CHAIN)])
     assert result.exit_code == 0, result.output
-    # The same driver `watch` runs, with the deadline for readiness cut from minutes to seconds.
-    ctx = _context(".kaggle-runner", Store(".kaggle-runner").get_run("stuck"))
-    ctx.pace = replace(ctx.pace, dataset_ready=10.0)
-    assert drive(ctx).state == "complete"
+    assert _drive_with_a_short_readiness_deadline("stuck").state == "complete"
     err = capsys.readouterr().err
     assert "was still blobs_copied_to_sds" in err and "uploading it again (1 of 2)" in err, err
     dataset = emulator.backend.get_dataset(USER, f"{SLUG}-ckpt")
-    assert [v.processing for v in dataset.versions] == ["stuck", "ok"]
+    assert [v.processing for v in dataset.versions] == ["ok", "stuck", "ok"]
     assert [s.kernel_version for s in Store(".kaggle-runner").segments("stuck")] == [1, 2]
     assert final_stub_weight(stub_project / "outputs/stuck", 20) == stub_weight(20)
+
+
+def test_a_first_checkpoint_version_that_never_finishes_stops_the_chain_after_waiting_for_it(stub_project, emulator,
+                                                                                             cli_runner, capsys):
+    """Kaggle refuses a second version while the first still processes: the chain waits for the first again
+    (it holds the same checkpoint) instead of failing on the refusal, and stops, saying so, when it never comes."""
+    admin(emulator.url, "realism", {"dataset_versions_stuck": 1})
+    result = cli_runner.invoke(cli, ["launch", "--name", "wedged", "--detach", *sets(STUB_CHAIN)])
+    assert result.exit_code == 0, result.output
+    run = _drive_with_a_short_readiness_deadline("wedged")
+    err = capsys.readouterr().err
+    assert err.count("while its first one is still processing; waiting for that one instead") == 2, err
+    assert run.state == "stopped" and f"the checkpoint dataset {USER}/{SLUG}-ckpt did not become ready" in run.reason
+    assert [v.processing for v in emulator.backend.get_dataset(USER, f"{SLUG}-ckpt").versions] == ["stuck"]
 
 
 def test_a_push_refused_while_kaggle_does_not_see_the_checkpoint_dataset_is_pushed_again(stub_project, emulator,

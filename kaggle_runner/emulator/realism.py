@@ -58,6 +58,9 @@ class Realism:
     # The next N dataset versions never finish processing: GetDatasetStatus keeps saying blobsCopiedToSds
     # (not the previous version's "ready"), they never mount. Counts down likewise.
     dataset_versions_stuck: int = 0
+    # CreateDatasetVersion answers 403 while the dataset's first version is still processing (a Kaggle
+    # engineer's words in kagglehub PR #182); later versions may be created in parallel.
+    first_version_locks: bool = True
 
     @classmethod
     def off(cls) -> Realism:
@@ -65,7 +68,7 @@ class Realism:
         return cls(pin_window=0.0, dataset_404_window=0.0, status_404_window=0.0, output_lag=0.0,
                    output_seconds_per_gb=0.0, rate_limit=0, cancel_refused=False, no_gpu=False,
                    mount_layout="datasets", sigterm_before_kill=True, never_pushed_403=False,
-                   weekly_gpu_seconds=0.0, quota_fields_absent=False)
+                   weekly_gpu_seconds=0.0, quota_fields_absent=False, first_version_locks=False)
 
     def update(self, spec: object) -> dict:
         """Apply a JSON subset (unknown keys and bad values are refused whole); return every value."""

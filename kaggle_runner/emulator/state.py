@@ -551,6 +551,11 @@ class Backend:
                 self.datasets[ref] = dataset
             else:
                 dataset = self.get_dataset(owner, slug)
+                first = dataset.versions[0]
+                if self.realism.first_version_locks and len(dataset.versions) == 1 and (
+                        first.processing == "stuck" or self.clock() - first.created_at < self.faults.dataset_delay):
+                    raise PermissionDenied(f"Permission denied: the first version of {ref} is still being "
+                                           "processed; a new version can be created once it is ready")
             processing = "ok"
             if self.realism.dataset_versions_failing > 0:
                 self.realism.dataset_versions_failing -= 1
