@@ -696,6 +696,17 @@ def test_trust_kernels_get_an_allow_listed_environment(api, emulator, tmp_path, 
     assert "AWS_SECRET_ACCESS_KEY" not in names and "PATH" in names
 
 
+def test_kernels_get_a_home_of_their_own_and_no_internet_unless_the_account_allows_it(api, emulator, tmp_path):
+    code = ("import os, urllib.request\nprint('home:', os.environ['HOME'])\n"
+            "try:\n    urllib.request.urlopen('http://example.com/', timeout=5)\n    print('internet: yes')\n"
+            "except OSError as exc:\n    print('internet: no', type(exc).__name__)\n")
+    api.kernels_push(str(write_kernel(tmp_path / "k", code, enable_internet=True)))
+    wait_for(api, f"{USER}/hello-kernel")
+    lines = [e["data"].strip() for e in json.loads(api.kernels_logs(f"{USER}/hello-kernel"))]
+    assert f"home: {emulator.backend.data_dir / 'kernel-home'}" in lines
+    assert "internet: no URLError" in lines  # asked for, but the account (by default) may not have it
+
+
 def test_trust_malformed_requests_get_a_one_line_4xx(api, emulator, tmp_path):
     import base64
     import socket

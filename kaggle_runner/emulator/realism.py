@@ -61,6 +61,10 @@ class Realism:
     # CreateDatasetVersion answers 403 while the dataset's first version is still processing (a Kaggle
     # engineer's words in kagglehub PR #182); later versions may be created in parallel.
     first_version_locks: bool = True
+    # Kernels reach the internet only when they ask for it and the account may grant it. A Kaggle account
+    # without a verified phone number gets none: the less kind reading, so off by default. Off, kernels
+    # get an unreachable HTTP(S) proxy, so HTTP clients fail at once instead of using this machine's network.
+    internet_allowed: bool = False
 
     @classmethod
     def off(cls) -> Realism:

@@ -76,6 +76,14 @@ class Runner:
         env.update(KAGGLE_RUNNER_INPUT_DIR=str(inputs), KAGGLE_RUNNER_SCRATCH_DIR=str(scratch),
                    KAGGLE_CONTAINER_NAME=f"kernel-session-{version.session_id}",
                    PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        # A home of the emulator's own, as a Kaggle session's /root: never the user's, where credentials live.
+        home = backend.data_dir / "kernel-home"
+        home.mkdir(mode=0o700, exist_ok=True)
+        env["HOME"] = str(home)
+        if not (version.enable_internet and backend.realism.internet_allowed):
+            unreachable = "http://127.0.0.1:9"  # the discard port: connections are refused at once
+            env.update(HTTP_PROXY=unreachable, HTTPS_PROXY=unreachable, http_proxy=unreachable,
+                       https_proxy=unreachable, NO_PROXY="", no_proxy="")
         gpu = version.enable_gpu and not backend.realism.no_gpu
         if gpu:  # the GPU asked for, emulated on the CPU; absent when the session "came without one"
             env["KAGGLE_RUNNER_EMULATED_GPU"] = version.machine_shape or DEFAULT_GPU
