@@ -66,13 +66,13 @@ def test_a_compile_that_fails_at_the_first_step_falls_back_and_trains_the_same_s
     """torch.compile fails lazily (here: inductor finds no C++ compiler, as a Kaggle image with a broken
     toolchain would); the kernel says so in one line and redoes the step eagerly: the same weights as a run
     that never compiled (dropout off, so both take PyTorch's eager path)."""
-    common = ["max_steps=4", "eval_steps=4", "save_steps=4", "n_layer=1", "dropout=0.0"]
+    common = ["max_steps=2", "eval_steps=2", "save_steps=2", "n_layer=1", "dropout=0.0"]
     failed = run_kernel(render(tmp_path / "a", [*common, 'compile="on"']), tmp_path / "failed",
                         env={"CXX": str(tmp_path / "no-such-compiler")})
     assert failed.returncode == 0, failed.stdout[-3000:]
     lines = [line for line in failed.stdout.splitlines() if "torch.compile failed" in line]
     assert len(lines) == 1 and lines[0].endswith("training uncompiled")
     eager = run_kernel(render(tmp_path / "b", [*common, 'compile="off"']), tmp_path / "eager")
-    a, b = (torch.load(run.working / "checkpoints/checkpoint_epoch1_step4.pt", weights_only=True)["model"]
+    a, b = (torch.load(run.working / "checkpoints/checkpoint_epoch1_step2.pt", weights_only=True)["model"]
             for run in (failed, eager))
     assert all(torch.equal(a[name], b[name]) for name in a)
