@@ -34,6 +34,7 @@ from kaggle_runner.kaggle_api import (
     KaggleGateway,
     PushRefused,
     PushResult,
+    PushUncertain,
     QuotaExhausted,
     SourcesNotAttached,
 )
@@ -50,6 +51,8 @@ MAX_DATASET_REUPLOADS = 2
 # Pushes refused because Kaggle does not see the chain's own dataset yet, pushed again after a wait that
 # doubles from the pace's repush_wait (against Kaggle 2+4+8+16 minutes in all).
 MAX_ATTACH_RETRIES = 4
+# Pushes that failed after they may have landed, each followed by a wait for the version, before giving up.
+MAX_UNCERTAIN_PUSHES = 3
 # Kaggle's statuses of a dataset version that will never become ready (kagglesdk DatabundleVersionStatus).
 DATASET_FAILED_STATUSES = ("failed", "deleted")
 
@@ -80,7 +83,7 @@ class Pace:
     @classmethod
     def for_run(cls, run: Run) -> Pace:
         if run.local or run.endpoint:  # an emulator or a hand-picked host: brisk
-            return cls(poll=1.0, max_poll=2.0, status_visible=120.0, output_wait=60.0, repush_wait=3.0,
+            return cls(poll=1.0, max_poll=2.0, status_visible=30.0, output_wait=60.0, repush_wait=3.0,
                        dataset_ready=120.0)
         return cls(poll=5.0, max_poll=60.0, status_visible=900.0, output_wait=600.0, repush_wait=120.0,
                    dataset_ready=DATASET_READY_TIMEOUT)
@@ -297,7 +300,8 @@ def push_segment(ctx: Context, run: Run, segment: Segment) -> None:
                            chain_checkpoint=chain_checkpoint(run, segment)).folder
     kill_point(ctx.store, "before_push")
     try:
-        result = _push_when_a_gpu_session_is_free(ctx, run, segment, folder, config.session_timeout_seconds)
+        result = _push_when_a_gpu_session_is_free(ctx, run, segment, folder, config.session_timeout_seconds,
+                                                  pushed_before)
     except DatasetNotVisible as exc:
         _end_run(ctx, run, segment, Phase.PUSHING, RunState.STOPPED, str(exc))
         return
@@ -359,21 +363,32 @@ def _quota_refresh(ctx: Context) -> str | None:
 
 
 def _push_when_a_gpu_session_is_free(ctx: Context, run: Run, segment: Segment, folder: Path,
-                                     timeout: int) -> PushResult | None:
+                                     timeout: int, pushed_before: bool) -> PushResult | None:
     """Push; while both GPU sessions are taken (by the user's other notebooks), wait rather than end the chain.
     Likewise, a bounded number of times, while Kaggle refuses the push for not seeing the chain's own dataset.
 
     None when the run was cancelled while waiting.
     """
-    interval, waiting, unseen = ctx.pace.poll, False, 0
+    interval, waiting, unseen, uncertain = ctx.pace.poll, False, 0, 0
     while True:
         if ctx.cancelled():  # `cancel` found nothing running: nothing may start now
             return None
         still_driving(ctx)
         # Recorded before the push: a launcher killed from here on must look for the version before pushing.
-        ctx.store.update_segment(run.name, segment.idx, push_attempted_at=time.time())
+        segment.push_attempted_at = time.time()
+        ctx.store.update_segment(run.name, segment.idx, push_attempted_at=segment.push_attempted_at)
         try:
             return ctx.gateway.push(folder, timeout, segment.base_version)
+        except PushUncertain as exc:
+            uncertain += 1
+            if uncertain > MAX_UNCERTAIN_PUSHES:
+                raise KaggleRunnerError(f"{exc}, {uncertain} times; `kaggle-runner watch {run.name}` looks again "
+                                        "before pushing") from None
+            ctx.console.note(f"note: {exc}; looking for it before pushing again")
+            landed = _await_earlier_push(ctx, run, segment, pushed_before)
+            if landed is not None or ctx.cancelled():
+                return landed
+            continue
         except GpuSessionsBusy as exc:
             ctx.store.update_segment(run.name, segment.idx, push_attempted_at=None)  # refused: nothing landed
             if not waiting:

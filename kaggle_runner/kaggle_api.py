@@ -22,6 +22,7 @@ from typing import Any
 
 import requests
 import tenacity
+import urllib3
 
 from kaggle_runner.credentials import Credentials
 from kaggle_runner.errors import KaggleRunnerError
@@ -43,6 +44,11 @@ class KaggleApiError(KaggleRunnerError):
 
 class PushRefused(KaggleApiError):
     """Kaggle answered a push with `error` set (or no version): nothing landed."""
+
+
+class PushUncertain(KaggleApiError):
+    """A push failed in a way that may have landed (a 5xx, a timeout or a connection dropped mid-answer) and
+    Kaggle does not show a new version yet: only waiting tells whether it did."""
 
 
 class GpuSessionsBusy(PushRefused):
@@ -133,6 +139,17 @@ def _is_transient(error: BaseException) -> bool:
     if isinstance(error, requests.HTTPError):
         return _status_of(error) in RETRY_STATUSES
     return isinstance(error, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError)
+
+
+def _may_have_landed(error: BaseException) -> bool:
+    """Whether Kaggle may have carried out a request that failed: not for a 429 (refused at the door) or a
+    connection that never opened; yes for a 5xx, a read timeout, or an answer cut off."""
+    if isinstance(error, requests.HTTPError):
+        return _status_of(error) != 429
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return False
+    reason = getattr(error.args[0], "reason", None) if error.args else None  # urllib3's MaxRetryError
+    return not isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
 def retry_after(error: BaseException) -> float | None:
@@ -308,6 +325,9 @@ class KaggleGateway:
                     self.notify(f"note: the push of {ref} failed ({type(exc).__name__}) but version {landed[0]} "
                                 "landed; following it")
                     return PushResult(landed[0], landed[1], "")
+                if _may_have_landed(exc):  # Kaggle can take minutes to show a version: never guess, wait
+                    raise PushUncertain(f"pushing {ref} failed ({_status_of(exc) or type(exc).__name__}) after "
+                                        "it may have landed") from None
                 delay = retry_after(exc) or backoff(attempt, self.base_delay)
                 self.notify(f"note: pushing {ref} failed ({_status_of(exc) or type(exc).__name__}); "
                             f"nothing landed, pushing again in {delay:.1f}s")

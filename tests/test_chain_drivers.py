@@ -175,6 +175,19 @@ def test_a_first_push_kaggle_does_not_show_yet_is_not_pushed_again(stub_project,
     assert status["state"] == "complete" and [s["kernel_version"] for s in status["segments"]] == [1]
 
 
+def test_a_push_that_landed_but_answered_503_is_looked_for_not_pushed_again(stub_project, emulator):
+    """The push took effect, then the answer was a 503, and GetKernel does not show the version yet: pushing
+    again would start a second session. The launcher waits for the version instead, and finds its run."""
+    admin(emulator.url, "realism", {"kernel_404_window": 8.0})
+    admin(emulator.url, "faults", {"fail_after": {"SaveKernel": [503]}})
+    result = launcher("launch", "--name", "landed", *sets([*STUB_CHAIN, "max_steps=10"]))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "may have landed; looking for it before pushing again" in result.stderr, result.stderr
+    assert len(versions_of(emulator)) == 1
+    status = run_status(".kaggle-runner", "landed")
+    assert status["state"] == "complete" and [s["kernel_version"] for s in status["segments"]] == [1]
+
+
 def test_a_launcher_killed_while_the_dataset_settles_sleeps_the_rest_before_pushing(stub_project, emulator):
     from kaggle_runner.store import Store
 

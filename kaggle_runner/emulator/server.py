@@ -148,7 +148,9 @@ class EmulatorApp:
             raise NotFound(f"Method {service}/{method} is not served by the emulator")
         user = self.authenticate(request)
         self.backend.check_fault(method)
-        return json_response(handler(Context(self.backend, self.base_url, user, self.sign), body))
+        answer = handler(Context(self.backend, self.base_url, user, self.sign), body)
+        self.backend.check_fault(method, after=True)
+        return json_response(answer)
 
     def on_log_stream(self, request: Request, owner: str, slug: str) -> Response:
         self.authenticate(request)

@@ -130,6 +130,8 @@ class Faults:
     """What tests ask to go wrong: failed calls per method, dropped downloads, slow datasets, held queues."""
 
     fail: dict[str, list[int]] = field(default_factory=dict)  # method -> statuses to send, in order
+    # method -> statuses sent after the call took effect (a push that landed, then answered 503)
+    fail_after: dict[str, list[int]] = field(default_factory=dict)
     drop_downloads: int = 0
     dataset_delay: float = 0.0
     hold_queued: bool = False
@@ -229,17 +231,18 @@ class Backend:
             self._save()
 
     # -- faults --------------------------------------------------------------------------------------
-    def check_fault(self, method: str) -> None:
+    def check_fault(self, method: str, after: bool = False) -> None:
         with self.lock:
-            queue = self.faults.fail.get(method)
+            queue = (self.faults.fail_after if after else self.faults.fail).get(method)
             if queue:
                 status = queue.pop(0)
                 raise InjectedFault(status)
 
     def set_faults(self, spec: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
-            for method, statuses in spec.get("fail", {}).items():
-                self.faults.fail.setdefault(method, []).extend(int(s) for s in statuses)
+            for kind in ("fail", "fail_after"):
+                for method, statuses in spec.get(kind, {}).items():
+                    getattr(self.faults, kind).setdefault(method, []).extend(int(s) for s in statuses)
             for key in ("drop_downloads", "dataset_delay", "hold_queued", "drop_outputs_on_timeout",
                         "stuck_running", "unattachable", "unattachable_refused"):
                 if key in spec:
