@@ -216,7 +216,7 @@ class RunConfig(BaseModel):
         if self.machine_shape in RETIRED_MACHINE_SHAPES:
             notes.append(f"machine_shape {self.machine_shape!r} is retired: "
                          f"{RETIRED_MACHINE_SHAPES[self.machine_shape]}")
-        if self.data_dir and self.dataset != "text-files":
+        if self.data_dir and "dataset" in self.model_fields_set and self.dataset != "text-files":
             notes.append(f"data_dir is set, so the run trains on {self.data_dir!r}, not on dataset "
                          f"{self.dataset!r} (remove one of the two to silence this)")
         return notes

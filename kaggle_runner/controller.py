@@ -294,7 +294,7 @@ def push_segment(ctx: Context, run: Run, segment: Segment) -> None:
     if segment.idx > 1:  # later segments resume from the chain's dataset, never from a fixed path
         config = config.model_copy(update={"resume_from_checkpoint": None})
     sources = [run.dataset_ref] if segment.resume_from else []
-    if segment.idx > 1 and ctx.gateway.dataset_status(data_ref(run)) is not None:
+    if segment.idx > 1 and ctx.gateway.dataset_status(data_ref(run)) == "ready":  # optional: only when mountable
         sources.append(data_ref(run))
     folder = render_kernel(config, ctx.run_dir() / f"kernel-{segment.idx}", run.username, sources,
                            chain_checkpoint=chain_checkpoint(run, segment)).folder
@@ -303,15 +303,18 @@ def push_segment(ctx: Context, run: Run, segment: Segment) -> None:
         result = _push_when_a_gpu_session_is_free(ctx, run, segment, folder, config.session_timeout_seconds,
                                                   pushed_before)
     except DatasetNotVisible as exc:
+        ctx.store.update_segment(run.name, segment.idx, push_attempted_at=None)  # refused: nothing landed
         _end_run(ctx, run, segment, Phase.PUSHING, RunState.STOPPED, str(exc))
         return
     except QuotaExhausted as exc:
+        ctx.store.update_segment(run.name, segment.idx, push_attempted_at=None)  # refused: nothing landed
         refresh = _quota_refresh(ctx)
         _end_run(ctx, run, segment, Phase.PUSHING, RunState.STOPPED,
                  f"{exc}; nothing runs until the weekly quota resets" + (f" ({refresh} UTC)" if refresh else "")
                  + f", then `kaggle-runner resume {run.name}`")
         return
     except PushRefused as exc:
+        ctx.store.update_segment(run.name, segment.idx, push_attempted_at=None)  # refused: nothing landed
         _end_run(ctx, run, segment, Phase.PUSHING, RunState.FAILED, f"{exc}; fix it, then `kaggle-runner resume "
                                                                       f"{run.name}`")
         return
@@ -338,9 +341,8 @@ def _await_earlier_push(ctx: Context, run: Run, segment: Segment, pushed_before:
                 return PushResult(current[0], current[1], "")
             if ctx.gateway.status(ref, expected) is not None:
                 return PushResult(expected, current[1] if current else 0, "")
-        except KaggleApiError as exc:
-            if not exc.transient:
-                raise
+        except KaggleApiError:
+            pass  # not shown (yet), however Kaggle words it: only the window decides
         if time.time() >= until:
             ctx.console.note(f"note: Kaggle shows no version of {ref} from the push before the interruption; "
                              "pushing now")
@@ -399,14 +401,16 @@ def _push_when_a_gpu_session_is_free(ctx: Context, run: Run, segment: Segment, f
             # Every retry is a push: against Kaggle at most one each 5 minutes, never a tight re-push loop.
             interval = min(ctx.pace.max_poll * 5, interval * 1.5)
         except SourcesNotAttached as exc:
-            if not set(exc.sources) <= {run.dataset_ref, data_ref(run)}:
-                raise  # a dataset of the user's configuration: only the user can fix it
             if exc.landed is not None:
-                # A version runs without the chain's dataset. Pushing another would start a second session:
-                # follow it. Without its checkpoint the kernel ends `resume_missing` at once, and the chain
-                # pushes the same resume again after a longer wait (max_resume_retries).
+                # A version runs without a dataset it asked for. Pushing another would start a second session:
+                # follow it (and so `cancel` reaches it). Without the chain's checkpoint the kernel ends
+                # `resume_missing` at once and the same resume is pushed again after a longer wait; without
+                # the user's data it fails saying so.
                 ctx.console.note(f"note: {exc}; following that version")
                 return exc.landed
+            if not set(exc.sources) <= chain_datasets(run):
+                ctx.store.update_segment(run.name, segment.idx, push_attempted_at=None)  # refused: nothing landed
+                raise  # a dataset of the user's configuration: only the user can fix it
             ctx.store.update_segment(run.name, segment.idx, push_attempted_at=None)  # refused: nothing landed
             unseen += 1
             if unseen > MAX_ATTACH_RETRIES:
@@ -419,6 +423,13 @@ def _push_when_a_gpu_session_is_free(ctx: Context, run: Run, segment: Segment, f
                              f"({unseen} of {MAX_ATTACH_RETRIES})")
         if not ctx.sleep(wait):
             return None
+
+
+def chain_datasets(run: Run) -> set[str]:
+    """The datasets the chain itself uploads: Kaggle not seeing one yet is worth waiting for."""
+    config = config_of(run)
+    return {run.dataset_ref, data_ref(run)} | ({f"{run.username}/{config.corpus_dataset_slug}"}
+                                               if config.data_dir else set())
 
 
 def _record_push(ctx: Context, run: Run, segment: Segment, result: PushResult) -> None:
@@ -755,7 +766,8 @@ def upload_for_resume(ctx: Context, run: Run, segment: Segment) -> None:
             ctx.gateway.create_dataset_version(folder, f"{run.name} segment {segment.idx}: {segment.resume_from}",
                                                delete_old_versions=delete_old)
         except KaggleApiError as exc:
-            if not (exc.status == 403 and current == 1 and segment.dataset_reuploads):
+            first_upload = not any(s.dataset_version for s in ctx.store.segments(run.name) if s.idx < segment.idx)
+            if not (exc.status == 403 and current == 1 and segment.dataset_reuploads and first_upload):
                 raise
             # Kaggle refuses a second version while the first still processes (kagglehub PR #182). That first
             # version holds this very checkpoint: wait for it again, a wait the re-upload count bounds.

@@ -143,3 +143,16 @@ def test_a_version_kaggle_ran_without_the_checkpoint_dataset_is_followed_not_fai
     assert [s["kernel_version"] for s in status["segments"]] == [1, 2, 3] == [v.number for v in versions_of(emulator)]
     assert status["segments"][1]["resume_retries"] == 0 and status["segments"][2]["resume_retries"] == 1
     assert final_stub_weight(stub_project / "outputs/unattached", 20) == stub_weight(20)
+
+
+def test_a_version_that_landed_without_a_dataset_of_the_users_is_followed_not_left_running(stub_project, emulator,
+                                                                                          cli_runner):
+    """Kaggle created the version but did not attach the user's dataset: failing the run there would leave a
+    session running that no `cancel` reaches. It is followed; the stub kernel needs no data, so it completes."""
+    admin(emulator.url, "faults", {"unattachable": 1})
+    result = cli_runner.invoke(cli, ["launch", "--name", "theirs", *sets([*STUB_CHAIN, "max_steps=10",
+                                                                          f'dataset_sources=["{USER}/my-own-data"]'])])
+    assert result.exit_code == 0, result.output
+    assert f"Kaggle did not attach {USER}/my-own-data" in result.output and "following that version" in result.output
+    status = run_status(".kaggle-runner", "theirs")
+    assert status["state"] == "complete" and [s["kernel_version"] for s in status["segments"]] == [1]

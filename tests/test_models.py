@@ -314,6 +314,28 @@ def test_token_cache_fingerprint_covers_the_data_keys_and_the_corpus_bytes():
     assert len(prints) == 8
 
 
+def test_the_corpus_digest_follows_the_bytes_of_text_files_and_of_an_hf_folder(tmp_path):
+    write_jsonl_corpus(tmp_path / "texts")
+    save_dataset_without_validation(tmp_path / "hf-data")
+    configs = [{"dataset": "text-files", "text_files_path": str(tmp_path / "texts")},
+               {"dataset": f"hf:{tmp_path / 'hf-data'}"}]
+    before = [kernel.data_content(config) for config in configs]
+    assert all(len(digest) == 64 for digest in before) and kernel.data_content({"dataset": "stdlib-docs"}) == ""
+    with open(tmp_path / "texts" / "notes.md", "a") as handle:
+        handle.write("one more line\n")
+    arrow = next((tmp_path / "hf-data").rglob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes() + b"\0")
+    assert [kernel.data_content(config) for config in configs][0] != before[0]
+    assert [kernel.data_content(config) for config in configs][1] != before[1]
+
+
+def test_data_dir_warns_only_when_a_dataset_was_also_given():
+    from kaggle_runner.config import RunConfig
+
+    assert RunConfig(data_dir="corpus").warnings() == []  # the README's way: data_dir in place of dataset
+    assert "not on dataset 'stdlib-docs'" in RunConfig(data_dir="corpus", dataset="stdlib-docs").warnings()[0]
+
+
 @pytest.mark.slow
 def test_a_corpus_changed_under_the_same_name_never_reuses_the_old_tokens(tmp_path):
     """A new data_dir version keeps its dataset's name, and a tokenizer that does not depend on the text

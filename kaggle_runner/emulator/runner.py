@@ -80,6 +80,11 @@ class Runner:
         home = backend.data_dir / "kernel-home"
         home.mkdir(mode=0o700, exist_ok=True)
         env["HOME"] = str(home)
+        # Models and datasets the user already has stay usable offline (HF_HUB_OFFLINE above): the hub and
+        # datasets caches themselves, not HF_HOME, which also holds the user's Hugging Face token.
+        hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+        env["HF_HUB_CACHE"] = os.environ.get("HF_HUB_CACHE") or str(hf_home / "hub")
+        env["HF_DATASETS_CACHE"] = os.environ.get("HF_DATASETS_CACHE") or str(hf_home / "datasets")
         if not (version.enable_internet and backend.realism.internet_allowed):
             unreachable = "http://127.0.0.1:9"  # the discard port: connections are refused at once
             env.update(HTTP_PROXY=unreachable, HTTPS_PROXY=unreachable, http_proxy=unreachable,
