@@ -23,6 +23,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kaggle_runner import artifacts, chain, notify
 from kaggle_runner.config import RunConfig
@@ -440,8 +441,9 @@ def _record_push(ctx: Context, run: Run, segment: Segment, result: PushResult) -
     ctx.notify("segment started", RunState.RUNNING, f"version {result.version}", segment.idx)
 
 
-def _end_run(ctx: Context, run: Run, segment: Segment, expected: Phase, state: RunState, reason: str) -> None:
-    ctx.store.end_run(run.name, segment.idx, expected, state, reason)
+def _end_run(ctx: Context, run: Run, segment: Segment, expected: Phase, state: RunState, reason: str,
+             **values: Any) -> None:
+    ctx.store.end_run(run.name, segment.idx, expected, state, reason, **values)
     ctx.console.say(f"The chain {'failed' if state == RunState.FAILED else 'stopped'}: {reason}")
     ctx.notify(str(state), state, reason, segment.idx)
 
@@ -878,14 +880,13 @@ def _upload_again(ctx: Context, run: Run, segment: Segment, problem: DatasetNotR
     seen = max(problem.version or 0, segment.dataset_version_before or 0)
     what = "failed processing" if problem.failed else f"was still {problem.status or 'not visible'}"
     if segment.dataset_reuploads >= MAX_DATASET_REUPLOADS:
-        # `resume` downloads and uploads afresh: forget this resume's upload bookkeeping.
-        ctx.store.update_segment(run.name, segment.idx, dataset_version_before=None, dataset_version=None,
-                                 settle_until=None, dataset_reuploads=0)
+        # `resume` downloads and uploads afresh: forget this resume's upload bookkeeping, with the stop itself.
         _end_run(ctx, run, segment, Phase.RESUME_UPLOADED, RunState.STOPPED,
                  f"the checkpoint dataset {run.dataset_ref} did not become ready after "
-                 f"{segment.dataset_reuploads + 1} uploads (version {problem.version} {what}); look at "
+                 f"{segment.dataset_reuploads + 1} tries (version {problem.version} {what}); look at "
                  f"https://www.kaggle.com/datasets/{run.dataset_ref}, then `kaggle-runner resume {run.name}` "
-                 "uploads it again")
+                 "uploads it again", dataset_version_before=None, dataset_version=None, settle_until=None,
+                 dataset_reuploads=0)
         return
     ctx.console.note(f"note: checkpoint dataset {run.dataset_ref} version {problem.version} {what}; uploading it "
                      f"again ({segment.dataset_reuploads + 1} of {MAX_DATASET_REUPLOADS})")

@@ -387,12 +387,15 @@ class Store:
             self._insert_segment(db, following)
             self._event(db, run, "segment", f"segment {idx} done; segment {following.idx} {following.phase}")
 
-    def end_run(self, run: str, idx: int, expected: Phase, state: RunState, reason: str) -> None:
-        """The last segment to `final` and the run to its final state in one transaction (a kill between
-        the two would leave a run neither `watch` nor `resume` could continue). A cancel already recorded wins."""
+    def end_run(self, run: str, idx: int, expected: Phase, state: RunState, reason: str, **values: Any) -> None:
+        """The last segment to `final` (with `values` recorded on it) and the run to its final state in one
+        transaction (a kill between the two would leave a run neither `watch` nor `resume` could continue).
+        A cancel already recorded wins."""
+        values["phase"] = Phase.FINAL.value
         with self.connect() as db:
-            changed = db.execute("UPDATE segments SET phase = ? WHERE run = ? AND idx = ? AND phase = ?",
-                                 (Phase.FINAL.value, run, idx, Phase(expected).value)).rowcount
+            changed = db.execute(
+                f"UPDATE segments SET {', '.join(f'{k} = ?' for k in values)} WHERE run = ? AND idx = ? AND phase = ?",
+                (*values.values(), run, idx, Phase(expected).value)).rowcount
             if not changed:
                 raise self._moved(db, run, idx, expected)
             done = db.execute(f"UPDATE runs SET state = ?, reason = ?, updated_at = ? WHERE name = ? AND state NOT IN "

@@ -62,7 +62,7 @@ def test_a_checkpoint_dataset_that_keeps_failing_stops_the_chain_saying_so(stub_
     assert "Traceback" not in result.output
     status = run_status(".kaggle-runner", "never-ready")
     ref = f"{USER}/{SLUG}-ckpt"
-    assert status["state"] == "stopped" and ref in status["reason"] and "after 3 uploads" in status["reason"]
+    assert status["state"] == "stopped" and ref in status["reason"] and "after 3 tries" in status["reason"]
     assert "resume never-ready" in status["reason"], status["reason"]
     assert len(emulator.backend.get_dataset(USER, f"{SLUG}-ckpt").versions) == 3
     assert len(versions_of(emulator)) == 1  # no push of a resume that could not mount its checkpoint
