@@ -368,22 +368,14 @@ class Store:
 
     def transition(self, run: str, idx: int, expected: Phase, phase: Phase, **values: Any) -> None:
         """Move segment `idx` from `expected` to `phase`; if it is no longer in `expected`, change nothing."""
-        values["phase"] = Phase(phase).value
         with self.connect() as db:
-            changed = db.execute(
-                f"UPDATE segments SET {', '.join(f'{k} = ?' for k in values)} WHERE run = ? AND idx = ? AND phase = ?",
-                (*values.values(), run, idx, Phase(expected).value)).rowcount
-            if not changed:
-                raise self._moved(db, run, idx, expected)
-            self._event(db, run, "segment", f"segment {idx} {values['phase']}")
+            self._move(db, run, idx, expected, phase, values)
+            self._event(db, run, "segment", f"segment {idx} {Phase(phase).value}")
 
     def advance_segment(self, run: str, idx: int, expected: Phase, following: Segment) -> None:
         """Close segment `idx` and open the next one in one transaction: never two, never none."""
         with self.connect() as db:
-            changed = db.execute("UPDATE segments SET phase = ? WHERE run = ? AND idx = ? AND phase = ?",
-                                 (Phase.DONE.value, run, idx, Phase(expected).value)).rowcount
-            if not changed:
-                raise self._moved(db, run, idx, expected)
+            self._move(db, run, idx, expected, Phase.DONE, {})
             self._insert_segment(db, following)
             self._event(db, run, "segment", f"segment {idx} done; segment {following.idx} {following.phase}")
 
@@ -391,19 +383,24 @@ class Store:
         """The last segment to `final` (with `values` recorded on it) and the run to its final state in one
         transaction (a kill between the two would leave a run neither `watch` nor `resume` could continue).
         A cancel already recorded wins."""
-        values["phase"] = Phase.FINAL.value
         with self.connect() as db:
-            changed = db.execute(
-                f"UPDATE segments SET {', '.join(f'{k} = ?' for k in values)} WHERE run = ? AND idx = ? AND phase = ?",
-                (*values.values(), run, idx, Phase(expected).value)).rowcount
-            if not changed:
-                raise self._moved(db, run, idx, expected)
+            self._move(db, run, idx, expected, Phase.FINAL, values)
             done = db.execute(f"UPDATE runs SET state = ?, reason = ?, updated_at = ? WHERE name = ? AND state NOT IN "
                               f"({', '.join('?' * len(FINAL_STATES))})",
                               (RunState(state).value, reason, time.time(), run, *sorted(FINAL_STATES))).rowcount
             self._event(db, run, "segment", f"segment {idx} final")
             if done:
                 self._event(db, run, "state", f"{RunState(state).value}: {reason}")
+
+    @classmethod
+    def _move(cls, db, run: str, idx: int, expected: Phase, phase: Phase, values: dict[str, Any]) -> None:
+        """The guarded step every phase change takes: `phase` (and `values`) only if still in `expected`."""
+        values = {**values, "phase": Phase(phase).value}
+        changed = db.execute(
+            f"UPDATE segments SET {', '.join(f'{k} = ?' for k in values)} WHERE run = ? AND idx = ? AND phase = ?",
+            (*values.values(), run, idx, Phase(expected).value)).rowcount
+        if not changed:
+            raise cls._moved(db, run, idx, expected)
 
     @staticmethod
     def _moved(db, run: str, idx: int, expected: Phase) -> TransitionError:
