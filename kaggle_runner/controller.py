@@ -688,13 +688,14 @@ def download_for_resume(ctx: Context, run: Run, segment: Segment) -> None:
                          bytes_downloaded=segment.bytes_downloaded + moved)
 
 
-def _token_dataset_holds(ctx: Context, run: Run, tokens: list[str]) -> bool:
-    """Whether the chain's token dataset already has these arrays (by name: the name is their fingerprint).
-    True too when Kaggle cannot say: the arrays are an optional cache, never worth failing a resume."""
+def _token_dataset_holds(ctx: Context, run: Run, tokens: list[str]) -> bool | None:
+    """Whether the chain's token dataset already has these arrays (by name: the name is their fingerprint);
+    None when there is no such dataset yet. True too when Kaggle cannot say: the arrays are an optional
+    cache, never worth failing a resume."""
     ref = data_ref(run)
     try:
         if ctx.gateway.dataset_version(ref) is None:
-            return False
+            return None
         held = ctx.gateway.dataset_files(ref)
     except KaggleApiError as exc:
         ctx.console.note(f"note: not caching tokens ({exc})")
@@ -709,14 +710,10 @@ def upload_tokens(ctx: Context, run: Run, segment: Segment) -> int:
     source = ctx.segment_dir(segment.idx)
     tokens = [rel for rel in artifacts.token_files(artifacts.read_manifest(source))
               if (path := artifacts.confined(source, rel)) is not None and path.exists()]
-    if not tokens or _token_dataset_holds(ctx, run, tokens):
+    held = _token_dataset_holds(ctx, run, tokens) if tokens else True
+    if held:
         return 0
-    ref = data_ref(run)
-    try:
-        exists = ctx.gateway.dataset_version(ref) is not None
-    except KaggleApiError as exc:  # optional: later segments just tokenize again
-        ctx.console.note(f"note: not caching tokens ({exc})")
-        return 0
+    ref, exists = data_ref(run), held is not None
     folder = ctx.run_dir() / "data-dataset"
     try:
         size = artifacts.build_flat_dataset(source, folder, tokens, ref,

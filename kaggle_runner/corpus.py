@@ -51,9 +51,11 @@ def content_hash(data_dir: Path) -> tuple[list[Path], str]:
     return files, digest.hexdigest()
 
 
-def build_corpus(data_dir: Path, target: Path, dataset_ref: str, title: str) -> Corpus:
-    """The dataset folder for `data_dir` (files flat, or one zip past 50 files) and its content hash."""
-    files, digest = content_hash(data_dir)
+def build_corpus(data_dir: Path, target: Path, dataset_ref: str, title: str,
+                 hashed: tuple[list[Path], str] | None = None) -> Corpus:
+    """The dataset folder for `data_dir` (files flat, or one zip past 50 files) and its content hash
+    (`hashed`: content_hash's answer, when the caller already has it)."""
+    files, digest = hashed or content_hash(data_dir)
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)

@@ -186,13 +186,14 @@ def upload_corpus(store: Store, gateway: KaggleGateway, console: Console, config
                                 f"{config.corpus_dataset_slug!r} must be 6-50 characters (a slug of at most 43)")
     source = Path(config.data_dir).expanduser()
     source = source if source.is_absolute() else config_dir / source
-    files, content_hash = corpus.content_hash(source)
+    hashed = corpus.content_hash(source)
+    files, content_hash = hashed
     before = gateway.dataset_version(ref)
     if before is not None and corpus.uploaded_hash(store.workspace, ref) == content_hash:
         console.say(f"Corpus {ref} is up to date ({len(files)} files); not uploading")
     else:  # copied (or zipped) only when it goes up
         built = corpus.build_corpus(source, store.workspace / "corpus" / config.corpus_dataset_slug, ref,
-                                    artifacts.dataset_title(config.slug, "corpus"))
+                                    artifacts.dataset_title(config.slug, "corpus"), hashed)
         console.say(f"Uploading {built.files} text file(s) from {source} ({built.size / 2**20:.1f} MiB) to the "
                     f"private dataset {ref}")
         started = time.time()
