@@ -9,13 +9,11 @@ import re
 import shutil
 from pathlib import Path, PurePosixPath
 
+from kaggle_runner.contract import BEST_MODEL, MANIFEST, MANIFEST_FORMAT, RUN_STATE, SMALL_FILES
 from kaggle_runner.errors import KaggleRunnerError
 
-MANIFEST = "manifest.json"
-RUN_STATE = "run_state.json"
-BEST_MODEL = "best_model.pt"
-SMALL_FILES = (MANIFEST, RUN_STATE, "training_history.json")
-FORMAT = 1
+__all__ = ["BEST_MODEL", "MANIFEST", "RUN_STATE", "SMALL_FILES"]  # the contract's names, where outputs are read
+FORMAT = MANIFEST_FORMAT
 
 
 class ArtifactError(KaggleRunnerError):

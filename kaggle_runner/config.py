@@ -199,16 +199,20 @@ class RunConfig(BaseModel):
             )
         return self
 
+    # The chain's own datasets, each named for what it holds.
     @property
-    def dataset_slug(self) -> str:
+    def checkpoint_dataset_slug(self) -> str:
+        """The checkpoint dataset: each resume's checkpoint and best_model.pt (the dataset route)."""
         return f"{self.slug}-ckpt"
 
     @property
-    def data_dataset_slug(self) -> str:
+    def token_dataset_slug(self) -> str:
+        """The token dataset: the packed token arrays, so later segments skip tokenizing (the dataset route)."""
         return f"{self.slug}-data"
 
     @property
     def corpus_dataset_slug(self) -> str:
+        """The corpus dataset: the text of data_dir, uploaded by launch."""
         return f"{self.slug}-corpus"
 
     def warnings(self) -> list[str]:

@@ -22,7 +22,7 @@ from rich.table import Table
 
 
 def _eta(seconds: float | None) -> str:
-    return str(timedelta(seconds=int(seconds))) if seconds is not None else "?"
+    return str(timedelta(seconds=int(seconds))) if seconds is not None and 0 <= seconds < 10**9 else "?"
 
 
 class Console:
@@ -45,22 +45,25 @@ class Console:
         sys.stdout.flush()
 
     def kernel_event(self, segment: int, version: int, event: dict) -> None:
+        """One checked kernel event (logfollow.checked_event) as a line; fields it lacks are left out."""
         if self.quiet:
             return
         prefix = f"  [seg {segment} v{version}]"
         kind = event.get("event")
-        if kind == "progress":
-            self.say(f"{prefix} step {event['global_step']}/{event['total_steps']}  epoch {event['epoch']}  "
-                     f"loss {event['loss']:.4f}  {event['tokens_per_second']:,.0f} tok/s  "
-                     f"ETA {_eta(event.get('eta_seconds'))}")
-        elif kind == "eval":
-            self.say(f"{prefix} eval step {event['step']}: val loss {event['val_loss']:.4f}, "
-                     f"perplexity {event['perplexity']:.1f}")
+        if kind == "progress" and "global_step" in event:
+            self.say(f"{prefix} step {event['global_step']}/{event.get('total_steps', '?')}  "
+                     f"epoch {event.get('epoch', '?')}"
+                     + (f"  loss {event['loss']:.4f}" if "loss" in event else "")
+                     + (f"  {event['tokens_per_second']:,.0f} tok/s" if "tokens_per_second" in event else "")
+                     + f"  ETA {_eta(event.get('eta_seconds'))}")
+        elif kind == "eval" and "val_loss" in event:
+            self.say(f"{prefix} eval step {event.get('step', '?')}: val loss {event['val_loss']:.4f}"
+                     + (f", perplexity {event['perplexity']:.1f}" if "perplexity" in event else ""))
         elif kind == "start" and event.get("resumed_from"):
-            self.say(f"{prefix} resumed at step {event['global_step']} of {event['total_steps']}")
-        elif kind == "sample":
+            self.say(f"{prefix} resumed at step {event.get('global_step', '?')} of {event.get('total_steps', '?')}")
+        elif kind == "sample" and "text" in event:
             self.say(f"{prefix} sample: {event['text']!r}")
-        elif kind == "oom":
+        elif kind == "oom" and "micro_batch_size" in event:
             self.note(f"{prefix} out of memory: micro-batch now {event['micro_batch_size']}")
 
     @contextlib.contextmanager

@@ -21,7 +21,8 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from kaggle_runner import artifacts
+from kaggle_runner import artifacts, waits
+from kaggle_runner.dataset_readiness import wait_for_dataset
 from kaggle_runner.display import Console
 from kaggle_runner.errors import KaggleRunnerError
 from kaggle_runner.kaggle_api import KaggleApiError, KaggleGateway, PushRefused
@@ -35,11 +36,10 @@ NONCE_FILE = "kaggle-runner-probe-nonce.json"
 PROBE_OUTPUT = "probe.json"
 INTERNET_URL = "https://huggingface.co"
 MAX_PUSHES = 3
-TERMINAL = {s.value for s in KaggleStatus if s.terminal}
 
 
 @dataclass(frozen=True)
-class Pace:
+class ProbePace:
     """How long to wait for what: minutes against Kaggle, seconds against an emulator (about x0.05)."""
 
     poll: float  # first interval between status polls
@@ -51,7 +51,7 @@ class Pace:
     repush_waits: tuple[float, ...]  # before push 2, before push 3, and the margin when none saw the new data
 
     @classmethod
-    def for_target(cls, kaggle: bool) -> Pace:
+    def for_target(cls, kaggle: bool) -> ProbePace:
         if kaggle:
             return cls(poll=2.0, max_poll=20.0, probe_timeout=600.0, session_timeout=900, dataset_timeout=600.0,
                        output_wait=300.0, repush_waits=(30.0, 90.0, 180.0))
@@ -161,7 +161,7 @@ def write_probe_dataset(folder: Path, dataset_ref: str, nonce: str) -> Path:
 
 # -- steps ---------------------------------------------------------------------------------------------
 class Doctor:
-    def __init__(self, gateway: KaggleGateway, workspace: Path, console: Console, pace: Pace):
+    def __init__(self, gateway: KaggleGateway, workspace: Path, console: Console, pace: ProbePace):
         self.gateway, self.workspace, self.console, self.pace = gateway, workspace, console, pace
         self.folder = workspace / "doctor"
         self.rows: list[Row] = []
@@ -215,22 +215,9 @@ class Doctor:
                 self.gateway.create_dataset_version(folder, "kaggle-runner doctor probe")
         else:
             self.gateway.create_dataset_version(folder, "kaggle-runner doctor probe")
-        deadline, interval = time.time() + self.pace.dataset_timeout, self.pace.poll
-        while True:
-            try:
-                version = self.gateway.dataset_version(self.data_ref)
-                status = self.gateway.dataset_status(self.data_ref) if version else None
-            except KaggleApiError as exc:
-                if not exc.transient:
-                    raise
-                version, status = None, None
-            if version and version > (before or 0) and status == "ready":
-                return nonce, time.time()
-            if time.time() > deadline:
-                raise KaggleRunnerError(f"the probe dataset {self.data_ref} is still {status or 'not visible'} after "
-                                        f"{self.pace.dataset_timeout:.0f}s; try `kaggle-runner doctor` again later")
-            time.sleep(interval)
-            interval = min(self.pace.max_poll, interval * 1.5)
+        wait_for_dataset(self.gateway, self.data_ref, before or 0, self.pace.dataset_timeout, self.console.note,
+                         "try `kaggle-runner doctor` again later", self.pace.poll, self.pace.max_poll)
+        return nonce, time.time()
 
     def push(self) -> tuple[int, float]:
         """Push the probe once; (version, seconds its status stayed invisible). Falls back to no internet when
@@ -249,34 +236,37 @@ class Doctor:
         self.known_version = result.version
         pushed = time.time()
         self.console.say(f"Pushed the CPU probe {self.kernel_ref} version {result.version}")
-        interval = self.pace.poll
-        while self.gateway.status(self.kernel_ref, result.version) is None:
-            if time.time() - pushed > self.pace.probe_timeout:
-                raise KaggleRunnerError(f"Kaggle showed no status for {self.kernel_ref} v{result.version} in "
-                                        f"{self.pace.probe_timeout:.0f}s; see https://www.kaggle.com/code/"
-                                        f"{self.kernel_ref}")
-            time.sleep(interval)
-            interval = min(self.pace.max_poll, interval * 1.5)
+        try:
+            self._poll(lambda: self.gateway.status(self.kernel_ref, result.version), self.pace.probe_timeout)
+        except waits.WaitTimedOut:
+            raise KaggleRunnerError(f"Kaggle showed no status for {self.kernel_ref} v{result.version} in "
+                                    f"{self.pace.probe_timeout:.0f}s; see https://www.kaggle.com/code/"
+                                    f"{self.kernel_ref}") from None
         return result.version, time.time() - pushed
 
+    def _poll(self, look, timeout: float, factor: float = 1.5):
+        return waits.poll(look, self.pace.poll, self.pace.max_poll, timeout, factor=factor)
+
     def wait_for_end(self, version: int) -> tuple[str, str | None]:
-        started, interval = time.time(), self.pace.poll
-        while True:
-            answer = self.gateway.status(self.kernel_ref, version)
-            if answer is not None and answer[0] in TERMINAL:
-                return answer
-            if time.time() - started > self.pace.probe_timeout:
-                raise KaggleRunnerError(f"the probe {self.kernel_ref} v{version} is still "
-                                        f"{answer[0] if answer else 'invisible'} after {self.pace.probe_timeout:.0f}s; "
-                                        f"stop it at https://www.kaggle.com/code/{self.kernel_ref}")
-            time.sleep(interval)
-            interval = min(self.pace.max_poll, interval * 1.5)
+        last: list[tuple[str, str | None] | None] = [None]
+
+        def ended() -> tuple[str, str | None] | None:
+            last[0] = answer = self.gateway.status(self.kernel_ref, version)
+            known = KaggleStatus.read(answer[0]) if answer else None
+            return answer if known is not None and known.terminal else None
+
+        try:
+            return self._poll(ended, self.pace.probe_timeout)
+        except waits.WaitTimedOut:
+            raise KaggleRunnerError(f"the probe {self.kernel_ref} v{version} is still "
+                                    f"{last[0][0] if last[0] else 'invisible'} after {self.pace.probe_timeout:.0f}s; "
+                                    f"stop it at https://www.kaggle.com/code/{self.kernel_ref}") from None
 
     def report(self, version: int) -> dict | None:
         """The probe's report: probe.json from the outputs, else its JSON line in the log; the listing lags."""
-        deadline, interval = time.time() + self.pace.output_wait, self.pace.poll
         target = self.folder / f"output-v{version}"
-        while True:
+
+        def look() -> dict | None:
             try:
                 files, log = self.gateway.list_output(self.kernel_ref, version)
                 if PROBE_OUTPUT in {f.name for f in files}:
@@ -285,19 +275,19 @@ class Doctor:
                     found = artifacts.read_json_file(target / PROBE_OUTPUT)
                     if isinstance(found, dict):
                         return found
-                found = report_in_log(log)
-                if found is not None:
-                    return found
+                return report_in_log(log)
             except KaggleApiError as exc:
                 if not exc.transient:
                     raise
-            if time.time() > deadline:
-                try:
-                    return report_in_log(self.gateway.log(self.kernel_ref, version))
-                except KaggleApiError:
-                    return None
-            time.sleep(interval)
-            interval = min(self.pace.max_poll, interval * 2)
+                return None
+
+        try:
+            return self._poll(look, self.pace.output_wait, factor=2)
+        except waits.WaitTimedOut:
+            try:
+                return report_in_log(self.gateway.log(self.kernel_ref, version))
+            except KaggleApiError:
+                return None
 
     def probe(self) -> dict | None:
         """Upload a nonce, push right after, push again (waiting longer) until a probe sees it."""
@@ -330,7 +320,7 @@ class Doctor:
                 wait = self.pace.repush_waits[attempt - 1]
                 self.console.say(f"Probe v{version} saw {what} of {self.data_ref} (Kaggle pinned it at push); "
                                  f"pushing again in {wait:.0f}s")
-                time.sleep(wait)
+                waits.sleep(wait)
         if invisible:
             self.measured["status_invisible_seconds"] = round(max(invisible), 1)
         if last is not None and not failed:
@@ -403,7 +393,7 @@ def run_doctor(workspace: str | Path, local: bool = False, endpoint: str | None 
     workspace = Path(workspace)
     workspace.mkdir(parents=True, exist_ok=True)
     gateway = _gateway(workspace, local, endpoint, console.note)
-    doctor = Doctor(gateway, workspace, console, Pace.for_target(kaggle=not local and not endpoint))
+    doctor = Doctor(gateway, workspace, console, ProbePace.for_target(kaggle=not local and not endpoint))
     doctor.credentials()
     doctor.quota()
     found = doctor.probe()

@@ -11,78 +11,43 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import random
 import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import requests
 import tenacity
-import urllib3
 
+from kaggle_runner import waits
 from kaggle_runner.credentials import Credentials
 from kaggle_runner.errors import KaggleRunnerError
+from kaggle_runner.kaggle_errors import (
+    MAX_RETRY_DELAY,
+    GpuSessionsBusy,
+    KaggleApiError,
+    OutputFile,
+    PushRefused,
+    PushResult,
+    PushUncertain,
+    QuotaExhausted,
+    QuotaProjected,
+    SourcesNotAttached,
+    backoff,
+    explain,
+    is_transient,
+    may_have_landed,
+    retry_after,
+    status_of,
+)
+
+__all__ = ["GpuSessionsBusy", "KaggleApiError", "KaggleGateway", "OutputFile", "PushRefused", "PushResult",
+           "PushUncertain", "QuotaExhausted", "QuotaProjected", "SourcesNotAttached", "kagglesdk_warning"]
 
 PROD_ENDPOINT = "https://api.kaggle.com"
-RETRY_STATUSES = {429, 500, 502, 503, 504}
-MAX_RETRY_DELAY = 60.0
 # The kagglesdk versions whose private hooks (below) this module was tested with; pyproject pins the range.
 KNOWN_KAGGLESDK = ("0.1.38",)
-
-
-class KaggleApiError(KaggleRunnerError):
-    def __init__(self, message: str, status: int | None = None, transient: bool | None = None):
-        super().__init__(message)
-        self.status = status
-        # Worth trying again later: rate limits, server errors and dropped connections; nothing else.
-        self.transient = status in RETRY_STATUSES if transient is None else transient
-
-
-class PushRefused(KaggleApiError):
-    """Kaggle answered a push with `error` set (or no version): nothing landed."""
-
-
-class PushUncertain(KaggleApiError):
-    """A push failed in a way that may have landed (a 5xx, a timeout or a connection dropped mid-answer) and
-    Kaggle does not show a new version yet: only waiting tells whether it did."""
-
-
-class GpuSessionsBusy(PushRefused):
-    """The account's GPU sessions (two at most) are all in use: wait for one to end."""
-
-
-class QuotaExhausted(PushRefused):
-    """The weekly GPU quota is used up: nothing runs until it resets."""
-
-
-class SourcesNotAttached(PushRefused):
-    """Kaggle did not attach dataset `sources` it was asked to: they do not exist, or it does not see them yet.
-
-    `landed` is the version Kaggle created anyway, running without them (it lists them in
-    `invalidDatasetSources` beside a version number, as the official client's own output shows); None when it
-    refused the push outright (`error` naming them, version 0), so nothing landed.
-    """
-
-    def __init__(self, message: str, sources: list[str], landed: PushResult | None):
-        super().__init__(message)
-        self.sources, self.landed = sources, landed
-
-
-@dataclass(frozen=True)
-class PushResult:
-    version: int
-    kernel_id: int
-    url: str
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    name: str
-    url: str
 
 
 # -- kagglesdk's private parts, all in one place --------------------------------------------------------
@@ -117,6 +82,24 @@ def _point_http_client(http, endpoint: str, credentials: Credentials | None) -> 
                               else (credentials.username, credentials.key))
 
 
+class _RawAnswer:
+    """A response type for the client's own HTTP path that keeps the JSON as it came: a status value the
+    installed kagglesdk's enums do not know (NEW_SCRIPT on older ones, whatever Kaggle adds next) is then data
+    for the launcher to read, not a KeyError inside the client's parser."""
+
+    @staticmethod
+    def prepare_from(http_response) -> dict:
+        try:
+            answer = http_response.json()
+        except ValueError:
+            return {}
+        return answer if isinstance(answer, dict) else {}
+
+
+def _raw_call(client, service: str, method: str, request) -> dict:
+    return client._http_client.call(service, method, request, _RawAnswer)
+
+
 def kagglesdk_warning() -> str | None:
     """A note when the installed kagglesdk is not one these hooks were tested with."""
     try:
@@ -127,62 +110,6 @@ def kagglesdk_warning() -> str | None:
         return (f"warning: kagglesdk {version} is untested with kaggle-runner (tested: {', '.join(KNOWN_KAGGLESDK)}); "
                 "if Kaggle calls fail oddly, `pip install kagglesdk==" + KNOWN_KAGGLESDK[-1] + "`")
     return None
-
-
-# -- errors and retries ---------------------------------------------------------------------------------
-def _status_of(error: BaseException) -> int | None:
-    response = getattr(error, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def _is_transient(error: BaseException) -> bool:
-    if isinstance(error, requests.HTTPError):
-        return _status_of(error) in RETRY_STATUSES
-    return isinstance(error, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError)
-
-
-def _may_have_landed(error: BaseException) -> bool:
-    """Whether Kaggle may have carried out a request that failed: not for a 429 (refused at the door) or a
-    connection that never opened; yes for a 5xx, a read timeout, or an answer cut off."""
-    if isinstance(error, requests.HTTPError):
-        return _status_of(error) != 429
-    if isinstance(error, requests.exceptions.ConnectTimeout):
-        return False
-    reason = getattr(error.args[0], "reason", None) if error.args else None  # urllib3's MaxRetryError
-    return not isinstance(reason, urllib3.exceptions.NewConnectionError)
-
-
-def retry_after(error: BaseException) -> float | None:
-    """Kaggle's Retry-After on a 429, in seconds, when it sends one."""
-    response = getattr(error, "response", None)
-    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-def backoff(attempt: int, base: float, cap: float = MAX_RETRY_DELAY) -> float:
-    """Exponential backoff with jitter, capped."""
-    return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
-
-
-def explain(error: BaseException, what: str) -> KaggleApiError:
-    status = _status_of(error)
-    if status == 401:
-        return KaggleApiError(f"{what}: Kaggle refused the credentials (401); check kaggle.json or "
-                              "KAGGLE_USERNAME/KAGGLE_KEY", status)
-    if status == 403:
-        return KaggleApiError(f"{what}: permission denied (403): {error}", status)
-    if status == 404:
-        return KaggleApiError(f"{what}: not found (404): {error}", status)
-    if status == 429:
-        return KaggleApiError(f"{what}: Kaggle is rate-limiting requests (429); wait a few minutes", status)
-    if status and status >= 500:
-        return KaggleApiError(f"{what}: Kaggle's server failed ({status}); try again later", status)
-    if isinstance(error, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError):
-        return KaggleApiError(f"{what}: cannot reach the Kaggle API ({type(error).__name__})", transient=True)
-    return KaggleApiError(f"{what}: {error}", status)
 
 
 class KaggleGateway:
@@ -235,7 +162,7 @@ class KaggleGateway:
                 return  # one note per outage, not one per retry
             self._outage = True
             error = state.outcome.exception() if state.outcome else None
-            status = _status_of(error) if error is not None else None
+            status = status_of(error) if error is not None else None
             reason = f"HTTP {status}" if status else type(error).__name__
             self.notify(f"note: {what} failed ({reason}); retrying with backoff (up to {self.attempts} tries)")
         return note
@@ -248,7 +175,7 @@ class KaggleGateway:
                 return fn()
 
         retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(self.attempts), wait=self._wait,
-                                     retry=tenacity.retry_if_exception(_is_transient),
+                                     retry=tenacity.retry_if_exception(is_transient),
                                      before_sleep=self._before_sleep(what), reraise=True)
         try:
             result = retrying(attempt)
@@ -318,20 +245,20 @@ class KaggleGateway:
             except ValueError as exc:  # the client's own validation of the folder
                 raise KaggleApiError(f"the kernel folder was refused by the kaggle client: {exc}") from None
             except Exception as exc:
-                if not _is_transient(exc) or attempt == self.attempts:
+                if not is_transient(exc) or attempt == self.attempts:
                     raise explain(exc, f"pushing {ref}") from None
                 landed = self.current_version(ref, pushed_before=bool(known_version))
                 if landed is not None and landed[0] != known_version:
                     self.notify(f"note: the push of {ref} failed ({type(exc).__name__}) but version {landed[0]} "
                                 "landed; following it")
                     return PushResult(landed[0], landed[1], "")
-                if _may_have_landed(exc):  # Kaggle can take minutes to show a version: never guess, wait
-                    raise PushUncertain(f"pushing {ref} failed ({_status_of(exc) or type(exc).__name__}) after "
+                if may_have_landed(exc):  # Kaggle can take minutes to show a version: never guess, wait
+                    raise PushUncertain(f"pushing {ref} failed ({status_of(exc) or type(exc).__name__}) after "
                                         "it may have landed") from None
                 delay = retry_after(exc) or backoff(attempt, self.base_delay)
-                self.notify(f"note: pushing {ref} failed ({_status_of(exc) or type(exc).__name__}); "
+                self.notify(f"note: pushing {ref} failed ({status_of(exc) or type(exc).__name__}); "
                             f"nothing landed, pushing again in {delay:.1f}s")
-                time.sleep(delay)
+                waits.sleep(delay)
                 continue
             return self._read_push(ref, response, sources)
         raise AssertionError("unreachable")
@@ -344,6 +271,8 @@ class KaggleGateway:
             words = error.lower()
             if "session count" in words or "concurrent" in words:  # "Maximum batch GPU session count of 2 reached."
                 raise GpuSessionsBusy(f"Kaggle refused the push: {error}")
+            if "projected to exceed" in words:  # "... currently running sessions are projected to exceed ..."
+                raise QuotaProjected(f"Kaggle refused the push: {error}")
             if "quota" in words:  # "Maximum weekly GPU quota of 30.00 hours reached."
                 raise QuotaExhausted(f"Kaggle refused the push: {error}")
             named = [source for source in sources if source.lower() in words]
@@ -372,11 +301,21 @@ class KaggleGateway:
         request = ApiGetKernelSessionStatusRequest()
         request.user_name, request.kernel_slug = ref.split("/")
         request.version_label = f"v{version}"
-        response = self._unless_missing(f"checking {ref} v{version}",
-                                        "kernels.kernels_api_client.get_kernel_session_status", request, (403, 404))
-        if response is None:
-            return None
-        return response.status.name, response.failure_message or None
+        try:
+            answer = self.call(f"checking {ref} v{version}", lambda: self._raw_rpc(
+                "kernels.KernelsApiService", "GetKernelSessionStatus", request))
+        except KaggleApiError as exc:
+            if exc.status in (403, 404):
+                return None
+            raise
+        status = answer.get("status")
+        message = answer.get("failureMessage")
+        return (_enum_name(status, "KERNEL_WORKER_STATUS_") if status is not None else "QUEUED",
+                message if isinstance(message, str) and message else None)
+
+    def _raw_rpc(self, service: str, method: str, request) -> dict:
+        with self._sdk() as kaggle:
+            return _raw_call(kaggle, service, method, request)
 
     def list_output(self, ref: str, version: int) -> tuple[list[OutputFile], str]:
         from kagglesdk.kernels.types.kernels_api_service import ApiListKernelSessionOutputRequest
@@ -449,12 +388,15 @@ class KaggleGateway:
 
         request = ApiGetDatasetStatusRequest()
         request.owner_slug, request.dataset_slug = ref.split("/")
-        response = self._unless_missing(f"checking dataset {ref}", "datasets.dataset_api_client.get_dataset_status",
-                                        request)
-        if response is None:
-            return None
-        status = response.status
-        return (status.name if hasattr(status, "name") else str(status)).lower()
+        try:
+            answer = self.call(f"checking dataset {ref}", lambda: self._raw_rpc(
+                "datasets.DatasetApiService", "GetDatasetStatus", request))
+        except KaggleApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        status = answer.get("status")
+        return _enum_name(status, "DATABUNDLE_VERSION_STATUS_").lower() if status is not None else "not_yet_persisted"
 
     def dataset_version(self, ref: str) -> int | None:
         """The dataset's newest version number, or None if it does not exist (or is not visible yet)."""
@@ -504,6 +446,15 @@ class KaggleGateway:
                                                                       delete_old_versions=delete_old_versions))
         if response.status != "ok" and response.error:
             raise KaggleApiError(f"Kaggle refused the dataset version: {response.error}")
+
+
+def _enum_name(value: object, prefix: str) -> str:
+    """An enum value as Kaggle sends it ("RUNNING", "running", "KERNEL_WORKER_STATUS_RUNNING", "blobsCopiedToSds")
+    as its upper-case member name; the caller decides what a name it does not know means."""
+    text = str(value)[:80]
+    snake = "".join(f"_{c}" if c.isupper() and i and not text[i - 1].isupper() else c for i, c in enumerate(text))
+    name = snake.upper().replace("__", "_")
+    return name.removeprefix(prefix)
 
 
 def _tree_size(folder: Path) -> int:

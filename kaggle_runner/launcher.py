@@ -6,6 +6,7 @@ these set a run up, hand it to the controller, or read and act on what the store
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -16,26 +17,25 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
-from kaggle_runner import artifacts, corpus
+from kaggle_runner import artifacts, corpus, waits
 from kaggle_runner.config import RunConfig, build_config, load_config
 from kaggle_runner.controller import (
-    DATASET_READY_TIMEOUT,
     PHASES,
-    Context,
-    Pace,
+    ChainContext,
+    ChainPace,
     cancel_version,
     drive,
     fetch_outputs,
+    look_at_small_outputs,
     quota_left_hours,
-    small_outputs,
-    wait_for_dataset,
 )
 from kaggle_runner.credentials import find_credentials
+from kaggle_runner.dataset_readiness import wait_for_dataset
 from kaggle_runner.display import Console
 from kaggle_runner.errors import KaggleRunnerError
 from kaggle_runner.kaggle_api import KaggleGateway, kagglesdk_warning
 from kaggle_runner.local import ensure_background_emulator, local_credentials
-from kaggle_runner.states import KaggleStatus, Phase, RunState
+from kaggle_runner.states import Actor, KaggleStatus, Phase, RunState
 from kaggle_runner.store import Run, Segment, Store
 from kaggle_runner.workspace import known_workspaces, remember_workspace
 
@@ -43,6 +43,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Exit codes of launch, watch and resume: 0 only when training completed (or, detached, the push landed).
 EXIT_CODES = {RunState.COMPLETE: 0, RunState.FAILED: 3, RunState.STOPPED: 4, RunState.CANCELLED: 5}
 EXIT_STILL_RUNNING = 6  # watch --all returned while another process still drives a run
+CORPUS_READY_TIMEOUT = 1800.0  # how long a corpus upload may take to be processed
 # Keys a resume must keep: they decide the model's shape, the data and its order, or the kernel's identity,
 # so changing them would not continue the same training.
 RESUME_FIXED_KEYS = ("n_embd", "n_layer", "n_head", "max_length", "dropout", "batch_size",
@@ -101,11 +102,11 @@ def _gateway(workspace: Path, local: bool, endpoint: str | None, notify: Callabl
     return KaggleGateway(endpoint, credentials if credentials.username else None, notify=notify)
 
 
-def _context(workspace: str | Path, run: Run, console: Console | None = None) -> Context:
+def _context(workspace: str | Path, run: Run, console: Console | None = None) -> ChainContext:
     console = console or Console()
     store = Store(workspace)
     gateway = _gateway(store.workspace, bool(run.local), run.endpoint, console.note)
-    return Context(store, run.name, gateway, console, Pace.for_run(run))
+    return ChainContext(store, run.name, gateway, console, ChainPace.for_run(run))
 
 
 # -- launch ----------------------------------------------------------------------------------------------
@@ -144,15 +145,15 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
     name = name or f"{config.slug}-{datetime.now():%Y%m%d-%H%M%S}"
     now = time.time()
     run = Run(name=name, config_json=config.model_dump_json(), username=username, kernel_ref=kernel_ref,
-              dataset_ref=f"{username}/{config.dataset_slug}", endpoint=None if local else endpoint,
-              local=int(local), state=RunState.RUNNING, reason="", max_segments=config.max_segments,
-              created_at=now, updated_at=now)
+              checkpoint_dataset_ref=f"{username}/{config.checkpoint_dataset_slug}",
+              endpoint=None if local else endpoint, local=int(local), state=RunState.RUNNING, reason="",
+              max_segments=config.max_segments, created_at=now, updated_at=now)
     store.create_run(run)
-    store.add_segment(Segment(run=name, idx=1, phase=Phase.PUSHING))
+    store.add_segment(Segment(run=name, idx=1, phase=Phase.PUSHING, kernel_ref=kernel_ref))
     remember_workspace(store.workspace)
     CURRENT_RUN["name"] = name
     console.say(f"Run {name}: kernel {kernel_ref}" + (" on the local emulator" if local else ""))
-    return drive(Context(store, run.name, gateway, console, Pace.for_run(run)), detach=detach)
+    return drive(ChainContext(store, run.name, gateway, console, ChainPace.for_run(run)), detach=detach)
 
 
 def check_paths_reach_kaggle(config: RunConfig, config_dir: Path) -> None:
@@ -202,9 +203,9 @@ def upload_corpus(store: Store, gateway: KaggleGateway, console: Console, config
         else:
             gateway.create_dataset_version(built.folder, f"{built.files} files, {built.content_hash[:12]}")
         console.say(f"Uploaded in {time.time() - started:.1f}s; waiting until Kaggle can mount it")
-        wait_for_dataset(gateway, ref, before or 0, time.time() + DATASET_READY_TIMEOUT, console.note,
+        wait_for_dataset(gateway, ref, before or 0, CORPUS_READY_TIMEOUT, console.note,
                          "launch again later (the upload is not repeated if the text did not change)")
-        time.sleep(config.dataset_settle_seconds)  # Kaggle attaches the version mountable at push time
+        waits.sleep(config.dataset_settle_seconds)  # Kaggle attaches the version mountable at push time
         corpus.remember_hash(store.workspace, ref, built.content_hash)
     return on_corpus(config, username)
 
@@ -294,21 +295,24 @@ def resume_run(workspace: str | Path, name: str, max_segments: int | None = None
         # Kaggle may list a version's outputs long after it ended: look again before concluding there is no
         # newer checkpoint, which would resume from an older one and throw a session's work away.
         ctx.console.say(f"Looking for the outputs of version {last.kernel_version} again")
-        small_outputs(ctx, run, last, folder)
+        with contextlib.suppress(waits.WaitTimedOut):
+            waits.poll(lambda: True if look_at_small_outputs(ctx, last)[0] in ("whole", "no_run_state") else None,
+                       ctx.pace.poll, ctx.pace.max_poll, ctx.pace.output_wait)
     manifest = artifacts.read_manifest(folder)
     if last.phase == Phase.FINAL and last.kernel_version and last.kaggle_status is None:
         # The chain stopped before Kaggle ever reported on this version: follow it, never push a second one.
-        store.transition(name, last.idx, Phase.FINAL, Phase.RUNNING)
+        store.transition(name, last.idx, Phase.FINAL, Phase.RUNNING, by=Actor.RESUME)
     elif last.phase in (Phase.FINAL, Phase.ENDED) and artifacts.checkpoints_newest_first(manifest) \
             and last.kernel_version:
-        store.transition(name, last.idx, Phase(last.phase), Phase.ENDED_RESUME)
+        store.transition(name, last.idx, Phase(last.phase), Phase.ENDED_RESUME, by=Actor.RESUME)
     elif last.phase in (Phase.FINAL, Phase.ENDED, Phase.REPUSH):
         # Nothing new to resume from: what this segment was handed (or scratch), pushed again.
         store.advance_segment(name, last.idx, Phase(last.phase), Segment(
-            run=name, idx=last.idx + 1, phase=Phase.PUSHING, resume_from=last.resume_from,
-            resume_sha256=last.resume_sha256, resume_step=last.resume_step, best_sha256=last.best_sha256))
-    store.update_run(name, state=RunState.RUNNING, reason="resumed by hand", max_segments=limit,
-                     config_json=config_json)
+            run=name, idx=last.idx + 1, phase=Phase.PUSHING, kernel_ref=last.kernel_ref,
+            resume_from=last.resume_from, resume_sha256=last.resume_sha256, resume_step=last.resume_step,
+            best_sha256=last.best_sha256, resume_via=last.resume_via), by=Actor.RESUME)
+    store.set_state(name, RunState.RUNNING, "resumed by hand", by=Actor.RESUME, max_segments=limit,
+                    config_json=config_json)
     ctx.notify_url = notify_url
     return drive(ctx)
 
@@ -345,13 +349,13 @@ def print_logs(workspace: str | Path, name: str, follow: bool = False, console: 
     else:
         chosen = pushed if every else pushed[-1:]
     if follow:
-        for event in ctx.gateway.log_stream(run.kernel_ref, chosen[-1].kernel_version):
+        for event in ctx.gateway.log_stream(chosen[-1].kernel_ref, chosen[-1].kernel_version):
             ctx.console.raw(str(event.get("data", "")))
         return
     for part in chosen:
         if len(chosen) > 1:
             ctx.console.raw(f"===== segment {part.idx}, version {part.kernel_version} =====\n")
-        text = ctx.gateway.log(run.kernel_ref, part.kernel_version)
+        text = ctx.gateway.log(part.kernel_ref, part.kernel_version)
         try:
             events = json.loads(text)
             text = "".join(str(e.get("data", "")) for e in events if isinstance(e, dict)) \
@@ -366,12 +370,12 @@ def cancel_run(workspace: str | Path, name: str, console: Console | None = None)
     run = store.get_run(name)
     if run.final:
         return f"Run {name} is already {run.state}."
-    store.update_run(name, state=RunState.CANCELLED, reason="cancelled by the user")
+    store.set_state(name, RunState.CANCELLED, "cancelled by the user", by=Actor.CANCEL)
     segment = store.last_segment(name)
     if segment.phase != Phase.RUNNING:
         return f"Cancelled run {name}; no kernel version was running."
     ctx = _context(workspace, run, console)
-    problem = cancel_version(ctx, run, segment)
+    problem = cancel_version(ctx, segment)
     if problem:
         return (f"Cancelled run {name}, but Kaggle did not stop version {segment.kernel_version} ({problem}); "
                 f"stop it at https://www.kaggle.com/code/{run.kernel_ref} to save GPU quota.")
@@ -424,13 +428,14 @@ def _live(workspace: str | Path, store: Store, run: Run) -> dict:
         return {}
     try:
         ctx = _context(workspace, run, Console(quiet=True))
-        seen = ctx.gateway.status(run.kernel_ref, segment.kernel_version)
+        seen = ctx.gateway.status(segment.kernel_ref, segment.kernel_version)
     except KaggleRunnerError as exc:
         return {"live": f"could not ask Kaggle ({exc})"}
     if seen is None:
         return {"live": "Kaggle does not show the version yet", "kaggle_status": None}
     status, message = seen
-    hint = f"; `kaggle-runner watch {run.name}` drives it on" if KaggleStatus(status).terminal else ""
+    known = KaggleStatus.read(status)
+    hint = f"; `kaggle-runner watch {run.name}` drives it on" if known and known.terminal else ""
     return {"kaggle_status": status, "live": f"Kaggle says {status}" + (f": {message}" if message else "") + hint}
 
 
@@ -443,7 +448,7 @@ def _describe(store: Store, run: Run, detail: bool = False) -> dict:
     driver = store.driver(run.name)
     description = {
         "name": run.name, "state": run.state, "reason": run.reason, "kernel": run.kernel_ref,
-        "dataset": run.dataset_ref, "local": bool(run.local), "segment": last.idx if last else 0,
+        "checkpoint_dataset": run.checkpoint_dataset_ref, "local": bool(run.local), "segment": last.idx if last else 0,
         "kernel_version": last.kernel_version if last else None,
         "kaggle_status": last.kaggle_status if last else None,
         "global_step": max((s.global_step or 0 for s in segments), default=0),

@@ -1,163 +1,61 @@
 """The workspace's SQLite store: runs, their segments (one kernel version each), events, and drivers.
 
-Every chain transition is one transaction guarded by the phase it expects, so a launcher killed at any
-moment leaves a state that `watch` continues from, and two processes can never both take one step. A run
-has one driver at a time (a lease with a heartbeat); WAL mode lets `status` read while it drives.
+Every change of a segment's phase or a run's state is one guarded UPDATE: it happens only from the state the
+caller expects and only along a move `states.PHASE_MOVES` / `states.RUN_MOVES` allows for that actor, so a
+launcher killed at any moment leaves a state `watch` continues from, and two processes never both take one
+step. Writes take the lock up front (BEGIN IMMEDIATE); reads don't (WAL lets `status` read while a driver
+writes). A run has one driver at a time: a lease with a heartbeat. The schema is store_migrations.py's.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import socket
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from kaggle_runner.errors import KaggleRunnerError
-from kaggle_runner.states import FINAL_STATES, Phase, RunState
+from kaggle_runner.records import (
+    PER_PHASE,
+    RUN_COLUMNS,
+    SEGMENT_COLUMNS,
+    Driver,
+    Run,
+    Segment,
+    StoreError,
+    checked,
+)
+from kaggle_runner.states import (
+    PHASE_MOVES,
+    RUN_MOVES,
+    Actor,
+    Phase,
+    RunState,
+    allowed_sources,
+    is_allowed,
+)
+from kaggle_runner.store_migrations import MIGRATIONS, RELEASE_0_1_0_COLUMNS, SCHEMA_VERSION
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    name TEXT PRIMARY KEY,
-    config_json TEXT NOT NULL,
-    username TEXT NOT NULL,
-    kernel_ref TEXT NOT NULL,
-    dataset_ref TEXT NOT NULL,
-    endpoint TEXT,
-    local INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT '',
-    max_segments INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS segments (
-    run TEXT NOT NULL REFERENCES runs(name),
-    idx INTEGER NOT NULL,
-    phase TEXT NOT NULL,
-    PRIMARY KEY (run, idx)
-);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run TEXT NOT NULL,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,
-    message TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS drivers (
-    run TEXT PRIMARY KEY,
-    pid INTEGER NOT NULL,
-    host TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    heartbeat REAL NOT NULL
-);
-"""
-# Columns the drivers table gained since workspaces were first created: (name, declaration).
-DRIVER_COLUMNS = [("token", "TEXT NOT NULL DEFAULT ''"), ("pid_ns", "TEXT NOT NULL DEFAULT ''")]
+__all__ = ["Driver", "Run", "Segment", "Store", "StoreError", "TransitionError", "IllegalMove"]
 
 # A driver that has not beaten for this long is gone (hung or its host asleep): another may take over.
 HEARTBEAT_STALE_SECONDS = 60.0
-
-
-class StoreError(KaggleRunnerError):
-    pass
+# SQLite's primary result codes for a file that is not a database, or one whose pages are damaged: the only
+# errors that make a store "damaged". Anything else (a value SQLite refused, a locked file) is not.
+SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
+BUSY_SECONDS = 10
 
 
 class TransitionError(StoreError):
     """Another process moved the segment first: this process must not perform the step's side effect."""
 
 
-@dataclass
-class Run:
-    name: str
-    config_json: str
-    username: str
-    kernel_ref: str
-    dataset_ref: str
-    endpoint: str | None
-    local: int
-    state: str
-    reason: str
-    max_segments: int
-    created_at: float
-    updated_at: float
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
-
-
-@dataclass
-class Segment:
-    run: str
-    idx: int
-    phase: str
-    base_version: int | None = None
-    kernel_version: int | None = None
-    kernel_id: int | None = None
-    resume_from: str | None = None  # the checkpoint this segment resumes from (flat name in the dataset)
-    resume_sha256: str | None = None
-    resume_step: int | None = None
-    best_sha256: str | None = None
-    resume_retries: int = 0  # pushes of the same resume that found no checkpoint (Kaggle pinned an old version)
-    push_attempted_at: float | None = None  # a push was sent then: it may have landed even if Kaggle shows nothing
-    pushed_at: float | None = None
-    running_at: float | None = None  # first RUNNING status: session time counts from here, not from the push
-    session_id: str | None = None  # from the kernel's session event; what cancel needs
-    kaggle_status: str | None = None
-    failure_message: str | None = None
-    global_step: int | None = None
-    total_steps: int | None = None
-    epoch: int | None = None
-    run_state_json: str | None = None
-    train_loss: float | None = None
-    val_loss: float | None = None
-    dataset_version_before: int | None = None
-    dataset_version: int | None = None  # the checkpoint-dataset version this segment's resume uploaded
-    dataset_reuploads: int = 0  # uploads repeated because a version failed processing or never became ready
-    settle_until: float | None = None  # when the settle after "ready" ends: a restarted launcher sleeps the rest
-    resume_proven: int = 0  # the next segment's kernel reported it resumed from that exact checkpoint
-    bytes_downloaded: int = 0
-    bytes_uploaded: int = 0
-    upload_seconds: float | None = None
-    ended_at: float | None = None
-
-    @property
-    def run_state(self) -> dict | None:
-        try:
-            state = json.loads(self.run_state_json) if self.run_state_json else None
-        except ValueError:
-            return None
-        return state if isinstance(state, dict) else None
-
-
-@dataclass
-class Driver:
-    pid: int
-    host: str
-    started_at: float
-    heartbeat: float
-    token: str = ""  # random per process: pid and host alone repeat across containers and pid reuse
-    pid_ns: str = ""  # the pid namespace `pid` means something in ("" in leases older than this column)
-
-    def describe(self) -> str:
-        return f"process {self.pid} on {self.host}"
-
-
-SEGMENT_COLUMNS = [f.name for f in fields(Segment)]
-_SQL_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT"}
-
-
-def _column_type(annotation: str) -> str:
-    for python_type, sql in _SQL_TYPES.items():
-        if python_type.__name__ in annotation:
-            return sql
-    return "TEXT"
+class IllegalMove(StoreError):
+    """A move the state tables do not allow: a bug in the caller, refused before anything changed."""
 
 
 def this_host() -> str:
@@ -216,14 +114,7 @@ class Store:
             raise StoreError(f"cannot create the workspace {self.workspace}: {exc.strerror}") from None
         self.path = self.workspace / "runs.sqlite"
         self._check_not_damaged()
-        db = self._open()
-        try:
-            db.executescript(SCHEMA)  # commits on its own, so not inside connect()'s transaction
-            self._migrate(db)
-        except sqlite3.DatabaseError as exc:
-            raise self._damaged(exc) from None
-        finally:
-            db.close()
+        self._migrate()
 
     # -- opening ---------------------------------------------------------------------------------------
     def _check_not_damaged(self) -> None:
@@ -249,98 +140,157 @@ class Store:
                           "the next command; runs of the old one can be found on Kaggle by their kernel slugs")
 
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-        db.row_factory = sqlite3.Row
         try:
-            db.execute("PRAGMA busy_timeout=10000")
+            db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
+        db.row_factory = sqlite3.Row
+        db.text_factory = lambda raw: raw.decode("utf-8", errors="replace")  # a hand-edited cell is not a crash
+        try:
+            db.execute(f"PRAGMA busy_timeout={BUSY_SECONDS * 1000}")
             db.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             db.close()
-            raise self._busy(exc) from None
+            raise self._failed(exc) from None
         return db
 
-    def _busy(self, exc: sqlite3.Error) -> StoreError:
+    def _failed(self, exc: sqlite3.Error) -> StoreError:
         """A store error in one line: locked (wait), damaged (kept aside), or what SQLite said."""
-        if "locked" in str(exc) or "busy" in str(exc):
-            return StoreError(f"the run store {self.path} is locked by another process for more than 10 s; "
-                              "try again, or look for a stuck kaggle-runner process")
-        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError) \
-                or "not a database" in str(exc) or "malformed" in str(exc):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
             return self._damaged(exc)
+        if "locked" in str(exc) or "busy" in str(exc):
+            return StoreError(f"the run store {self.path} is locked by another process for more than "
+                              f"{BUSY_SECONDS} s; try again, or look for a stuck kaggle-runner process")
         return StoreError(f"the run store {self.path} failed: {exc}")
 
-    @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
-        """Columns added since a workspace was created (segments carry one column per Segment field)."""
-        have = {row["name"] for row in db.execute("PRAGMA table_info(segments)")}
-        for field in fields(Segment):
-            if field.name not in have:
-                default = " NOT NULL DEFAULT 0" if field.default == 0 else ""
-                db.execute(f"ALTER TABLE segments ADD COLUMN {field.name} {_column_type(str(field.type))}{default}")
-        have = {row["name"] for row in db.execute("PRAGMA table_info(drivers)")}
-        for name, declaration in DRIVER_COLUMNS:
-            if name not in have:  # a lease written before: empty token, matched by pid and host as it was
-                db.execute(f"ALTER TABLE drivers ADD COLUMN {name} {declaration}")
+    def _migrate(self) -> None:
+        """Bring the store to SCHEMA_VERSION, one numbered migration per transaction."""
+        db = self._open()
+        try:
+            while True:
+                db.execute("BEGIN IMMEDIATE")
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0 and db.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone():
+                    version = self._adopt_release_0_1_0(db)
+                if version >= SCHEMA_VERSION:
+                    db.execute("COMMIT")
+                    if version > SCHEMA_VERSION:
+                        raise StoreError(f"the run store {self.path} was made by a newer kaggle-runner (schema "
+                                         f"{version}, this one knows {SCHEMA_VERSION}); upgrade kaggle-runner")
+                    return
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version + 1}")
+                db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise self._failed(exc) from None
+        finally:
+            db.close()
+
+    def _adopt_release_0_1_0(self, db: sqlite3.Connection) -> int:
+        """A store with tables but no schema version was made by release 0.1.0, if its columns say so."""
+        for table, columns in RELEASE_0_1_0_COLUMNS.items():
+            have = [row["name"] for row in db.execute(f"PRAGMA table_info({table})")]
+            if have != columns:
+                db.execute("ROLLBACK")
+                raise StoreError(f"the run store {self.path} was made by a kaggle-runner older than 0.1.0 (its "
+                                 f"{table} table differs); move it aside and launch again")
+        db.execute("PRAGMA user_version = 1")
+        return 1
 
     @contextmanager
-    def connect(self):
+    def write(self) -> Iterator[sqlite3.Connection]:
         """One transaction, taken with the write lock up front so concurrent launchers serialize."""
         db = self._open()
         try:
-            try:
-                db.execute("BEGIN IMMEDIATE")
-            except sqlite3.DatabaseError as exc:
-                raise self._busy(exc) from None
+            db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        except sqlite3.DatabaseError as exc:
-            raise self._busy(exc) from None
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
+        finally:
+            db.close()
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot without the write lock: readers never wait for a driver, nor it for them."""
+        db = self._open()
+        try:
+            db.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
         finally:
             db.close()
 
     # -- runs ----------------------------------------------------------------------------------------
     def create_run(self, run: Run) -> None:
-        with self.connect() as db:
+        values = checked(Run, {name: getattr(run, name) for name in RUN_COLUMNS})
+        with self.write() as db:
             if db.execute("SELECT 1 FROM runs WHERE name = ?", (run.name,)).fetchone():
                 raise StoreError(f"a run named {run.name!r} already exists; choose another --name")
-            db.execute(f"INSERT INTO runs VALUES ({', '.join('?' * len(fields(Run)))})",
-                       tuple(getattr(run, f.name) for f in fields(Run)))
+            db.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
+                       tuple(values.values()))
             self._event(db, run.name, "created", f"run {run.name} for kernel {run.kernel_ref}")
 
     def get_run(self, name: str) -> Run:
-        with self.connect() as db:
+        with self.read() as db:
             row = db.execute("SELECT * FROM runs WHERE name = ?", (name,)).fetchone()
         if row is None:
             known = ", ".join(r.name for r in self.list_runs()[:5]) or "none yet"
             raise StoreError(f"no run named {name!r} in {self.workspace} (runs: {known}); "
                              "`kaggle-runner status` lists them")
-        return Run(**dict(row))
+        return Run(**{k: row[k] for k in RUN_COLUMNS})
 
     def list_runs(self) -> list[Run]:
-        with self.connect() as db:
-            return [Run(**dict(r)) for r in db.execute("SELECT * FROM runs ORDER BY created_at DESC")]
+        with self.read() as db:
+            rows = db.execute("SELECT * FROM runs ORDER BY created_at DESC").fetchall()
+        return [Run(**{k: row[k] for k in RUN_COLUMNS}) for row in rows]
 
-    def update_run(self, name: str, *, only_if_active: bool = False, **values: Any) -> bool:
-        """Update a run; with only_if_active, not one that already reached a final state (a cancel wins)."""
+    def update_run(self, name: str, **values: Any) -> None:
+        """Record facts about a run without changing its state (use `set_state` for that)."""
         if "state" in values:
-            values["state"] = RunState(values["state"]).value
-        values["updated_at"] = time.time()
-        guard = f" AND state NOT IN ({', '.join('?' * len(FINAL_STATES))})" if only_if_active else ""
-        with self.connect() as db:
-            changed = db.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in values)} WHERE name = ?{guard}",
-                                 (*values.values(), name, *(sorted(FINAL_STATES) if only_if_active else ()))
-                                 ).rowcount
-            if changed and "state" in values:
-                self._event(db, name, "state", f"{values['state']}: {values.get('reason', '')}".rstrip(": "))
+            raise IllegalMove("a run's state changes through Store.set_state")
+        values = checked(Run, {**values, "updated_at": time.time()})
+        with self.write() as db:
+            db.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in values)} WHERE name = ?",
+                       (*values.values(), name))
+
+    def set_state(self, name: str, state: RunState, reason: str, by: Actor = Actor.CHAIN, **values: Any) -> bool:
+        """Move the run to `state` if `by` may from where it is (a cancel recorded first wins over the chain's
+        own moves, and only `resume` leaves a final state). True if it moved; False if it had moved elsewhere."""
+        with self.write() as db:
+            return self._set_state(db, name, RunState(state), reason, by, values)
+
+    @classmethod
+    def _set_state(cls, db, name: str, state: RunState, reason: str, by: Actor, values: dict[str, Any]) -> bool:
+        sources = allowed_sources(RUN_MOVES, state, by)
+        if not sources:
+            raise IllegalMove(f"{by} never moves a run to {state}")
+        current = db.execute("SELECT state FROM runs WHERE name = ?", (name,)).fetchone()
+        if current is not None and current["state"] == state.value and by == Actor.CHAIN:
+            sources = (*sources, state.value)  # the chain restating where it is: not a move
+        values = checked(Run, {**values, "state": state.value, "reason": reason, "updated_at": time.time()})
+        changed = db.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in values)} WHERE name = ? AND state IN "
+                             f"({', '.join('?' * len(sources))})", (*values.values(), name, *sources)).rowcount
+        if changed:
+            cls._event(db, name, "state", f"{state.value}: {reason}".rstrip(": "))
         return bool(changed)
 
     # -- segments ------------------------------------------------------------------------------------
     def segments(self, run: str) -> list[Segment]:
-        with self.connect() as db:
+        with self.read() as db:
             rows = db.execute("SELECT * FROM segments WHERE run = ? ORDER BY idx", (run,)).fetchall()
         return [Segment(**{k: row[k] for k in SEGMENT_COLUMNS}) for row in rows]
 
@@ -349,33 +299,36 @@ class Store:
 
     @staticmethod
     def _insert_segment(db, segment: Segment) -> None:
+        values = checked(Segment, {c: getattr(segment, c) for c in SEGMENT_COLUMNS})
         db.execute(f"INSERT INTO segments ({', '.join(SEGMENT_COLUMNS)}) VALUES "
-                   f"({', '.join('?' * len(SEGMENT_COLUMNS))})",
-                   tuple(getattr(segment, c) for c in SEGMENT_COLUMNS))
+                   f"({', '.join('?' * len(SEGMENT_COLUMNS))})", tuple(values.values()))
 
     def add_segment(self, segment: Segment) -> None:
-        with self.connect() as db:
+        with self.write() as db:
             self._insert_segment(db, segment)
             self._event(db, segment.run, "segment", f"segment {segment.idx} {segment.phase}")
 
     def update_segment(self, run: str, idx: int, **values: Any) -> None:
         """Record facts about a segment without moving its phase (use `transition` for that)."""
         if "phase" in values:
-            raise ValueError("phase changes go through Store.transition")
-        with self.connect() as db:
+            raise IllegalMove("a segment's phase changes through Store.transition")
+        values = checked(Segment, values)
+        with self.write() as db:
             db.execute(f"UPDATE segments SET {', '.join(f'{k} = ?' for k in values)} WHERE run = ? AND idx = ?",
                        (*values.values(), run, idx))
 
-    def transition(self, run: str, idx: int, expected: Phase, phase: Phase, **values: Any) -> None:
+    def transition(self, run: str, idx: int, expected: Phase, phase: Phase, by: Actor = Actor.CHAIN,
+                   **values: Any) -> None:
         """Move segment `idx` from `expected` to `phase`; if it is no longer in `expected`, change nothing."""
-        with self.connect() as db:
-            self._move(db, run, idx, expected, phase, values)
+        with self.write() as db:
+            self._move(db, run, idx, expected, phase, by, values)
             self._event(db, run, "segment", f"segment {idx} {Phase(phase).value}")
 
-    def advance_segment(self, run: str, idx: int, expected: Phase, following: Segment) -> None:
+    def advance_segment(self, run: str, idx: int, expected: Phase, following: Segment,
+                        by: Actor = Actor.CHAIN) -> None:
         """Close segment `idx` and open the next one in one transaction: never two, never none."""
-        with self.connect() as db:
-            self._move(db, run, idx, expected, Phase.DONE, {})
+        with self.write() as db:
+            self._move(db, run, idx, expected, Phase.DONE, by, {})
             self._insert_segment(db, following)
             self._event(db, run, "segment", f"segment {idx} done; segment {following.idx} {following.phase}")
 
@@ -383,22 +336,24 @@ class Store:
         """The last segment to `final` (with `values` recorded on it) and the run to its final state in one
         transaction (a kill between the two would leave a run neither `watch` nor `resume` could continue).
         A cancel already recorded wins."""
-        with self.connect() as db:
-            self._move(db, run, idx, expected, Phase.FINAL, values)
-            done = db.execute(f"UPDATE runs SET state = ?, reason = ?, updated_at = ? WHERE name = ? AND state NOT IN "
-                              f"({', '.join('?' * len(FINAL_STATES))})",
-                              (RunState(state).value, reason, time.time(), run, *sorted(FINAL_STATES))).rowcount
+        with self.write() as db:
+            self._move(db, run, idx, expected, Phase.FINAL, Actor.CHAIN, values)
             self._event(db, run, "segment", f"segment {idx} final")
-            if done:
-                self._event(db, run, "state", f"{RunState(state).value}: {reason}")
+            self._set_state(db, run, RunState(state), reason, Actor.CHAIN, {})
 
     @classmethod
-    def _move(cls, db, run: str, idx: int, expected: Phase, phase: Phase, values: dict[str, Any]) -> None:
-        """The guarded step every phase change takes: `phase` (and `values`) only if still in `expected`."""
-        values = {**values, "phase": Phase(phase).value}
+    def _move(cls, db, run: str, idx: int, expected: Phase, phase: Phase, by: Actor, values: dict[str, Any]) -> None:
+        """The guarded step every phase change takes: `phase` (and `values`) only along an allowed move, and only
+        if the segment is still in `expected`. A phase that may wait starts its wait afresh; a segment that is done
+        or final keeps the record of its last one."""
+        expected, phase = Phase(expected), Phase(phase)
+        if not is_allowed(PHASE_MOVES, expected, phase, by):
+            raise IllegalMove(f"{by} never moves a segment from {expected} to {phase} (kaggle_runner.states)")
+        fresh = {} if phase in (Phase.DONE, Phase.FINAL) else PER_PHASE
+        values = checked(Segment, {**fresh, **values, "phase": phase.value})
         changed = db.execute(
             f"UPDATE segments SET {', '.join(f'{k} = ?' for k in values)} WHERE run = ? AND idx = ? AND phase = ?",
-            (*values.values(), run, idx, Phase(expected).value)).rowcount
+            (*values.values(), run, idx, expected.value)).rowcount
         if not changed:
             raise cls._moved(db, run, idx, expected)
 
@@ -412,7 +367,7 @@ class Store:
     # -- drivers -------------------------------------------------------------------------------------
     def driver(self, run: str) -> Driver | None:
         """The live driver of `run`, if any (a dead or silent one is not)."""
-        with self.connect() as db:
+        with self.read() as db:
             return self._live_driver(db, run)
 
     @staticmethod
@@ -424,24 +379,18 @@ class Store:
         holder = Driver(**dict(row))
         # A gone pid means a dead driver only where that pid means the same process: this host, this pid
         # namespace (a container with our hostname has its own pids). Elsewhere only the heartbeat tells.
-        if holder.host == this_host() and holder.pid_ns in ("", pid_namespace()) and not _pid_alive(holder.pid):
+        if holder.host == this_host() and holder.pid_ns == pid_namespace() and not _pid_alive(holder.pid):
             return None
         if time.time() - holder.heartbeat > HEARTBEAT_STALE_SECONDS:
             return None
         return holder
 
-    @staticmethod
-    def _ours(holder: Driver) -> bool:
-        if holder.token:
-            return holder.token == process_token()
-        return holder.pid == os.getpid() and holder.host == this_host()  # a lease older than tokens
-
     def acquire_driver(self, run: str) -> Driver | None:
         """Take the lease for `run`; None on success, else the live driver that holds it."""
         pid = os.getpid()
-        with self.connect() as db:
+        with self.write() as db:
             holder = self._live_driver(db, run)
-            if holder is not None and not self._ours(holder):
+            if holder is not None and holder.token != process_token():
                 return holder
             now = time.time()
             db.execute("INSERT OR REPLACE INTO drivers (run, pid, host, started_at, heartbeat, token, pid_ns) "
@@ -452,12 +401,12 @@ class Store:
 
     def heartbeat(self, run: str) -> bool:
         """Renew the lease; False if it is no longer ours (taken over after a long stall)."""
-        with self.connect() as db:
+        with self.write() as db:
             return bool(db.execute("UPDATE drivers SET heartbeat = ? WHERE run = ? AND token = ?",
                                    (time.time(), run, process_token())).rowcount)
 
     def release_driver(self, run: str) -> None:
-        with self.connect() as db:
+        with self.write() as db:
             db.execute("DELETE FROM drivers WHERE run = ? AND token = ?", (run, process_token()))
 
     # -- events --------------------------------------------------------------------------------------
@@ -467,6 +416,6 @@ class Store:
                    (run, time.time(), kind, message))
 
     def events(self, run: str) -> list[dict]:
-        with self.connect() as db:
+        with self.read() as db:
             return [dict(r) for r in db.execute("SELECT at, kind, message FROM events WHERE run = ? ORDER BY id",
                                                 (run,))]

@@ -50,12 +50,41 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CHECKPOINT_FORMAT = 2  # bumped when the checkpoint layout changes (2: tensors and plain types only)
+# ---------------------------------------------------------------------------------------------------
+# The contract with the launcher: the files this kernel writes, the JSON events it prints, why it stops
+# ---------------------------------------------------------------------------------------------------
+# Literals only: kaggle_runner/contract.py reads them from this file without running it, and the launcher
+# reads nothing a kernel writes except through them (tests/test_contract.py checks both sides).
+MANIFEST_NAME = "manifest.json"  # {"files": {relpath: {"sha256", "size", "kind", ...}}}: every output that counts
+RUN_STATE_NAME = "run_state.json"  # how the session ended: status, reason, message, step, resumed_from, image
+HISTORY_NAME = "training_history.json"  # train, eval and sample entries of every session so far
+BEST_MODEL_NAME = "best_model.pt"  # the weights with the lowest validation loss
+CHECKPOINT_DIR = "checkpoints"  # rotating checkpoints, checkpoint_epoch<E>_step<S>.pt
+FINAL_MODEL_DIR = "final_model"  # the trained model in Hugging Face format, once training completes
+TOKEN_CACHE_DIR = "token_cache"  # packed token arrays, so later sessions of the chain skip tokenizing
 MANIFEST_FORMAT = 1
-MANIFEST_NAME = "manifest.json"
-RUN_STATE_NAME = "run_state.json"
-HISTORY_NAME = "training_history.json"
-BEST_MODEL_NAME = "best_model.pt"
+# The kind of each manifest entry.
+FILE_KINDS = ("checkpoint", "best", "history", "final_model", "token_cache")
+# JSON lines on stdout, {"event": <name>, ...}: session (who and where), start, progress, eval, sample,
+# checkpoint, oom (the micro-batch halved), end (as run_state.json says).
+EVENTS = ("session", "start", "progress", "eval", "sample", "checkpoint", "oom", "end")
+# Why a session ended: run_state.json's "reason". kaggle_runner/chain.py decides what each one means.
+STOP_REASONS = {
+    "complete": "training finished; final_model/ is written",
+    "step_budget": "ran its segment_steps; a checkpoint is saved",
+    "time_budget": "reached session_timeout_seconds - safety_margin_seconds; a checkpoint is saved",
+    "interrupted": "SIGTERM or SIGINT; a checkpoint is saved",
+    "resume_missing": "the chain's checkpoint is not among the inputs (Kaggle attached an older version)",
+    "resume_error": "the chain's checkpoint could not be read, or holds another model",
+    "data_error": "the data could not be loaded or tokenized",
+    "config_error": "the configuration cannot work with this model, data or disk",
+    "out_of_memory": "out of memory even at micro-batch 1",
+    "diverged": "the training loss stayed NaN or infinite",
+    "no_gpu": "the session came without a usable GPU",
+    "error": "an unexpected exception; the log has its traceback",
+}
+
+CHECKPOINT_FORMAT = 2  # bumped when the checkpoint layout changes (2: tensors and plain types only)
 EOS_TOKEN = "<|endoftext|>"
 DIVERGENCE_STEPS = 3  # optimizer steps in a row with a non-finite loss before the run stops as diverged
 
@@ -685,10 +714,10 @@ def keep_tokens_for_later(splits: dict, fingerprint: str) -> None:
         return
     for split, tokens in splits.items():
         name = token_file_name(split, fingerprint)
-        target = working_dir() / "token_cache" / name
+        target = working_dir() / TOKEN_CACHE_DIR / name
         if not target.exists():
             atomic_write(target, lambda handle, tokens=tokens: np.save(handle, np.asarray(tokens)))
-            record_in_manifest(working_dir(), f"token_cache/{name}", kind="token_cache")
+            record_in_manifest(working_dir(), f"{TOKEN_CACHE_DIR}/{name}", kind="token_cache")
 
 
 def prepare_data(config: dict, saved_tokenizer_json: str | None = None) -> dict:
@@ -971,7 +1000,7 @@ def log_progress(run: Run, loss: float) -> None:
 
 
 # Ways a session stops early with a checkpoint, in rising priority when ranks see different ones.
-STOP_REASONS = (None, "step_budget", "time_budget", "interrupted")
+EARLY_STOPS = (None, "step_budget", "time_budget", "interrupted")
 
 
 def stop_reason(run: Run, config: dict) -> str | None:
@@ -986,7 +1015,7 @@ def stop_reason(run: Run, config: dict) -> str | None:
 
 def agreed_stop_reason(run: Run, config: dict) -> str | None:
     """A stop every rank takes at the same step (the signal or deadline may reach them at different times)."""
-    return STOP_REASONS[agree(STOP_REASONS.index(stop_reason(run, config)))]
+    return EARLY_STOPS[agree(EARLY_STOPS.index(stop_reason(run, config)))]
 
 
 def train(run: Run, config: dict) -> str:
@@ -1055,7 +1084,7 @@ def finish(run: Run, config: dict) -> None:
 
     if not is_primary():
         return
-    target = working_dir() / "final_model"
+    target = working_dir() / FINAL_MODEL_DIR
     run.raw_model.save_pretrained(target)
     # model_max_length: generation and pipelines stay inside the context the model was trained on.
     if config.get("init_from"):  # the model's own tokenizer, with its chat template and special tokens
@@ -1132,7 +1161,7 @@ def save_torch(path: Path, payload: dict) -> None:
 
 def save_checkpoint(run: Run, config: dict) -> str:
     root = working_dir()
-    name = f"checkpoints/checkpoint_epoch{run.epoch}_step{run.global_step}.pt"
+    name = f"{CHECKPOINT_DIR}/checkpoint_epoch{run.epoch}_step{run.global_step}.pt"
     run.newest_checkpoint = name
     run.last_saved_step = run.global_step
     if not is_primary():

@@ -14,6 +14,17 @@ import sys
 import time
 from pathlib import Path
 
+# The real kernel's contract (kernel_template/kernel.py declares it; the launcher reads the same literals).
+from kaggle_runner.contract import (
+    BEST_MODEL,
+    CHECKPOINT_DIR,
+    FINAL_MODEL_DIR,
+    HISTORY,
+    MANIFEST,
+    RUN_STATE,
+    STOP_REASONS,
+)
+
 STOP = {"signal": False}
 
 
@@ -44,11 +55,12 @@ def write(path, data):
 
 def record(manifest, rel, **info):
     manifest["files"][rel] = {"sha256": sha256_of(rel), "size": os.path.getsize(rel), **info}
-    write("manifest.json", manifest)
+    write(MANIFEST, manifest)
 
 
 def finish(status, reason, step, total, message="", resumed=None):
-    write("run_state.json", {"status": status, "reason": reason, "message": message, "global_step": step,
+    assert reason in STOP_REASONS, reason
+    write(RUN_STATE, {"status": status, "reason": reason, "message": message, "global_step": step,
                              "total_steps": total, "epoch": 1, "resumed_from": resumed})
     emit("end", status=status, reason=reason, global_step=step)
     return 0 if reason in ("complete", "time_budget", "step_budget", "interrupted") else 1
@@ -104,10 +116,10 @@ def main(config):
             history.append(history_entry("train", step, history, resumed, started))
         if step % config["eval_steps"] == 0:
             history.append(history_entry("eval", step, history, resumed, started))
-            write("training_history.json", history)
-            record(manifest, "training_history.json", kind="history")
-            write("best_model.pt", {"step": step, "weight": weight})
-            record(manifest, "best_model.pt", kind="best", global_step=step)
+            write(HISTORY, history)
+            record(manifest, HISTORY, kind="history")
+            write(BEST_MODEL, {"step": step, "weight": weight})
+            record(manifest, BEST_MODEL, kind="best", global_step=step)
         if step % config["save_steps"] == 0:
             save(manifest, step, weight, history, config["max_checkpoints"])
     else:
@@ -116,14 +128,14 @@ def main(config):
         save(manifest, step, weight, history, config["max_checkpoints"])
         code = finish("incomplete", reason, step, total, f"stopped by {reason} at step {step}", resumed)
         if wanted_behaviour.get("torn"):  # a run_state.json cut off mid-write
-            Path("run_state.json").write_text('{"status": "incompl')
+            Path(RUN_STATE).write_text('{"status": "incompl')
         return code
     save(manifest, step, weight, history, config["max_checkpoints"])
-    write("final_model/config.json", {"step": step, "weight": weight})
-    record(manifest, "final_model/config.json", kind="final_model")
+    write(f"{FINAL_MODEL_DIR}/config.json", {"step": step, "weight": weight})
+    record(manifest, f"{FINAL_MODEL_DIR}/config.json", kind="final_model")
     history.append({"kind": "sample", "step": step, "epoch": 1, "text": f"stub sample at step {step}: <&>"})
-    write("training_history.json", history)
-    record(manifest, "training_history.json", kind="history")
+    write(HISTORY, history)
+    record(manifest, HISTORY, kind="history")
     return finish("complete", "complete", step, total, resumed=resumed)
 
 
@@ -139,7 +151,7 @@ def history_entry(kind, step, history, resumed, started):
 
 
 def save(manifest, step, weight, history, keep):
-    rel = f"checkpoints/checkpoint_epoch1_step{step}.pt"
+    rel = f"{CHECKPOINT_DIR}/checkpoint_epoch1_step{step}.pt"
     if rel in manifest["files"]:
         return
     write(rel, {"step": step, "weight": weight, "history": history})
@@ -148,5 +160,5 @@ def save(manifest, step, weight, history, keep):
     for _, stale in ours[:-keep]:
         os.unlink(stale)
         del manifest["files"][stale]
-    write("manifest.json", manifest)
+    write(MANIFEST, manifest)
     emit("checkpoint", path=rel, global_step=step)

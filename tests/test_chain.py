@@ -91,7 +91,7 @@ def test_no_gpu_stops_and_divergence_fails_naming_the_run():
 
 
 def test_ending_a_run_is_one_transaction_and_a_cancel_already_recorded_wins(tmp_path):
-    from kaggle_runner.states import Phase, RunState
+    from kaggle_runner.states import Actor, Phase, RunState
     from kaggle_runner.store import Run, Segment, Store
 
     store = Store(tmp_path / "ws")
@@ -100,6 +100,6 @@ def test_ending_a_run_is_one_transaction_and_a_cancel_already_recorded_wins(tmp_
         store.add_segment(Segment(run=name, idx=1, phase=Phase.ENDED))
     store.end_run("ends", 1, Phase.ENDED, RunState.STOPPED, "max_segments")
     assert (store.get_run("ends").state, store.last_segment("ends").phase) == ("stopped", "final")
-    store.update_run("cancelled", state=RunState.CANCELLED, reason="cancelled by the user")
+    store.set_state("cancelled", RunState.CANCELLED, "cancelled by the user", by=Actor.CANCEL)
     store.end_run("cancelled", 1, Phase.ENDED, RunState.FAILED, "late")
     assert store.get_run("cancelled").state == "cancelled" and store.last_segment("cancelled").phase == "final"

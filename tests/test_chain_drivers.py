@@ -3,7 +3,9 @@ session, a launcher killed at every transition, and two watchers that must make 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from kaggle_runner.cli import cli
 from kaggle_runner.launcher import run_status
 from tests.chain_helpers import SLUG, STUB_CHAIN, final_stub_weight, launcher, sets, start_launcher, stub_weight
-from tests.emulator_helpers import USER, admin, official_client, write_kernel
+from tests.emulator_helpers import USER, admin, eventually, official_client, write_kernel
 
 pytestmark = pytest.mark.slow
 
@@ -26,20 +28,14 @@ def test_cancel_stops_the_version_by_its_session_id(stub_project, cli_runner, em
         [*STUB_CHAIN, "max_steps=1000", "segment_steps=1000", 'sample_prompt="stub: step=0.5"'])])
     assert result.exit_code == 0, result.output
     follower = start_launcher("watch", "long")
-    for _ in range(100):  # the driver learns the session id from the kernel's session event
-        if run_status(".kaggle-runner", "long")["segments"][0]["session_id"]:
-            break
-        time.sleep(0.2)
+    # the driver learns the session id from the kernel's session event
+    eventually(lambda: run_status(".kaggle-runner", "long")["segments"][0]["session_id"], what="a session id")
     cancelled = cli_runner.invoke(cli, ["cancel", "long"])
     assert cancelled.exit_code == 0 and "Cancelled run long and its kernel version 1" in cancelled.output, \
         cancelled.output
     out, _ = follower.communicate(timeout=60)
     assert "was cancelled" in out, out
-    for _ in range(100):
-        if versions_of(emulator)[0].status == "CANCEL_ACKNOWLEDGED":
-            break
-        time.sleep(0.2)
-    assert versions_of(emulator)[0].status == "CANCEL_ACKNOWLEDGED"
+    eventually(lambda: versions_of(emulator)[0].status == "CANCEL_ACKNOWLEDGED", what="the cancel")
 
 
 def test_a_refused_cancel_says_where_to_stop_the_version(stub_project, cli_runner, emulator):
@@ -47,7 +43,6 @@ def test_a_refused_cancel_says_where_to_stop_the_version(stub_project, cli_runne
     result = cli_runner.invoke(cli, ["launch", "--name", "stuck", "--detach", *sets(
         [*STUB_CHAIN, "max_steps=1000", "segment_steps=1000", 'sample_prompt="stub: step=0.5"'])])
     assert result.exit_code == 0, result.output
-    time.sleep(1)
     cancelled = cli_runner.invoke(cli, ["cancel", "stuck"])
     assert cancelled.exit_code == 0, cancelled.output
     assert "did not stop version 1" in cancelled.output and f"kaggle.com/code/{USER}/{SLUG}" in cancelled.output
@@ -115,7 +110,8 @@ def test_status_reads_while_another_process_follows(stub_project, cli_runner):
         status = cli_runner.invoke(cli, ["status", "followed", "--json"])
         assert status.exit_code == 0, status.output
         seen.add(json.loads(status.output)["state"])
-        time.sleep(0.3)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            follower.wait(timeout=0.3)  # a look at `status` every 0.3 s while the follower lives
     assert follower.returncode == 0, follower.stdout.read()
     assert "running" in seen and run_status(".kaggle-runner", "followed")["state"] == "complete"
 
@@ -194,13 +190,13 @@ def test_a_launcher_killed_while_the_dataset_settles_sleeps_the_rest_before_push
     chain = [*STUB_CHAIN, "dataset_settle_seconds=10"]
     result = launcher("launch", "--name", "settling", *sets(chain), env={"KAGGLE_RUNNER_TEST_KILL_AT": "mid_settle"})
     assert result.returncode == -9, result.stdout + result.stderr
-    settle_until = Store(".kaggle-runner").segments("settling")[0].settle_until
+    settle_until = Store(".kaggle-runner").segments("settling")[0].next_try_at
     assert settle_until is not None
     result = launcher("watch", "settling")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "more (the settle was interrupted)" in result.stdout, result.stdout
     first, second = Store(".kaggle-runner").segments("settling")
-    assert second.pushed_at >= first.settle_until == settle_until  # never pushed before the settle ended
+    assert second.pushed_at >= first.next_try_at == settle_until  # never pushed before the settle ended
     assert final_stub_weight(stub_project / "outputs/settling", 20) == stub_weight(20)
 
 
@@ -209,7 +205,7 @@ def _lease_held_elsewhere(store, run: str, pid: int, pid_ns: str, token: str = "
     """A lease as another launcher writes it: in a container with our hostname, say, whose pids are its own."""
     from kaggle_runner.store import this_host
 
-    with store.connect() as db:
+    with store.write() as db:
         now = time.time()
         db.execute("INSERT OR REPLACE INTO drivers (run, pid, host, started_at, heartbeat, token, pid_ns) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?)", (run, pid, this_host(), now, now, token, pid_ns))
@@ -247,26 +243,6 @@ def test_a_gone_pid_frees_a_lease_at_once_only_in_our_pid_namespace(tmp_path):
     assert store.driver("here") is None  # our namespace, pid gone: taken over at once, as before
     _lease_held_elsewhere(store, "container", pid, "pid:[1]")
     assert store.driver("container") is not None  # another namespace: only a stale heartbeat frees it
-    with store.connect() as db:
+    with store.write() as db:
         db.execute("UPDATE drivers SET heartbeat = heartbeat - 120 WHERE run = 'container'")
     assert store.driver("container") is None
-
-
-def test_a_store_from_before_lease_tokens_is_migrated(tmp_path):
-    import os
-    import sqlite3
-
-    from kaggle_runner.store import Store, this_host
-
-    (tmp_path / "ws").mkdir()
-    db = sqlite3.connect(tmp_path / "ws/runs.sqlite")
-    db.executescript("CREATE TABLE drivers (run TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, "
-                     "started_at REAL NOT NULL, heartbeat REAL NOT NULL);")
-    db.execute("INSERT INTO drivers VALUES ('old', ?, ?, ?, ?)", (os.getpid(), this_host(), time.time(), time.time()))
-    db.commit()
-    db.close()
-    store = Store(tmp_path / "ws")
-    holder = store.driver("old")
-    assert holder is not None and holder.token == "" and holder.pid == os.getpid()
-    assert store.acquire_driver("old") is None  # a token-less lease of this very pid and host: ours, as before
-    assert store.driver("old").token and store.heartbeat("old")
