@@ -1,4 +1,10 @@
-"""Start an emulator and point the unmodified official client at it."""
+"""Start an emulator and point the unmodified official client at it.
+
+Emulator tests run it on a ManualClock: emulator time stands still unless a test advances it, so "right after
+a push" or "once the pin window has passed" is a fact the test sets, not a race with the machine's load. The
+waiting helpers below (`wait_for`, `outputs`, `eventually`) wait on real processes, and let emulator time pass
+in steps while they do (`api.emulator_clock`), as Kaggle's would.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,25 @@ def quick_realism(**changes):
                       **changes})
 
 
-def official_client(url: str, monkeypatch, username: str = USER, key: str = KEY):
+POLL = 0.05  # seconds of real time between looks at a real process
+TICK = 0.25  # seconds of emulator time each look lets pass
+
+
+def eventually(condition, timeout: float = 60, clock=None, what: str = "the condition"):
+    """condition()'s first truthy answer, looking every POLL seconds; emulator time moves TICK per look."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = condition()
+        if answer:
+            return answer
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout}s")
+        if clock is not None:
+            clock.advance(TICK)
+        time.sleep(POLL)
+
+
+def official_client(url: str, monkeypatch, username: str = USER, key: str = KEY, clock=None):
     """KaggleApi exactly as users get it; only the PROD endpoint is pointed at the emulator."""
     import kagglesdk.kaggle_env as kaggle_env
 
@@ -30,6 +54,7 @@ def official_client(url: str, monkeypatch, username: str = USER, key: str = KEY)
 
     api = KaggleApi()
     api.authenticate()
+    api.emulator_clock = clock  # what `wait_for` and `outputs` let pass while they wait
     return api
 
 
@@ -64,24 +89,23 @@ def status_of(api, ref: str) -> str | None:
 
 
 def wait_for(api, ref: str, timeout: float = 60) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    """The version's terminal status, once it has one."""
+    def ended() -> str | None:
         status = status_of(api, ref)
-        if status not in (None, "QUEUED", "RUNNING", "CANCEL_REQUESTED"):
-            return status
-        time.sleep(0.2)
-    raise TimeoutError(f"{ref} still running after {timeout}s")
+        return status if status not in (None, "QUEUED", "RUNNING", "CANCEL_REQUESTED") else None
+
+    return eventually(ended, timeout, getattr(api, "emulator_clock", None), f"the end of {ref}")
 
 
 def outputs(api, ref: str, path: Path, timeout: float = 30, **kwargs) -> list:
     """Download a finished version's outputs, waiting out the lag before Kaggle lists them."""
-    deadline = time.time() + timeout
-    while True:
+    log_file = Path(path) / f"{ref.split('/')[1]}.log"  # written from the listing's log field
+
+    def listed() -> list | None:
         files, _ = api.kernels_output(ref, str(path), **kwargs)
-        log_file = Path(path) / f"{ref.split('/')[1]}.log"  # written from the listing's log field
-        if [f for f in files if Path(f) != log_file] or time.time() > deadline:
-            return files
-        time.sleep(0.2)
+        return files if [f for f in files if Path(f) != log_file] else None
+
+    return eventually(listed, timeout, getattr(api, "emulator_clock", None), f"the outputs of {ref}")
 
 
 def admin(url: str, path: str, body: dict | None = None) -> dict:

@@ -22,8 +22,8 @@ def versions_of(emulator, slug: str = SLUG) -> list:
 
 
 def test_a_resume_pushed_inside_the_pin_window_is_pushed_again(stub_project, emulator, cli_runner):
-    # No settle time and a long pin window: the first resume's kernel mounts the previous (absent) version.
-    admin(emulator.url, "realism", {"pin_window": 3.0})
+    # The first resume is pushed as if inside the pin window: its kernel mounts the previous (absent) version.
+    admin(emulator.url, "faults", {"stale_mounts": 1})
     result = cli_runner.invoke(cli, ["launch", "--name", "pinned", *sets([*STUB_CHAIN, "dataset_settle_seconds=0"])])
     assert result.exit_code == 0, result.output
     assert "did not find its checkpoint" in result.output

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import json
-import time
 
 import pytest
 
@@ -18,10 +17,9 @@ def test_doctor_measures_the_pin_delay_on_cpu_kernels(tmp_path, monkeypatch, emu
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KAGGLE_USERNAME", USER)
     monkeypatch.setenv("KAGGLE_KEY", KEY)
-    admin(emulator.url, "realism", {"pin_window": 3.0})  # the first probe, pushed at once, sees no new version
-    started = time.time()
+    admin(emulator.url, "realism", {"pin_window": 0})
+    admin(emulator.url, "faults", {"stale_mounts": 1})  # the first probe, pushed at once, sees no new version
     result = cli_runner.invoke(cli, ["doctor", "--endpoint", emulator.url])
-    took = time.time() - started
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     for check in ("credentials", "GPU quota", "probe kernel", "status after push", "dataset pinning",
@@ -43,7 +41,6 @@ def test_doctor_measures_the_pin_delay_on_cpu_kernels(tmp_path, monkeypatch, emu
     assert 2 <= len(kernel.versions) <= 3
     assert not any(v.enable_gpu for v in kernel.versions)  # no GPU quota spent
     assert all(v.dataset_sources == [f"{USER}/kaggle-runner-probe-data"] for v in kernel.versions)
-    assert took < 60
 
 
 def test_probe_settings_are_data_and_its_report_is_found_in_a_log():

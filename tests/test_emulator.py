@@ -8,19 +8,21 @@ import re
 import socket
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
 import requests
 
 from kaggle_runner.config import load_preset
+from kaggle_runner.emulator.clock import ManualClock
 from kaggle_runner.emulator.server import EmulatorServer
 from kaggle_runner.render import render_kernel
 from tests.emulator_helpers import (
     KEY,
     USER,
     admin,
+    eventually,
     official_client,
     outputs,
     quick_realism,
@@ -34,13 +36,22 @@ from tests.emulator_helpers import (
 @pytest.fixture
 def emulator(tmp_path):
     with EmulatorServer(tmp_path / "emu", username=USER, key=KEY, session_limit=60, kill_grace_seconds=2,
-                        realism=quick_realism()) as server:
+                        realism=quick_realism(), clock=ManualClock()) as server:
         yield server
 
 
 @pytest.fixture
 def api(emulator, monkeypatch):
-    return official_client(emulator.url, monkeypatch)
+    return official_client(emulator.url, monkeypatch, clock=emulator.clock)
+
+
+def _signal(emulator, slug: str = "hello-kernel", version: int = 1, name: str = "go") -> None:
+    """Tell a kernel written with WAIT_FOR_GO to finish: the file it waits for, in its working directory."""
+    (emulator.backend.kernel_dir(USER, slug, version) / "working" / name).touch()
+
+
+# A kernel that runs until the test says so: its session lasts exactly the emulator time the test lets pass.
+WAIT_FOR_GO = "import pathlib, time\nwhile not pathlib.Path('go').exists():\n    time.sleep(0.02)\n"
 
 
 HELLO = """
@@ -70,11 +81,24 @@ def test_push_status_output_and_logs(api, emulator, tmp_path, capsys):
     assert again.version_number == 2
 
 
-def test_follow_streams_a_running_version_until_it_ends(api, tmp_path, capsys):
-    code = "import time\nfor i in range(4):\n    print('tick', i, flush=True)\n    time.sleep(0.4)\n"
+def test_follow_streams_a_running_version_until_it_ends(api, emulator, tmp_path, capsys):
+    code = "for i in range(4):\n    print('tick', i, flush=True)\n" + WAIT_FOR_GO
     api.kernels_push(str(write_kernel(tmp_path / "k", code)))
-    time.sleep(0.5)
-    api.kernels_logs_cli(f"{USER}/hello-kernel", follow=True)
+    version = emulator.backend.get_kernel(USER, "hello-kernel").versions[0]
+    eventually(lambda: "tick 3" in api.kernels_logs(f"{USER}/hello-kernel"), what="the ticks")
+    assert version.status == "RUNNING"  # following a version that still runs, not an ended one's log
+    ticking = threading.Event()
+
+    def finish_later() -> None:  # the session ends while the client follows: outputs upload, the log ends
+        _signal(emulator)
+        while not ticking.wait(0.05):
+            emulator.clock.advance(0.25)
+
+    threading.Thread(target=finish_later, daemon=True).start()
+    try:
+        api.kernels_logs_cli(f"{USER}/hello-kernel", follow=True)
+    finally:
+        ticking.set()
     out = capsys.readouterr().out
     assert all(f"tick {i}" in out for i in range(4))
     assert api.kernels_status(f"{USER}/hello-kernel").status.name == "COMPLETE"
@@ -92,7 +116,7 @@ def test_kernel_reads_an_attached_dataset(api, emulator, tmp_path):
     write_dataset(tmp_path / "ds", "my-dataset", {"numbers.txt": b"1 2 3"})
     created = api.dataset_create_new(str(tmp_path / "ds"), quiet=True)
     assert created.status == "ok", created.error
-    time.sleep(emulator.backend.realism.pin_window)  # a brand-new dataset is not mountable at once
+    emulator.clock.advance(emulator.backend.realism.pin_window + 0.01)  # a brand-new dataset: not mountable at once
     code = ("import os, pathlib\nroot = pathlib.Path(os.environ['KAGGLE_RUNNER_INPUT_DIR'])\n"
             "print('read:', (root / 'datasets/alice/my-dataset/numbers.txt').read_text())\n")
     api.kernels_push(str(write_kernel(tmp_path / "k", code, dataset_sources=[f"{USER}/my-dataset"])))
@@ -104,9 +128,9 @@ def test_dataset_create_version_status_and_delete_old_versions(api, emulator, tm
     admin(emulator.url, "faults", {"dataset_delay": 0.6})
     folder = write_dataset(tmp_path / "ds", "ckpt-dataset", {"a.bin": b"a" * 1000})
     assert api.dataset_create_new(str(folder), quiet=True).status == "ok"
-    time.sleep(emulator.backend.realism.dataset_404_window)
+    emulator.clock.advance(emulator.backend.realism.dataset_404_window + 0.01)
     assert api.dataset_status(f"{USER}/ckpt-dataset") != "ready"
-    time.sleep(0.5)
+    emulator.clock.advance(0.41)
     assert api.dataset_status(f"{USER}/ckpt-dataset") == "ready"
     again = api.dataset_create_new(str(folder), quiet=True)
     assert "already in use" in again.error
@@ -114,7 +138,7 @@ def test_dataset_create_version_status_and_delete_old_versions(api, emulator, tm
     assert api.dataset_create_version(str(folder), "v2", quiet=True, delete_old_versions=True).status == "ok"
     root = emulator.backend.data_dir / "datasets" / USER / "ckpt-dataset"
     assert not (root / "v1").exists() and (root / "v2" / "a.bin").stat().st_size == 2000
-    time.sleep(emulator.backend.realism.dataset_404_window)
+    emulator.clock.advance(emulator.backend.realism.dataset_404_window + 0.01)
     listed = api.dataset_list_files(f"{USER}/ckpt-dataset")  # the client's own `datasets files`
     assert [(f.name, f.total_bytes) for f in listed.dataset_files] == [("a.bin", 2000)]
 
@@ -127,7 +151,7 @@ def test_bad_key_gets_401_and_no_credentials_on_disk(emulator, monkeypatch, tmp_
     with pytest.raises(ValueError) as denied:  # status, output and logs turn 401/403 into this
         api.kernels_status(f"{USER}/anything")
     assert "Permission 'kernels.get' was denied" in str(denied.value)
-    good = official_client(emulator.url, monkeypatch)
+    good = official_client(emulator.url, monkeypatch, clock=emulator.clock)
     good.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
     wait_for(good, f"{USER}/hello-kernel")
     for path in emulator.backend.data_dir.rglob("*"):
@@ -166,14 +190,16 @@ def test_errors_show_the_failure_message(api, tmp_path):
 
 def test_restart_keeps_state_and_reports_interrupted_versions_as_error(tmp_path, monkeypatch):
     data = tmp_path / "emu"
-    with EmulatorServer(data, username=USER, key=KEY, realism=quick_realism()) as first:
-        api = official_client(first.url, monkeypatch)
+    with EmulatorServer(data, username=USER, key=KEY, realism=quick_realism(), clock=ManualClock()) as first:
+        api = official_client(first.url, monkeypatch, clock=first.clock)
         api.kernels_push(str(write_kernel(tmp_path / "a", HELLO, slug="done-kernel", title="Done Kernel")))
         wait_for(api, f"{USER}/done-kernel")
-        api.kernels_push(str(write_kernel(tmp_path / "b", "import time\ntime.sleep(60)\n")))
-        time.sleep(0.5)
-    with EmulatorServer(data, username=USER, key=KEY, realism=quick_realism()) as second:
-        api = official_client(second.url, monkeypatch)
+        api.kernels_push(str(write_kernel(tmp_path / "b", WAIT_FOR_GO)))
+        running = first.backend.get_kernel(USER, "hello-kernel").versions[0]
+        eventually(lambda: running.status == "RUNNING")
+        later = first.clock() + 60
+    with EmulatorServer(data, username=USER, key=KEY, realism=quick_realism(), clock=ManualClock(later)) as second:
+        api = official_client(second.url, monkeypatch, clock=second.clock)
         assert api.kernels_status(f"{USER}/done-kernel").status.name == "COMPLETE"
         interrupted = api.kernels_status(f"{USER}/hello-kernel")
         assert interrupted.status.name == "ERROR" and "emulator stopped" in interrupted.failure_message
@@ -214,7 +240,7 @@ def test_injected_faults_reach_the_client_as_kaggle_shows_them(api, emulator, tm
 def test_held_queue_keeps_versions_queued(api, emulator, tmp_path):
     admin(emulator.url, "faults", {"hold_queued": True})
     api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
-    time.sleep(0.5)
+    emulator.clock.advance(3600)  # an hour later, still queued
     assert status_of(api, f"{USER}/hello-kernel") == "QUEUED"
     admin(emulator.url, "faults", {"hold_queued": False})
     assert wait_for(api, f"{USER}/hello-kernel") == "COMPLETE"
@@ -231,18 +257,18 @@ def test_a_third_gpu_session_is_refused_with_kaggles_message(api, emulator, tmp_
     cpu = write_kernel(tmp_path / "cpu", HELLO, slug="cpu-kernel", title="CPU Kernel", enable_gpu=False)
     assert not api.kernels_push(str(cpu)).error  # CPU sessions don't count against the GPU limit
     emulator.backend.runner.cancel(*emulator.backend.get_version(USER, "gpu-one", None))
-    for _ in range(100):
-        if emulator.backend.gpu_sessions_in_use() < 2:
-            break
-        time.sleep(0.1)
+    eventually(lambda: emulator.backend.gpu_sessions_in_use() < 2, clock=emulator.clock, what="a freed session")
     assert not api.kernels_push(str(tmp_path / "three")).error  # a freed session takes the push
 
 
-def test_quota_counts_gpu_time(api, tmp_path, capsys):
-    api.kernels_push(str(write_kernel(tmp_path / "k", "import time\ntime.sleep(1)\n")))
+def test_quota_counts_gpu_time(api, emulator, tmp_path, capsys):
+    api.kernels_push(str(write_kernel(tmp_path / "k", WAIT_FOR_GO)))
+    eventually(lambda: emulator.backend.get_kernel(USER, "hello-kernel").versions[0].started_at)
+    emulator.clock.advance(3600)  # an hour of session
+    _signal(emulator)
     wait_for(api, f"{USER}/hello-kernel")
     quota = api.quota_view()
-    assert quota.gpu_quota.time_used.total_seconds() >= 1
+    assert quota.gpu_quota.time_used.total_seconds() >= 3600
     assert quota.gpu_quota.total_time_allowed.total_seconds() == 30 * 3600
     api.quota_view_cli(csv_display=True)
     assert "30.00h" in capsys.readouterr().out
@@ -269,12 +295,9 @@ def test_official_cli_with_localhost_environment(tmp_path):
         pushed = subprocess.run([*kaggle_cli, "kernels", "push", "-p", str(folder)], env=env,
                                 capture_output=True, text=True, timeout=60)
         assert "Kernel version 1 successfully pushed" in pushed.stdout, pushed.stdout + pushed.stderr
-        for _ in range(100):
-            status = subprocess.run([*kaggle_cli, "kernels", "status", f"{USER}/hello-kernel"], env=env,
-                                    capture_output=True, text=True, timeout=60).stdout
-            if "COMPLETE" in status:
-                break
-            time.sleep(0.3)
+        status = eventually(lambda: next((out for out in [subprocess.run(
+            [*kaggle_cli, "kernels", "status", f"{USER}/hello-kernel"], env=env, capture_output=True, text=True,
+            timeout=60).stdout] if "COMPLETE" in out), None), what="a COMPLETE status")
         assert 'has status "KernelWorkerStatus.COMPLETE"' in status
 
 
@@ -358,17 +381,18 @@ def test_a_push_right_after_a_dataset_version_mounts_the_previous_one(api, emula
     kernel = write_kernel(tmp_path / "k", READ_INPUTS, dataset_sources=[f"{USER}/my-dataset"])
     api.kernels_push(str(kernel))  # a brand-new dataset: not mountable yet
     assert _inputs(api, f"{USER}/hello-kernel") == {}
-    time.sleep(emulator.backend.realism.pin_window)
+    emulator.clock.advance(emulator.backend.realism.pin_window + 0.01)
     (folder / "n.txt").write_text("two")
     assert api.dataset_create_version(str(folder), "v2", quiet=True).status == "ok"
     with pytest.raises(requests.HTTPError) as missing:  # a new version answers 404 for a moment
         api.dataset_status(f"{USER}/my-dataset")
     assert missing.value.response.status_code == 404
-    time.sleep(emulator.backend.realism.dataset_404_window)
+    emulator.clock.advance(emulator.backend.realism.dataset_404_window + 0.01)
     assert api.dataset_status(f"{USER}/my-dataset") == "ready"  # "ready", yet a push now gets version 1
+    pushed = emulator.clock()
     api.kernels_push(str(kernel))
     assert _inputs(api, f"{USER}/hello-kernel") == {"my-dataset/n.txt": "one"}  # version 2: <input>/<slug>/
-    time.sleep(emulator.backend.realism.pin_window)
+    emulator.clock.advance(max(0.0, pushed + emulator.backend.realism.pin_window - emulator.clock()) + 0.01)
     api.kernels_push(str(kernel))
     assert _inputs(api, f"{USER}/hello-kernel") == {"datasets/alice/my-dataset/n.txt": "two"}
     admin(emulator.url, "realism", {"pin_window": 0, "dataset_404_window": 0})
@@ -390,7 +414,7 @@ def test_mount_layouts_and_archives(api, emulator, tmp_path):
     write_dataset(tmp_path / "ds", "my-dataset", {"c.zip": packed.getvalue(), "g.txt.gz": gzip.compress(b"gz"),
                                                    "plain.txt": b"plain"})
     api.dataset_create_new(str(tmp_path / "ds"), quiet=True)
-    time.sleep(emulator.backend.realism.pin_window)
+    emulator.clock.advance(emulator.backend.realism.pin_window + 0.01)
     kernel = write_kernel(tmp_path / "k", READ_INPUTS, dataset_sources=[f"{USER}/my-dataset"])
     api.kernels_push(str(kernel))
     assert _inputs(api, f"{USER}/hello-kernel") == {
@@ -438,10 +462,12 @@ def test_weekly_gpu_quota_refuses_gpu_pushes_and_quota_reports_reserved_time(api
         return requests.post(url, json={}, auth=(USER, KEY), timeout=10).json()["gpuQuota"]
 
     admin(emulator.url, "realism", {"weekly_gpu_seconds": 0.5})
-    api.kernels_push(str(write_kernel(tmp_path / "k", "import time\ntime.sleep(1.5)\n")))
-    time.sleep(1)
+    api.kernels_push(str(write_kernel(tmp_path / "k", WAIT_FOR_GO)))
+    eventually(lambda: emulator.backend.get_kernel(USER, "hello-kernel").versions[0].started_at)
+    emulator.clock.advance(1)
     running = quota()
     assert float(running["timeReserved"][:-1]) > 0 and running["totalTimeAllowed"] == "0.500s"
+    _signal(emulator)
     wait_for(api, f"{USER}/hello-kernel")
     ended = quota()
     assert float(ended["timeUsed"][:-1]) >= 1 and float(ended["timeReserved"][:-1]) == 0
@@ -456,12 +482,15 @@ def test_weekly_gpu_quota_refuses_gpu_pushes_and_quota_reports_reserved_time(api
 
 
 def test_a_new_version_does_not_stop_the_running_one(api, emulator, tmp_path):
-    folder = write_kernel(tmp_path / "k", "import time\ntime.sleep(3)\n", enable_gpu=False)
+    folder = write_kernel(tmp_path / "k", WAIT_FOR_GO, enable_gpu=False)
     api.kernels_push(str(folder))
-    time.sleep(0.5)
+    first = emulator.backend.get_version(USER, "hello-kernel", "v1")[1]
+    eventually(lambda: first.status == "RUNNING")
     assert api.kernels_push(str(folder)).version_number == 2
-    time.sleep(0.5)
-    assert emulator.backend.get_version(USER, "hello-kernel", "v1")[1].status == "RUNNING"
+    second = emulator.backend.get_version(USER, "hello-kernel", "v2")[1]
+    eventually(lambda: second.status == "RUNNING")
+    emulator.clock.advance(60)
+    assert first.status == "RUNNING"
     for version in emulator.backend.get_kernel(USER, "hello-kernel").versions:
         emulator.runner.cancel(emulator.backend.get_kernel(USER, "hello-kernel"), version)
 
@@ -486,21 +515,26 @@ def test_rate_limit_answers_429_with_retry_after(api, emulator, tmp_path):
 
 def test_outputs_are_listed_only_after_the_upload_lag(api, emulator, tmp_path):
     admin(emulator.url, "realism", {"output_lag": 0.6})
-    code = "import pathlib, time\npathlib.Path('early.txt').write_text('x')\ntime.sleep(1)\n"
+    code = "import pathlib\npathlib.Path('early.txt').write_text('x')\n" + WAIT_FOR_GO
     api.kernels_push(str(write_kernel(tmp_path / "k", code, enable_gpu=False)))
     ref, backend = f"{USER}/hello-kernel", emulator.backend
     version = backend.get_kernel(USER, "hello-kernel").versions[0]
-    while version.ended_at is None:
-        assert version.status in ("QUEUED", "RUNNING")
-        files, _ = api.kernels_output(ref, str(tmp_path / "running"))
-        assert [Path(f).name for f in files] == ["hello-kernel.log"]  # nothing listed while it runs
-        time.sleep(0.1)
+    eventually(lambda: (emulator.backend.kernel_dir(USER, "hello-kernel", 1) / "working/early.txt").exists())
+    emulator.clock.advance(1)
+    files, _ = api.kernels_output(ref, str(tmp_path / "running"))
+    assert [Path(f).name for f in files] == ["hello-kernel.log"]  # nothing listed while it runs
+    _signal(emulator)
+    eventually(lambda: version.ended_at, what="the process's end")
+    emulator.clock.advance(0.5)
     assert version.status == "RUNNING"  # the process ended; Kaggle is still uploading its outputs
-    assert wait_for(api, ref) == "COMPLETE"
+    emulator.clock.advance(0.1)
+    eventually(lambda: version.status == "COMPLETE")
     files, _ = api.kernels_output(ref, str(tmp_path / "lagging"))
     assert [Path(f).name for f in files] == ["hello-kernel.log"]  # terminal, and still not listed
-    assert version.terminal_at - version.ended_at >= 0.6
-    assert outputs(api, ref, tmp_path / "out") and (tmp_path / "out/early.txt").exists()
+    assert version.terminal_at - version.ended_at >= 0.6 - 1e-6  # (the clock's floats)
+    emulator.clock.advance(0.6)
+    files, _ = api.kernels_output(ref, str(tmp_path / "out"))
+    assert (tmp_path / "out/early.txt").exists()
     admin(emulator.url, "realism", {"output_lag": 0, "status_404_window": 0})
     api.kernels_push(str(tmp_path / "k"))
     wait_for(api, ref)
@@ -513,10 +547,7 @@ def test_cancel_takes_only_the_random_session_id_the_kernel_sees(api, emulator, 
     api.kernels_push(str(write_kernel(tmp_path / "k", code)))
     ref = f"{USER}/hello-kernel"
     kernel, version = emulator.backend.get_version(USER, "hello-kernel", None)
-    for _ in range(100):
-        if "container" in api.kernels_logs(ref):
-            break
-        time.sleep(0.1)
+    eventually(lambda: "container" in api.kernels_logs(ref), what="the container line")
     name = api.kernels_logs(ref).split("container ", 1)[1].split()[0]
     digits = re.findall(r"\d+", name)
     assert name.startswith("kernel-session-") and len(digits) == 1 and len(digits[0]) >= 12
@@ -526,7 +557,7 @@ def test_cancel_takes_only_the_random_session_id_the_kernel_sees(api, emulator, 
         _cancel(api, kernel.id * 1000 + version.number)
     admin(emulator.url, "realism", {"cancel_refused": True})
     assert "denied" in _cancel(api, session_id)
-    time.sleep(emulator.backend.realism.status_404_window)
+    emulator.clock.advance(emulator.backend.realism.status_404_window + 0.01)
     assert status_of(api, ref) == "RUNNING"
     admin(emulator.url, "realism", {"cancel_refused": False})
     assert not _cancel(api, session_id)
@@ -578,11 +609,11 @@ def test_get_kernel_can_lag_behind_a_push(api, emulator, tmp_path):
     with pytest.raises(requests.HTTPError) as unseen:  # a first version not shown yet: the kernel is unknown
         _current_version(api, ref)
     assert unseen.value.response.status_code == 403
-    time.sleep(1.0)
+    emulator.clock.advance(1.0)
     assert _current_version(api, ref) == 1
     api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
     assert _current_version(api, ref) == 1  # the previous version is still "current"
-    time.sleep(1.0)
+    emulator.clock.advance(1.0)
     assert _current_version(api, ref) == 2
 
 
@@ -591,20 +622,20 @@ def test_dataset_versions_can_fail_processing_or_never_finish(api, emulator, tmp
     folder = write_dataset(tmp_path / "ds", "my-dataset", {"n.txt": b"one"})
     admin(emulator.url, "realism", {"pin_window": 0, "dataset_versions_failing": 1, "dataset_versions_stuck": 1})
     api.dataset_create_new(str(folder), quiet=True)
-    time.sleep(emulator.backend.realism.dataset_404_window)
+    emulator.clock.advance(emulator.backend.realism.dataset_404_window + 0.01)
     assert api.dataset_status(ref) == "failed"
     kernel = write_kernel(tmp_path / "k", READ_INPUTS, dataset_sources=[ref])
     api.kernels_push(str(kernel))
     assert _inputs(api, f"{USER}/hello-kernel") == {}  # a failed version never mounts
     (folder / "n.txt").write_text("two")
     api.dataset_create_version(str(folder), "v2", quiet=True)
-    time.sleep(emulator.backend.realism.dataset_404_window)
+    emulator.clock.advance(emulator.backend.realism.dataset_404_window + 0.01)
     assert api.dataset_status(ref) == "blobs_copied_to_sds"  # its own status, not the previous version's
-    time.sleep(0.5)
-    assert api.dataset_status(ref) == "blobs_copied_to_sds"
+    emulator.clock.advance(86400)
+    assert api.dataset_status(ref) == "blobs_copied_to_sds"  # a day later
     (folder / "n.txt").write_text("three")
     api.dataset_create_version(str(folder), "v3", quiet=True)  # the knobs are spent: this one processes
-    time.sleep(emulator.backend.realism.dataset_404_window)
+    emulator.clock.advance(emulator.backend.realism.dataset_404_window + 0.01)
     assert api.dataset_status(ref) == "ready"
     values = admin(emulator.url, "realism", {})
     assert values["dataset_versions_failing"] == 0 and values["dataset_versions_stuck"] == 0
@@ -615,7 +646,7 @@ def test_dataset_versions_can_fail_processing_or_never_finish(api, emulator, tmp
 def test_a_push_can_find_its_dataset_sources_unattachable(api, emulator, tmp_path):
     ref = f"{USER}/my-dataset"
     api.dataset_create_new(str(write_dataset(tmp_path / "ds", "my-dataset", {"n.txt": b"one"})), quiet=True)
-    time.sleep(emulator.backend.realism.pin_window)
+    emulator.clock.advance(emulator.backend.realism.pin_window + 0.01)
     kernel = write_kernel(tmp_path / "k", READ_INPUTS, dataset_sources=[ref])
     admin(emulator.url, "faults", {"unattachable": 1})
     landed = api.kernels_push(str(kernel))  # a version runs, without the dataset

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -263,9 +262,7 @@ def test_chain_checkpoint_missing_or_altered_stops_at_once_as_resume_missing(tmp
     newest = segment.working / "checkpoints/checkpoint_epoch1_step10.pt"
     chain = {"file": newest.name, "sha256": hashlib.sha256(newest.read_bytes()).hexdigest(), "global_step": 10,
              "dataset": "alice/kaggle-runner-tiny-ckpt", "best_sha256": None}
-    started = time.time()
     missing = run_kernel(render(tmp_path / "a", [], chain), tmp_path / "missing", input_dir=inputs)
-    assert time.time() - started < 60
     _assert_stopped_before_any_work(missing, "resume_missing")
     message = missing.run_state()["message"]
     assert "checkpoint_epoch1_step10.pt (step 10" in message and "checkpoint_epoch1_step8.pt" in message

@@ -50,9 +50,9 @@ class Chained:
 
 @pytest.fixture(scope="module")
 def faulty_chain(tmp_path_factory):
-    """No settle time: the first resume is pushed inside the emulator's pin window, its kernel does not find the
-    checkpoint it was told to resume from, and the chain pushes it again; meanwhile calls fail and a download
-    drops."""
+    """The first resume is pushed as if inside the emulator's pin window (the stale_mounts fault): its kernel does
+    not find the checkpoint it was told to resume from, and the chain pushes it again; meanwhile calls fail and a
+    download drops."""
     folder = tmp_path_factory.mktemp("faulty")
     with pytest.MonkeyPatch.context() as patch, EmulatorServer(folder / "emu", username=USER, key=KEY,
                                                                kill_grace_seconds=5) as emulator:
@@ -65,7 +65,8 @@ def faulty_chain(tmp_path_factory):
         assert runner.invoke(cli, ["init", "--preset", "tiny"]).exit_code == 0
         admin(emulator.url, "faults", {"fail": {"GetKernelSessionStatus": [429, 500],
                                                 "ListKernelSessionOutput": [503], "SaveKernel": [503],
-                                                "GetDatasetStatus": [500]}, "drop_downloads": 1})
+                                                "GetDatasetStatus": [500]}, "drop_downloads": 1,
+                                       "stale_mounts": 1})
         result = runner.invoke(cli, ["launch", "--name", "demo", *sets([*CHAIN, "dataset_settle_seconds=0"])])
         chained = Chained(folder, result.output, result.exit_code, run_status(".kaggle-runner", "demo"), emulator)
         chained.status["json"] = runner.invoke(cli, ["status", "demo", "--json"]).output

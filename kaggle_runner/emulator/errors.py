@@ -1,7 +1,7 @@
 """One exception per Kaggle API error, carrying the HTTP status and the message Kaggle sends."""
 
 
-class KaggleApiError(Exception):
+class ApiError(Exception):
     status = 400
 
     def __init__(self, message: str, status: int | None = None, headers: dict[str, str] | None = None):
@@ -16,30 +16,30 @@ class KaggleApiError(Exception):
         return {"code": self.status, "message": self.message}
 
 
-class BadRequest(KaggleApiError):
+class BadRequest(ApiError):
     status = 400
 
 
-class Unauthenticated(KaggleApiError):
+class Unauthenticated(ApiError):
     status = 401
 
     def __init__(self, message: str = "Unauthenticated: missing or invalid credentials"):
         super().__init__(message)
 
 
-class PermissionDenied(KaggleApiError):
+class PermissionDenied(ApiError):
     status = 403
 
 
-class NotFound(KaggleApiError):
+class NotFound(ApiError):
     status = 404
 
 
-class Conflict(KaggleApiError):
+class Conflict(ApiError):
     status = 409
 
 
-class InjectedFault(KaggleApiError):
+class InjectedFault(ApiError):
     """A fault a test asked for: the status and message Kaggle's front end sends for it."""
 
     MESSAGES = {429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}

@@ -12,20 +12,20 @@ from dataclasses import dataclass
 from datetime import UTC
 
 from kaggle_runner.emulator.errors import BadRequest, NotFound
-from kaggle_runner.emulator.state import (
+from kaggle_runner.emulator.models import (
     CANCEL_DENIED_MESSAGE,
     NO_RUNS_MESSAGE,
     TERMINAL,
     WEEKLY_GPU_SECONDS,
     WEEKLY_TPU_SECONDS,
-    Backend,
     SessionLimitReached,
     check_name,
 )
+from kaggle_runner.emulator.state import Backend
 
 
 @dataclass
-class Context:
+class RequestContext:
     backend: Backend
     base_url: str
     user: str
@@ -69,7 +69,7 @@ def _duration(seconds: float) -> str:
 
 
 # -- kernels -----------------------------------------------------------------------------------------
-def save_kernel(ctx: Context, body: dict) -> dict:
+def save_kernel(ctx: RequestContext, body: dict) -> dict:
     owner, slug = _split_ref(_required(body, "slug"))
     language = body.get("language") or "python"
     kernel_type = body.get("kernelType") or "script"
@@ -100,7 +100,7 @@ def save_kernel(ctx: Context, body: dict) -> dict:
             "versionNumber": version.number, "kernelId": kernel.id, "invalidDatasetSources": invalid}
 
 
-def get_kernel_session_status(ctx: Context, body: dict) -> dict:
+def get_kernel_session_status(ctx: RequestContext, body: dict) -> dict:
     _, version = ctx.backend.get_version(_name(body, "userName"), _name(body, "kernelSlug"),
                                          body.get("versionLabel"))
     if ctx.backend.clock() - version.created_at < ctx.backend.realism.status_404_window:
@@ -111,7 +111,7 @@ def get_kernel_session_status(ctx: Context, body: dict) -> dict:
     return reply
 
 
-def list_kernel_session_output(ctx: Context, body: dict) -> dict:
+def list_kernel_session_output(ctx: RequestContext, body: dict) -> dict:
     owner, slug = _name(body, "userName"), _name(body, "kernelSlug")
     _, version = ctx.backend.get_version(owner, slug, body.get("versionLabel"))
     listed = ctx.backend.outputs_listed(version)
@@ -129,7 +129,7 @@ def list_kernel_session_output(ctx: Context, body: dict) -> dict:
     return reply
 
 
-def cancel_kernel_session(ctx: Context, body: dict) -> dict:
+def cancel_kernel_session(ctx: RequestContext, body: dict) -> dict:
     session_id = _int(body, "kernelSessionId")
     if ctx.backend.realism.cancel_refused:
         return {"errorMessage": CANCEL_DENIED_MESSAGE}
@@ -140,7 +140,7 @@ def cancel_kernel_session(ctx: Context, body: dict) -> dict:
     return {}
 
 
-def get_kernel(ctx: Context, body: dict) -> dict:
+def get_kernel(ctx: RequestContext, body: dict) -> dict:
     owner, slug = _name(body, "userName"), _name(body, "kernelSlug")
     label = body.get("versionLabel")
     kernel, version = ctx.backend.get_version(owner, slug, label) if label else \
@@ -155,14 +155,14 @@ def get_kernel(ctx: Context, body: dict) -> dict:
                      "slug": slug}}
 
 
-def list_kernels(ctx: Context, body: dict) -> dict:
+def list_kernels(ctx: RequestContext, body: dict) -> dict:
     search = str(body.get("search") or "").lower()
     kernels = [k for k in ctx.backend.kernels.values() if search in k.slug or search in k.title.lower()]
     return {"kernels": [{"id": k.id, "ref": f"{k.owner}/{k.slug}", "title": k.title, "author": k.owner,
                          "slug": k.slug, "totalVotes": 0} for k in kernels], "nextPageToken": ""}
 
 
-def accelerator_quota(ctx: Context, body: dict) -> dict:
+def accelerator_quota(ctx: RequestContext, body: dict) -> dict:
     _, refresh = ctx.backend.quota_window()
     realism = ctx.backend.realism
     used, reserved = ctx.backend.gpu_seconds()
@@ -180,7 +180,7 @@ def accelerator_quota(ctx: Context, body: dict) -> dict:
 
 
 # -- datasets and blobs ------------------------------------------------------------------------------
-def start_blob_upload(ctx: Context, body: dict) -> dict:
+def start_blob_upload(ctx: RequestContext, body: dict) -> dict:
     blob = ctx.backend.start_blob_upload(_required(body, "name"), _int(body, "contentLength", 0))
     return {"token": blob.token, "createUrl": ctx.sign(f"/upload/{blob.token}")}
 
@@ -197,7 +197,7 @@ def _created(dataset) -> dict:
             "status": "ok", "invalidTags": []}
 
 
-def create_dataset(ctx: Context, body: dict) -> dict:
+def create_dataset(ctx: RequestContext, body: dict) -> dict:
     owner, slug = _name(body, "ownerSlug"), _name(body, "slug")
     title = _required(body, "title")
     if not 6 <= len(title) <= 50:
@@ -209,7 +209,7 @@ def create_dataset(ctx: Context, body: dict) -> dict:
     return _created(dataset)
 
 
-def create_dataset_version(ctx: Context, body: dict) -> dict:
+def create_dataset_version(ctx: RequestContext, body: dict) -> dict:
     owner, slug = _name(body, "ownerSlug"), _name(body, "datasetSlug")
     version_body = body.get("body") or {}
     if not isinstance(version_body, dict):
@@ -220,7 +220,7 @@ def create_dataset_version(ctx: Context, body: dict) -> dict:
     return _created(dataset)
 
 
-def create_dataset_version_by_id(ctx: Context, body: dict) -> dict:
+def create_dataset_version_by_id(ctx: RequestContext, body: dict) -> dict:
     wanted = _int(body, "id")
     for dataset in ctx.backend.datasets.values():
         if dataset.id == wanted:
@@ -229,17 +229,17 @@ def create_dataset_version_by_id(ctx: Context, body: dict) -> dict:
     raise BadRequest(f"Dataset {wanted} not found")
 
 
-def get_dataset_status(ctx: Context, body: dict) -> dict:
+def get_dataset_status(ctx: RequestContext, body: dict) -> dict:
     return {"status": ctx.backend.dataset_status(_name(body, "ownerSlug"), _name(body, "datasetSlug"))}
 
 
-def get_dataset(ctx: Context, body: dict) -> dict:
+def get_dataset(ctx: RequestContext, body: dict) -> dict:
     dataset = ctx.backend.visible_dataset(_name(body, "ownerSlug"), _name(body, "datasetSlug"))
     return {"id": dataset.id, "ref": f"{dataset.owner}/{dataset.slug}", "title": dataset.title,
             "isPrivate": dataset.is_private, "currentVersionNumber": len(dataset.versions)}
 
 
-def list_dataset_files(ctx: Context, body: dict) -> dict:
+def list_dataset_files(ctx: RequestContext, body: dict) -> dict:
     """The files of a version (the newest unless datasetVersionNumber names one), as Kaggle lists them."""
     dataset = ctx.backend.visible_dataset(_name(body, "ownerSlug"), _name(body, "datasetSlug"))
     number = body.get("datasetVersionNumber") or len(dataset.versions)
@@ -252,7 +252,7 @@ def list_dataset_files(ctx: Context, body: dict) -> dict:
         for name in dataset.versions[number - 1].files]}
 
 
-RPCS: dict[tuple[str, str], Callable[[Context, dict], dict]] = {
+RPCS: dict[tuple[str, str], Callable[[RequestContext, dict], dict]] = {
     ("kernels.KernelsApiService", "SaveKernel"): save_kernel,
     ("kernels.KernelsApiService", "GetKernelSessionStatus"): get_kernel_session_status,
     ("kernels.KernelsApiService", "ListKernelSessionOutput"): list_kernel_session_output,

@@ -109,7 +109,7 @@ class Realism:
 class TokenBucket:
     """Kaggle's rate limit: `rate_limit` requests per `rate_window`, refilled smoothly."""
 
-    def __init__(self, realism: Realism, clock=time.monotonic):
+    def __init__(self, realism: Realism, clock=time.time):
         self.realism = realism
         self.clock = clock
         self.lock = threading.Lock()

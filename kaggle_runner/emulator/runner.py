@@ -10,10 +10,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-from kaggle_runner.emulator.state import MAX_GPU_SESSIONS, TIMEOUT_MESSAGE, Backend, Kernel, Version
+from kaggle_runner.emulator.models import MAX_GPU_SESSIONS, TIMEOUT_MESSAGE, Kernel, Version
+from kaggle_runner.emulator.state import Backend
 from kaggle_runner.states import KaggleStatus
 
 # What a process the emulator starts may inherit: nothing else (no KAGGLE_* credentials, no tokens).
@@ -117,7 +117,7 @@ class Runner:
 
     def _pump(self, stream, name: str, log_path: Path, started: float, write_lock: threading.Lock) -> None:
         for raw in iter(stream.readline, b""):
-            event = {"stream_name": name, "time": round(time.time() - started, 3),
+            event = {"stream_name": name, "time": round(self.backend.clock() - started, 3),
                      "data": raw.decode("utf-8", errors="replace")}
             with write_lock, open(log_path, "a", encoding="utf-8") as log:
                 log.write(json.dumps(event) + "\n")
@@ -130,11 +130,12 @@ class Runner:
         backend = self.backend
         limit = self._limit(version)
         timed_out = False
-        while process.poll() is None:
+        while process.poll() is None:  # the process, in real time; its session limit, on the emulator's clock
             if not timed_out and backend.clock() - version.started_at > limit:
                 timed_out = True
                 self._terminate(process, sigterm=backend.realism.sigterm_before_kill)
-            time.sleep(0.1)
+            backend.clock.wait_until(min(version.started_at + limit + 1e-3, backend.clock() + 0.1),
+                                     stop=lambda: process.poll() is not None)
         for reader in readers:
             reader.join(timeout=5)
         with self.lock:
@@ -170,9 +171,8 @@ class Runner:
         """Kaggle keeps the status RUNNING while it uploads the outputs: a fixed lag plus time per byte."""
         realism = self.backend.realism
         size = sum(p.stat().st_size for p in working.rglob("*") if p.is_file()) if working.is_dir() else 0
-        deadline = time.time() + realism.output_lag + size / 1e9 * realism.output_seconds_per_gb
-        while time.time() < deadline and not self.backend.closed:
-            time.sleep(min(0.05, max(0.0, deadline - time.time())))
+        lag = realism.output_lag + size / 1e9 * realism.output_seconds_per_gb
+        self.backend.clock.wait_until(self.backend.clock() + lag, stop=lambda: self.backend.closed)
 
     def _terminate(self, process: subprocess.Popen, sigterm: bool = True) -> None:
         """SIGTERM, a grace period to save, then SIGKILL, for the whole process group (or SIGKILL at once)."""
@@ -182,9 +182,8 @@ class Runner:
             return
 
         def kill_later():
-            deadline = time.time() + self.backend.kill_grace_seconds
-            while process.poll() is None and time.time() < deadline:
-                time.sleep(0.1)
+            clock = self.backend.clock
+            clock.wait_until(clock() + self.backend.kill_grace_seconds, stop=lambda: process.poll() is not None)
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)

@@ -27,8 +27,9 @@ from werkzeug.serving import make_server
 from werkzeug.utils import send_file
 from werkzeug.wrappers import Request, Response
 
-from kaggle_runner.emulator.errors import BadRequest, KaggleApiError, NotFound, PermissionDenied, Unauthenticated
-from kaggle_runner.emulator.handlers import RPCS, Context
+from kaggle_runner.emulator.clock import SystemClock
+from kaggle_runner.emulator.errors import ApiError, BadRequest, NotFound, PermissionDenied, Unauthenticated
+from kaggle_runner.emulator.handlers import RPCS, RequestContext
 from kaggle_runner.emulator.realism import Realism, TokenBucket
 from kaggle_runner.emulator.runner import Runner
 from kaggle_runner.emulator.state import Backend, check_name
@@ -70,6 +71,7 @@ URLS = Map([
     Rule("/admin/reset", endpoint="admin_reset", methods=["POST"]),
     Rule("/admin/state", endpoint="admin_state", methods=["GET"]),
     Rule("/admin/realism", endpoint="admin_realism", methods=["POST"]),
+    Rule("/admin/clock", endpoint="admin_clock", methods=["POST"]),
 ])
 
 
@@ -94,7 +96,7 @@ class EmulatorApp:
         # Signs output and upload URLs; kept in the data dir so a restarted emulator honours its uploads'.
         self._url_secret = _secret_file(backend.data_dir / ".url-secret", lambda: secrets.token_hex(32)).encode()
         self.download_ttl, self.upload_ttl = DOWNLOAD_URL_TTL, UPLOAD_URL_TTL
-        self.bucket = TokenBucket(backend.realism)
+        self.bucket = TokenBucket(backend.realism, backend.clock)
         self.base_url = ""  # set once the server knows its port
         self.request_count = 0  # lets tests prove that bad input sent nothing
 
@@ -119,7 +121,7 @@ class EmulatorApp:
 
     def sign(self, path: str, ttl: float | None = None) -> str:
         ttl = (self.upload_ttl if path.startswith("/upload/") else self.download_ttl) if ttl is None else ttl
-        expires = int(time.time() + ttl)
+        expires = int(self.backend.clock() + ttl)
         return f"{self.base_url}{quote(path)}?expires={expires}&signature={self._signature(path, expires)}"
 
     def verify(self, request: Request) -> None:
@@ -128,7 +130,7 @@ class EmulatorApp:
             raise PermissionDenied("Missing or malformed URL signature")
         if not hmac.compare_digest(signature.encode(), self._signature(request.path, int(expires)).encode()):
             raise PermissionDenied("Invalid URL signature")
-        if int(expires) < time.time():
+        if int(expires) < self.backend.clock():
             raise PermissionDenied("This URL has expired")
 
     # -- endpoints -----------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ class EmulatorApp:
             raise NotFound(f"Method {service}/{method} is not served by the emulator")
         user = self.authenticate(request)
         self.backend.check_fault(method)
-        answer = handler(Context(self.backend, self.base_url, user, self.sign), body)
+        answer = handler(RequestContext(self.backend, self.base_url, user, self.sign), body)
         self.backend.check_fault(method, after=True)
         return json_response(answer)
 
@@ -213,7 +215,7 @@ class EmulatorApp:
         self.verify(request)
         try:
             self.backend.check_fault("UploadBlob")
-        except KaggleApiError as fault:
+        except ApiError as fault:
             request.get_data()  # drain the body so the client sees our status, not a reset
             return Response(status=fault.status)  # a 503 means INCOMPLETE to the client: no Retry-After
         blob = self.backend.blob(token)
@@ -249,6 +251,15 @@ class EmulatorApp:
         with self.backend.lock:
             return json_response(self.backend.realism.update(_json_body(request)))
 
+    def on_admin_clock(self, request: Request) -> Response:
+        """{"advance": seconds}: the emulator's time moves on (windows pass, sessions reach their limits)."""
+        self.authenticate(request)
+        spec = _json_body(request)
+        seconds = spec.get("advance", 0) if isinstance(spec, dict) else None
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < 10**8:
+            raise BadRequest("Expected {\"advance\": seconds}, a number from 0")
+        return json_response({"now": self.backend.clock.advance(float(seconds))})
+
     def on_admin_reset(self, request: Request) -> Response:
         self.authenticate(request)
         self.backend.reset()
@@ -268,7 +279,7 @@ class EmulatorApp:
                 self._rate_limit(request)
             endpoint, values = adapter.match()
             return getattr(self, f"on_{endpoint}")(request, **values)
-        except KaggleApiError as error:
+        except ApiError as error:
             return json_response(error.body(), status=error.status, headers=error.headers)
         except HTTPException as error:
             return json_response({"code": error.code, "message": error.description}, status=error.code or 500)
@@ -283,7 +294,7 @@ class EmulatorApp:
         wait = self.bucket.take()
         if wait > 0:
             request.get_data()  # drain the body so the client reads our status, not a reset
-            raise KaggleApiError("Too Many Requests", status=429,
+            raise ApiError("Too Many Requests", status=429,
                                  headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
     def __call__(self, environ, start_response):
@@ -295,10 +306,12 @@ class EmulatorServer:
 
     def __init__(self, data_dir: Path, username: str = "local", key: str | None = None, host: str = "127.0.0.1",
                  port: int = 0, token: str | None = None, session_limit: float | None = None,
-                 dataset_delay: float = 0.0, kill_grace_seconds: float = 10.0, realism: Realism | None = None):
+                 dataset_delay: float = 0.0, kill_grace_seconds: float = 10.0, realism: Realism | None = None,
+                 clock: SystemClock | None = None):
         self.key = key or secrets.token_urlsafe(24)  # never a constant anyone could guess
-        self.backend = Backend(Path(data_dir), username, session_limit=session_limit,
-                               dataset_delay=dataset_delay, kill_grace_seconds=kill_grace_seconds, realism=realism)
+        self.backend = Backend(Path(data_dir), username, session_limit=session_limit, dataset_delay=dataset_delay,
+                               kill_grace_seconds=kill_grace_seconds, realism=realism, clock=clock)
+        self.clock = self.backend.clock
         self.runner = Runner(self.backend)
         self.app = EmulatorApp(self.backend, self.key, token)
         # Per-request access lines would drown the launcher's own output; errors still show.

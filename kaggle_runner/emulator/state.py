@@ -1,152 +1,52 @@
-"""The emulator's backend: kernels, versions, datasets, blobs, quota and faults, persisted in a data dir.
+"""The emulator's backend: kernels, versions, quota and faults (datasets in datasets.py), kept in a data dir.
 
 Every mutation happens under one lock and is written to state.json atomically, so a restarted emulator
-finds everything it had; versions that were running when it stopped are reported as errors.
+finds everything it had; versions that were running when it stopped are reported as errors. All of its time
+is `self.clock`'s (clock.py): a test's ManualClock, or the wall clock.
 """
 
 from __future__ import annotations
 
 import fcntl
-import gzip
 import json
 import os
-import re
 import secrets
 import shutil
-import tarfile
 import threading
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from kaggle_runner.emulator.errors import BadRequest, Conflict, InjectedFault, NotFound, PermissionDenied
+from kaggle_runner.emulator.clock import SystemClock
+from kaggle_runner.emulator.datasets import DatasetBackend
+from kaggle_runner.emulator.errors import BadRequest, InjectedFault, NotFound, PermissionDenied
+from kaggle_runner.emulator.models import (
+    ACTIVE,
+    DEFAULT_SESSION_LIMIT,
+    GPU_SESSION_LIMIT_MESSAGE,
+    KERNEL_DENIED_MESSAGE,
+    MAX_GPU_SESSIONS,
+    RESTART_MESSAGE,
+    TERMINAL,
+    UNATTACHABLE_MESSAGE,
+    Blob,
+    Dataset,
+    DatasetVersion,
+    Faults,
+    Kernel,
+    SessionLimitReached,
+    Version,
+    check_name,
+    weekly_quota_message,
+)
 from kaggle_runner.emulator.realism import Realism
 from kaggle_runner.states import KaggleStatus
 
-WEEKLY_GPU_SECONDS = 30 * 3600
-WEEKLY_TPU_SECONDS = 20 * 3600
-DEFAULT_SESSION_LIMIT = 12 * 3600
-MAX_GPU_SESSIONS = 2
-TIMEOUT_MESSAGE = "Your notebook was stopped because it exceeded the max allowed execution duration."
-RESTART_MESSAGE = "The emulator stopped while this version was running."
 
-ACTIVE = (KaggleStatus.QUEUED, KaggleStatus.RUNNING, KaggleStatus.CANCEL_REQUESTED)
-# Kaggle's wording when a push would start a third GPU session (the kaggle client prints it after
-# "Kernel push error: "; quoted in Kaggle/kaggle-cli#185 and in tools that match on it).
-GPU_SESSION_LIMIT_MESSAGE = f"Maximum batch GPU session count of {MAX_GPU_SESSIONS} reached."
-NO_RUNS_MESSAGE = "No runs found for this kernel"
-# The emulator's wording for a push refused over its dataset sources (the official client prints
-# "The following are not valid dataset sources and could not be added to the kernel: [...]").
-UNATTACHABLE_MESSAGE = "The following are not valid dataset sources: "
-KERNEL_DENIED_MESSAGE = "Permission 'kernels.get' was denied"
-CANCEL_DENIED_MESSAGE = "Permission 'kernelSessions.cancel' was denied"
-TERMINAL = (KaggleStatus.COMPLETE, KaggleStatus.ERROR, KaggleStatus.CANCEL_ACKNOWLEDGED)
-# Owners and slugs as Kaggle spells them; anything else (`..`, slashes, NUL) never reaches a path.
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
-
-
-def weekly_quota_message(seconds: float) -> str:
-    return f"Maximum weekly GPU quota of {seconds / 3600:.2f} hours reached."
-
-
-def check_name(value: object, what: str) -> str:
-    if not isinstance(value, str) or not NAME.fullmatch(value):
-        raise BadRequest(f"Invalid {what} {value!r}")
-    return value
-
-
-class SessionLimitReached(Exception):
-    """A push refused (GPU sessions in use, weekly GPU quota spent, an injected unattachable dataset): Kaggle
-    answers 200 with `error` and version 0, and creates nothing."""
-
-
-@dataclass
-class Version:
-    number: int
-    status: str = KaggleStatus.QUEUED
-    failure_message: str | None = None
-    code_file: str = "train.py"
-    kernel_type: str = "script"
-    enable_gpu: bool = False
-    enable_internet: bool = True
-    machine_shape: str | None = None
-    session_timeout_seconds: int | None = None
-    dataset_sources: list[str] = field(default_factory=list)
-    # The dataset version each source was pinned to at push time (None: nothing mountable yet).
-    dataset_versions: dict[str, int | None] = field(default_factory=dict)
-    created_at: float = 0.0
-    started_at: float | None = None
-    ended_at: float | None = None  # the process exited
-    terminal_at: float | None = None  # the status became terminal (outputs uploaded)
-    exit_code: int | None = None
-    session_id: int = 0  # random, unguessable; the kernel sees it only in KAGGLE_CONTAINER_NAME
-
-
-@dataclass
-class Kernel:
-    id: int
-    owner: str
-    slug: str
-    title: str
-    language: str = "python"
-    kernel_type: str = "script"
-    is_private: bool = True
-    versions: list[Version] = field(default_factory=list)
-
-
-@dataclass
-class DatasetVersion:
-    number: int
-    files: list[str]
-    created_at: float
-    notes: str = ""
-    processing: str = "ok"  # "failed" or "stuck": never ready, never mounted (Realism.dataset_versions_*)
-
-
-@dataclass
-class Dataset:
-    id: int
-    owner: str
-    slug: str
-    title: str
-    license_name: str
-    is_private: bool
-    versions: list[DatasetVersion] = field(default_factory=list)
-
-
-@dataclass
-class Blob:
-    token: str
-    name: str
-    content_length: int
-    received: int = 0
-
-
-@dataclass
-class Faults:
-    """What tests ask to go wrong: failed calls per method, dropped downloads, slow datasets, held queues."""
-
-    fail: dict[str, list[int]] = field(default_factory=dict)  # method -> statuses to send, in order
-    # method -> statuses sent after the call took effect (a push that landed, then answered 503)
-    fail_after: dict[str, list[int]] = field(default_factory=dict)
-    drop_downloads: int = 0
-    dataset_delay: float = 0.0
-    hold_queued: bool = False
-    drop_outputs_on_timeout: bool = False
-    stuck_running: bool = False  # ended versions keep reporting RUNNING until cancelled, as Kaggle's can
-    # The next N pushes naming datasets get every one back in invalidDatasetSources: Kaggle does not see them
-    # (yet). The version still runs, without them, unless unattachable_refused: then `error` names them and
-    # no version is created.
-    unattachable: int = 0
-    unattachable_refused: bool = False
-
-
-class Backend:
+class Backend(DatasetBackend):
     def __init__(self, data_dir: Path, username: str, session_limit: float | None = None,
-                 dataset_delay: float = 0.0, clock: Callable[[], float] = time.time,
+                 dataset_delay: float = 0.0, clock: SystemClock | None = None,
                  kill_grace_seconds: float = 10.0, realism: Realism | None = None):
         self.data_dir = Path(data_dir).resolve()  # kernels run with their own cwd
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +60,7 @@ class Backend:
         self.username = username
         self.session_limit = session_limit or DEFAULT_SESSION_LIMIT
         self.kill_grace_seconds = kill_grace_seconds
-        self.clock = clock
+        self.clock = clock or SystemClock()
         self.lock = threading.RLock()
         self.kernels: dict[str, Kernel] = {}
         self.datasets: dict[str, Dataset] = {}
@@ -244,7 +144,7 @@ class Backend:
                 for method, statuses in spec.get(kind, {}).items():
                     getattr(self.faults, kind).setdefault(method, []).extend(int(s) for s in statuses)
             for key in ("drop_downloads", "dataset_delay", "hold_queued", "drop_outputs_on_timeout",
-                        "stuck_running", "unattachable", "unattachable_refused"):
+                        "stuck_running", "unattachable", "unattachable_refused", "stale_mounts"):
                 if key in spec:
                     setattr(self.faults, key, type(getattr(self.faults, key))(spec[key]))
             if "hold_queued" in spec and not self.faults.hold_queued and self.runner:
@@ -331,6 +231,9 @@ class Backend:
                 kernel.title = title
             now = self.clock()
             pins = {s: self._mountable_version(self.datasets[self._dataset_ref(s)], now) for s in valid}
+            if valid and self.faults.stale_mounts > 0:
+                self.faults.stale_mounts -= 1
+                pins = {s: (len(self.datasets[self._dataset_ref(s)].versions) - 1) or None for s in valid}
             version = Version(number=len(kernel.versions) + 1, kernel_type=settings["kernel_type"],
                               code_file="train.ipynb" if settings["kernel_type"] == "notebook" else "train.py",
                               enable_gpu=settings["enable_gpu"], enable_internet=settings["enable_internet"],
@@ -435,197 +338,3 @@ class Backend:
 
     def gpu_seconds_used(self) -> float:
         return sum(self.gpu_seconds())
-
-    # -- datasets and blobs --------------------------------------------------------------------------
-    @staticmethod
-    def _dataset_ref(source: str) -> str:
-        parts = source.split("/")
-        return "/".join(parts[:2])
-
-    def dataset_dir(self, owner: str, slug: str, number: int) -> Path:
-        return self._confined("datasets", check_name(owner, "owner"), check_name(slug, "slug"), f"v{int(number)}")
-
-    def get_dataset(self, owner: str, slug: str) -> Dataset:
-        dataset = self.datasets.get(f"{owner}/{slug}")
-        if dataset is None:
-            raise NotFound(f"Dataset {owner}/{slug} not found")
-        return dataset
-
-    def visible_dataset(self, owner: str, slug: str) -> Dataset:
-        """GetDataset/GetDatasetStatus: a version just created answers 404 for a while."""
-        dataset = self.get_dataset(owner, slug)
-        if self.clock() - dataset.versions[-1].created_at < self.realism.dataset_404_window:
-            raise NotFound(f"Dataset {owner}/{slug} not found")
-        return dataset
-
-    def dataset_status(self, owner: str, slug: str) -> str:
-        with self.lock:
-            dataset = self.visible_dataset(owner, slug)
-            newest = dataset.versions[-1]
-            if newest.processing == "failed":
-                return "failed"
-            if newest.processing == "stuck":
-                return "blobsCopiedToSds"
-            ready = self.clock() - newest.created_at >= self.faults.dataset_delay
-            # Kaggle can answer for the previous version, already ready, while the new one processes.
-            stale = self.realism.pin_window > 0 and len(dataset.versions) > 1
-            return "ready" if ready or stale else "blobsCopiedToSds"
-
-    def _mountable_version(self, dataset: Dataset, now: float) -> int | None:
-        """The version a push made now attaches: the newest one settled for pin_window (and processed)."""
-        settle = max(self.realism.pin_window, self.faults.dataset_delay)
-        settled = [v for v in dataset.versions if v.processing == "ok" and now - v.created_at >= settle]
-        return settled[-1].number if settled else None
-
-    def start_blob_upload(self, name: str, content_length: int) -> Blob:
-        name = name.replace("\\", "/").rsplit("/", 1)[-1]  # Kaggle flattens sub-paths
-        if name in ("", ".", "..") or "\0" in name:
-            raise BadRequest(f"Invalid blob name {name!r}")
-        if content_length < 0:
-            raise BadRequest("contentLength must not be negative")
-        with self.lock:
-            blob = Blob(token=secrets.token_urlsafe(24), name=name, content_length=content_length)
-            self.blobs[blob.token] = blob
-            self._save()
-            return blob
-
-    def blob_path(self, token: str) -> Path:
-        if token not in self.blobs:
-            raise NotFound("Upload session not found or expired")
-        return self._confined("blobs", token)
-
-    def write_blob(self, token: str, start: int, stream, length: int | None) -> Blob:
-        """Append bytes at `start`; whatever arrives before a dropped connection is kept (resumable)."""
-        with self.lock:
-            blob = self.blobs.get(token)
-            if blob is None:
-                raise NotFound("Upload session not found or expired")
-            if start != blob.received:
-                raise BadRequest(f"Upload must continue at byte {blob.received}, not {start}")
-        path = self.blob_path(token)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "r+b" if path.exists() else "wb") as handle:
-            handle.seek(start)
-            handle.truncate()
-            remaining = length if length is not None else blob.content_length - start
-            try:
-                while remaining > 0:
-                    chunk = stream.read(min(1 << 20, remaining))
-                    if not chunk:
-                        break
-                    handle.write(chunk)
-                    remaining -= len(chunk)
-            finally:
-                handle.flush()
-                with self.lock:
-                    blob.received = handle.tell()
-                    self._save()
-        return blob
-
-    def blob(self, token: str) -> Blob:
-        blob = self.blobs.get(token)
-        if blob is None:
-            raise NotFound("Upload session not found or expired")
-        return blob
-
-    def create_dataset_version(self, owner: str, slug: str, tokens: list[str], notes: str,
-                               delete_old: bool, create: dict | None = None) -> Dataset:
-        """CreateDataset (with `create`: title, license, privacy) or CreateDatasetVersion."""
-        check_name(owner, "owner"), check_name(slug, "slug")
-        if owner != self.username:
-            raise PermissionDenied(f"User {self.username} cannot write datasets owned by {owner}")
-        with self.lock:
-            ref = f"{owner}/{slug}"
-            blobs = []
-            for token in tokens:
-                blob = self.blobs.get(token)
-                if blob is None or blob.received != blob.content_length:
-                    raise BadRequest(f"File upload {token} is missing or incomplete")
-                blobs.append(blob)
-            names = [b.name for b in blobs]
-            if len(set(names)) != len(names):
-                raise BadRequest("Two files with the same name in one dataset version")
-            if create is not None:
-                if ref in self.datasets:
-                    raise Conflict(f'The requested slug "{slug}" is already in use by a dataset.')
-                if not 6 <= len(slug) <= 50:
-                    raise BadRequest("The dataset slug must be between 6 and 50 characters")
-                dataset = Dataset(id=self._new_id(), owner=owner, slug=slug, **create)
-                self.datasets[ref] = dataset
-            else:
-                dataset = self.get_dataset(owner, slug)
-                first = dataset.versions[0]
-                if self.realism.first_version_locks and len(dataset.versions) == 1 and (
-                        first.processing == "stuck" or self.clock() - first.created_at < self.faults.dataset_delay):
-                    raise PermissionDenied(f"Permission denied: the first version of {ref} is still being "
-                                           "processed; a new version can be created once it is ready")
-            processing = "ok"
-            if self.realism.dataset_versions_failing > 0:
-                self.realism.dataset_versions_failing -= 1
-                processing = "failed"
-            elif self.realism.dataset_versions_stuck > 0:
-                self.realism.dataset_versions_stuck -= 1
-                processing = "stuck"
-            version = DatasetVersion(number=len(dataset.versions) + 1, files=names, created_at=self.clock(),
-                                     notes=notes, processing=processing)
-            target = self.dataset_dir(owner, slug, version.number)
-            target.mkdir(parents=True, exist_ok=True)
-            for blob in blobs:
-                os.replace(self.blob_path(blob.token), target / blob.name)
-                del self.blobs[blob.token]
-            dataset.versions.append(version)
-            if delete_old:
-                for old in dataset.versions[:-1]:
-                    shutil.rmtree(self.dataset_dir(owner, slug, old.number), ignore_errors=True)
-                    old.files = []
-            self._save()
-            return dataset
-
-    def mount_inputs(self, version: Version, input_dir: Path) -> None:
-        """Attach each dataset at the version pinned when the kernel was pushed, in this version's layout:
-        <input>/datasets/<owner>/<slug>/ or <input>/<slug>/ (both seen in 2026). Archives are extracted."""
-        layout = self.realism.layout_for(version.number)
-        with self.lock:
-            for source in version.dataset_sources:
-                owner, slug = self._dataset_ref(source).split("/")
-                number = version.dataset_versions.get(source, len(self.get_dataset(owner, slug).versions))
-                if number is None:
-                    continue  # nothing was mountable when the kernel was pushed
-                dataset = self.get_dataset(owner, slug)
-                target = input_dir / "datasets" / owner / slug if layout == "datasets" else input_dir / slug
-                target.mkdir(parents=True, exist_ok=True)
-                for name in dataset.versions[number - 1].files:
-                    source_file = self.dataset_dir(owner, slug, number) / name
-                    if source_file.is_file():
-                        _attach(source_file, target, name)
-
-
-def _attach(source: Path, target: Path, name: str) -> None:
-    """Hard-link a dataset file into place, or extract it as Kaggle does for .zip, .tar(.gz) and .gz files."""
-    lower = name.lower()
-    for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
-        if lower.endswith(suffix):
-            folder = target / name[: -len(suffix)]
-            folder.mkdir(parents=True, exist_ok=True)
-            try:
-                if suffix == ".zip":
-                    shutil.unpack_archive(source, folder, "zip")  # refuses members that leave `folder`
-                else:
-                    with tarfile.open(source) as archive:
-                        archive.extractall(folder, filter="data")
-                return
-            except (OSError, tarfile.TarError, shutil.ReadError, ValueError):
-                shutil.rmtree(folder, ignore_errors=True)
-                break  # not a readable archive: mounted as it is
-    else:
-        if lower.endswith(".gz"):
-            try:
-                with gzip.open(source) as packed, open(target / name[:-3], "wb") as plain:
-                    shutil.copyfileobj(packed, plain)
-                return
-            except (OSError, EOFError):
-                (target / name[:-3]).unlink(missing_ok=True)
-    try:
-        os.link(source, target / name)
-    except OSError:
-        shutil.copyfile(source, target / name)
