@@ -9,7 +9,7 @@ runs under torchrun on any machine. It talks to the launcher only through files 
 Contents, in reading order:
   Model               GPT-2, Llama or a pretrained model; its loss, optimizer, schedule, precision, compile
   Data                documents, tokenizer, packed token arrays, windows
-  The training state  the Run dataclass: what a step changes and a checkpoint keeps
+  The training state  TrainingState: what a step changes and a checkpoint keeps
   The step and loop   optimizer_step (out-of-memory halving), divergence, evaluation, samples, stops, train
   Checkpoints         save and rotate; resume only from the chain's own verified checkpoint
   Platform survival   the GPU check, the session event, processes (DDP), signals, atomic files, CPU speedups
@@ -773,7 +773,7 @@ def gather_windows(tokens: np.ndarray, window_ids, length: int) -> torch.Tensor:
 # The training state: what a step changes, and what a checkpoint keeps
 # ===================================================================================================
 @dataclass(eq=False)
-class Run:
+class TrainingState:
     """One session's training: what it trains with, where it stands, and how this session is going.
 
     CHECKPOINTED names the fields a checkpoint saves and a resume restores (checkpoint_payload and
@@ -789,11 +789,13 @@ class Run:
     raw_model: torch.nn.Module  # the *ForCausalLM model whose weights are saved
     eager_model: torch.nn.Module  # its LossModule, DDP-wrapped on several processes
     model: torch.nn.Module  # what a step calls: eager_model, compiled when compile is on
+    compiled: bool  # model is a torch.compile of eager_model (a failure at its first step falls back to eager)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: Any  # a GradScaler for fp16 (T4), else None
     autocast: Callable
     total_steps: int
+    windows_per_step: int  # windows one optimizer step covers: batch_size x gradient_accumulation_steps
     tokens_per_step: int
     tokenizer_json: str | None
     vocab_size: int  # the tokenizer's, not the padded embedding's
@@ -822,7 +824,7 @@ class Run:
 
 
 def build_training(config: dict, data: dict, raw_model, device: torch.device, dtype: torch.dtype,
-                   total_steps: int) -> Run:
+                   total_steps: int) -> TrainingState:
     """Optimizer, schedule, precision and counters around a model: what optimizer_step needs (bench uses it)."""
     optimizer = build_optimizer(raw_model, config)
     loss_module = LossModule(raw_model)
@@ -831,109 +833,110 @@ def build_training(config: dict, data: dict, raw_model, device: torch.device, dt
             return torch.autocast(device.type, dtype=dtype)
     else:
         autocast = contextlib.nullcontext
-    windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
-    return Run(data=data, device=device, raw_model=raw_model, eager_model=loss_module, model=loss_module,
-               optimizer=optimizer, scheduler=build_scheduler(optimizer, config, total_steps),
-               scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, autocast=autocast,
-               total_steps=total_steps, tokens_per_step=windows_per_step * config["max_length"],
-               tokenizer_json=data.get("tokenizer_json"), vocab_size=raw_model.config.vocab_size,
-               order=epoch_order(config["seed"], 1, data["train_windows"]),
-               micro_batch_size=config["batch_size"], accumulation=config["gradient_accumulation_steps"],
-               nonfinite=torch.zeros(2, dtype=torch.int32, device=device))
+    windows = windows_per_step(config)
+    return TrainingState(
+        data=data, device=device, raw_model=raw_model, eager_model=loss_module, model=loss_module, compiled=False,
+        optimizer=optimizer, scheduler=build_scheduler(optimizer, config, total_steps),
+        scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, autocast=autocast,
+        total_steps=total_steps, windows_per_step=windows, tokens_per_step=windows * config["max_length"],
+        tokenizer_json=data.get("tokenizer_json"), vocab_size=raw_model.config.vocab_size,
+        order=epoch_order(config["seed"], 1, data["train_windows"]),
+        micro_batch_size=config["batch_size"], accumulation=config["gradient_accumulation_steps"],
+        nonfinite=torch.zeros(2, dtype=torch.int32, device=device))
+
+
+def windows_per_step(config: dict) -> int:
+    """The windows one optimizer step covers, across its accumulation and every process."""
+    return config["batch_size"] * config["gradient_accumulation_steps"]
 
 
 # ===================================================================================================
 # The step and the loop
 # ===================================================================================================
-def optimizer_step(run: Run, config: dict) -> torch.Tensor:
+def optimizer_step(state: TrainingState, config: dict) -> torch.Tensor:
     """One optimizer step over batch_size * gradient_accumulation_steps windows; returns the loss on the device
     (read it only at log steps: a host sync every step would stall the GPU's queue).
 
     On out-of-memory the step starts over with half the micro-batch and twice the accumulation, so the
     effective batch, and the windows it covers, stay the same.
     """
-    data, device, length = run.data, run.device, config["max_length"]
-    windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
-    order = run.order[run.position:run.position + windows_per_step]
-    share = windows_per_step // world_size()
+    data, device, length = state.data, state.device, config["max_length"]
+    order = state.order[state.position:state.position + state.windows_per_step]
+    share = state.windows_per_step // world_size()
     mine = order[rank() * share:(rank() + 1) * share]
     while True:
-        chunks = [mine[i:i + run.micro_batch_size] for i in range(0, len(mine), run.micro_batch_size)]
-        run.accumulation = len(chunks)
+        chunks = [mine[i:i + state.micro_batch_size] for i in range(0, len(mine), state.micro_batch_size)]
+        state.accumulation = len(chunks)
         try:
-            run.optimizer.zero_grad(set_to_none=True)
+            state.optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=device)
             for i, ids in enumerate(chunks):
-                if simulated_oom(run.global_step + 1) and i == 0:
-                    raise torch.OutOfMemoryError("simulated CUDA out of memory (KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP)")
-                if run.ddp is not None:  # gradients cross processes once per optimizer step
-                    run.ddp.require_backward_grad_sync = i == len(chunks) - 1
+                if state.ddp is not None:  # gradients cross processes once per optimizer step
+                    state.ddp.require_backward_grad_sync = i == len(chunks) - 1
                 batch = gather_windows(data["train"], ids, length)
                 if device.type == "cuda":
                     batch = batch.pin_memory()
                 batch = batch.to(device, non_blocking=True)
-                with run.autocast():
-                    loss = run.model(batch) / (len(mine) / len(ids))
-                if simulated_nan(run.global_step + 1):
-                    loss = loss * float("nan")
-                if run.scaler is not None:
-                    run.scaler.scale(loss).backward()
+                with state.autocast():
+                    loss = state.model(batch) / (len(mine) / len(ids))
+                if state.scaler is not None:
+                    state.scaler.scale(loss).backward()
                 else:
                     loss.backward()
                 total += loss.detach()
             break
         except torch.OutOfMemoryError as exc:
-            run.optimizer.zero_grad(set_to_none=True)
+            state.optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            if run.micro_batch_size == 1:
+            if state.micro_batch_size == 1:
                 raise KernelStop("out_of_memory", f"out of memory at micro-batch 1 ({exc}); reduce max_length, "
                                  "n_embd or n_layer") from None
-            run.micro_batch_size //= 2
-            run.accumulation = math.ceil(len(mine) / run.micro_batch_size)
-            log(f"Out of memory at step {run.global_step + 1}: micro-batch now {run.micro_batch_size}, "
-                f"accumulation {run.accumulation} (effective batch unchanged); retrying the step")
-            emit("oom", global_step=run.global_step + 1, micro_batch_size=run.micro_batch_size,
-                 accumulation=run.accumulation)
-    if run.scaler is not None:
-        run.scaler.unscale_(run.optimizer)
-    torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), config["max_grad_norm"])
-    if run.scaler is not None:  # skips the update when fp16 gradients overflowed: normal, not divergence
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+            state.micro_batch_size //= 2
+            state.accumulation = math.ceil(len(mine) / state.micro_batch_size)
+            log(f"Out of memory at step {state.global_step + 1}: micro-batch now {state.micro_batch_size}, "
+                f"accumulation {state.accumulation} (effective batch unchanged); retrying the step")
+            emit("oom", global_step=state.global_step + 1, micro_batch_size=state.micro_batch_size,
+                 accumulation=state.accumulation)
+    if state.scaler is not None:
+        state.scaler.unscale_(state.optimizer)
+    torch.nn.utils.clip_grad_norm_(state.raw_model.parameters(), config["max_grad_norm"])
+    if state.scaler is not None:  # skips the update when fp16 gradients overflowed: normal, not divergence
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
     else:
-        run.optimizer.step()
-    run.scheduler.step()
-    run.position += windows_per_step
-    run.global_step += 1
-    in_a_row = (run.nonfinite[0] + 1) * (~torch.isfinite(total)).int()
-    run.nonfinite = torch.stack((in_a_row, torch.maximum(run.nonfinite[1], in_a_row)))
+        state.optimizer.step()
+    state.scheduler.step()
+    state.position += state.windows_per_step
+    state.global_step += 1
+    in_a_row = (state.nonfinite[0] + 1) * (~torch.isfinite(total)).int()
+    state.nonfinite = torch.stack((in_a_row, torch.maximum(state.nonfinite[1], in_a_row)))
     return total
 
 
-def loss_is_finite(run: Run) -> bool:
+def loss_is_finite(state: TrainingState) -> bool:
     """Whether the last step's loss was finite; stops the run as diverged after DIVERGENCE_STEPS non-finite
     losses in a row. Reads the device-side counter: call it at log, eval and save steps, not every step."""
-    in_a_row, longest = (agree(int(value)) for value in run.nonfinite.tolist())
+    in_a_row, longest = (agree(int(value)) for value in state.nonfinite.tolist())
     if longest >= DIVERGENCE_STEPS:
         raise KernelStop("diverged", f"the training loss was not finite for {longest} optimizer steps in a row "
-                         f"(seen at step {run.global_step}); lower learning_rate or raise warmup_steps. The newest "
-                         f"checkpoint, {run.newest_checkpoint}, is the last one with a finite loss.")
+                         f"(seen at step {state.global_step}); lower learning_rate or raise warmup_steps. The newest "
+                         f"checkpoint, {state.newest_checkpoint}, is the last one with a finite loss.")
     return in_a_row == 0
 
 
 @torch.no_grad()
-def evaluate(run: Run, config: dict) -> float:
+def evaluate(state: TrainingState, config: dict) -> float:
     """Mean loss over a fixed subset of the validation split (the same windows every time)."""
-    model, device = run.model, run.device
+    model, device = state.model, state.device
     model.eval()
-    length, batch = config["max_length"], run.micro_batch_size
-    n_windows = min(run.data["validation_windows"], config["eval_batches"] * config["batch_size"])
+    length, batch = config["max_length"], state.micro_batch_size
+    n_windows = min(state.data["validation_windows"], config["eval_batches"] * config["batch_size"])
     losses, weights = [], []
     for start in range(0, n_windows, batch):
         ids = range(start, min(start + batch, n_windows))
-        windows = gather_windows(run.data["validation"], ids, length).to(device, non_blocking=True)
-        with run.autocast():
+        windows = gather_windows(state.data["validation"], ids, length).to(device, non_blocking=True)
+        with state.autocast():
             losses.append(model(windows).float().item())
         weights.append(len(ids))
     model.train()
@@ -941,17 +944,17 @@ def evaluate(run: Run, config: dict) -> float:
 
 
 @torch.no_grad()
-def sample_text(run: Run, config: dict) -> str:
+def sample_text(state: TrainingState, config: dict) -> str:
     """Continue sample_prompt; runs on its own RNG so training draws the same numbers with or without it."""
-    tokenizer, model, device = run.data["tokenizer"], run.raw_model, run.device
-    ids = tokenizer.encode(config["sample_prompt"]).ids or [run.data.get("eos_id") or 0]
+    tokenizer, model, device = state.data["tokenizer"], state.raw_model, state.device
+    ids = tokenizer.encode(config["sample_prompt"]).ids or [state.data.get("eos_id") or 0]
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config["seed"])
         model.eval()
         tokens = torch.tensor([ids], device=device)
         for _ in range(config["sample_tokens"]):
-            logits = model(input_ids=tokens[:, -config["max_length"]:]).logits[0, -1, :run.vocab_size]
+            logits = model(input_ids=tokens[:, -config["max_length"]:]).logits[0, -1, :state.vocab_size]
             top = torch.topk(logits.float(), k=min(40, logits.numel()))
             choice = top.indices[torch.multinomial(F.softmax(top.values / 0.8, dim=-1), 1)]
             tokens = torch.cat([tokens, choice.view(1, 1)], dim=1)
@@ -959,43 +962,43 @@ def sample_text(run: Run, config: dict) -> str:
     return tokenizer.decode(tokens[0].tolist())
 
 
-def history_entry(run: Run, kind: str, train_loss: float | None, **fields) -> dict:
+def history_entry(state: TrainingState, kind: str, train_loss: float | None, **fields) -> dict:
     """One training_history.json entry: wall_time counts training time over all sessions (not the gaps between
     them), segment numbers the session."""
-    elapsed = time.time() - run.segment_started
-    return {"kind": kind, "step": run.global_step, "epoch": run.epoch, "train_loss": train_loss, **fields,
-            "lr": run.scheduler.get_last_lr()[0], "tokens_per_second": run.tokens_this_segment / max(elapsed, 1e-9),
-            "wall_time": run.wall_time_before + elapsed, "segment": run.segment}
+    elapsed = time.time() - state.segment_started
+    return {"kind": kind, "step": state.global_step, "epoch": state.epoch, "train_loss": train_loss, **fields,
+            "lr": state.scheduler.get_last_lr()[0], "tokens_per_second": state.tokens_this_segment / max(elapsed, 1e-9),
+            "wall_time": state.wall_time_before + elapsed, "segment": state.segment}
 
 
-def record_sample(run: Run, text: str) -> None:
-    run.history.append({"kind": "sample", "step": run.global_step, "epoch": run.epoch, "text": text})
-    write_history(run)
-    emit("sample", epoch=run.epoch, text=text)
+def record_sample(state: TrainingState, text: str) -> None:
+    state.history.append({"kind": "sample", "step": state.global_step, "epoch": state.epoch, "text": text})
+    write_history(state)
+    emit("sample", epoch=state.epoch, text=text)
 
 
-def record_evaluation(run: Run, config: dict, train_loss: float | None) -> None:
-    val_loss = evaluate(run, config)
-    entry = history_entry(run, "eval", train_loss, val_loss=val_loss, perplexity=math.exp(min(val_loss, 50)))
-    run.history.append(entry)
-    write_history(run)
+def record_evaluation(state: TrainingState, config: dict, train_loss: float | None) -> None:
+    val_loss = evaluate(state, config)
+    entry = history_entry(state, "eval", train_loss, val_loss=val_loss, perplexity=math.exp(min(val_loss, 50)))
+    state.history.append(entry)
+    write_history(state)
     log(f"  eval  step {entry['step']:>6}  val loss {val_loss:.4f}  perplexity {entry['perplexity']:.2f}")
     emit("eval", **{key: value for key, value in entry.items() if key not in ("kind", "segment")})
-    if math.isfinite(val_loss) and (run.best_val_loss is None or val_loss < run.best_val_loss):
-        run.best_val_loss = val_loss
-        save_best_model(run, config, val_loss)
+    if math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss):
+        state.best_val_loss = val_loss
+        save_best_model(state, config, val_loss)
 
 
-def log_progress(run: Run, loss: float) -> None:
-    entry = history_entry(run, "train", loss)
-    run.history.append(entry)
-    write_history(run)
+def log_progress(state: TrainingState, loss: float) -> None:
+    entry = history_entry(state, "train", loss)
+    state.history.append(entry)
+    write_history(state)
     tokens_per_second, lr = entry["tokens_per_second"], entry["lr"]
-    remaining = (run.total_steps - run.global_step) * run.tokens_per_step / max(tokens_per_second, 1e-9)
-    memory = torch.cuda.max_memory_allocated() / 2**20 if run.device.type == "cuda" else None
-    log(f"step {run.global_step:>6}/{run.total_steps}  epoch {run.epoch}  loss {loss:.4f}  lr {lr:.2e}  "
+    remaining = (state.total_steps - state.global_step) * state.tokens_per_step / max(tokens_per_second, 1e-9)
+    memory = torch.cuda.max_memory_allocated() / 2**20 if state.device.type == "cuda" else None
+    log(f"step {state.global_step:>6}/{state.total_steps}  epoch {state.epoch}  loss {loss:.4f}  lr {lr:.2e}  "
         f"{tokens_per_second:,.0f} tok/s" + (f"  gpu {memory:,.0f} MiB" if memory is not None else ""))
-    emit("progress", global_step=run.global_step, total_steps=run.total_steps, epoch=run.epoch, loss=loss, lr=lr,
+    emit("progress", global_step=state.global_step, total_steps=state.total_steps, epoch=state.epoch, loss=loss, lr=lr,
          tokens_per_second=tokens_per_second, eta_seconds=remaining, gpu_memory_mb=memory)
 
 
@@ -1003,104 +1006,103 @@ def log_progress(run: Run, loss: float) -> None:
 EARLY_STOPS = (None, "step_budget", "time_budget", "interrupted")
 
 
-def stop_reason(run: Run, config: dict) -> str | None:
+def stop_reason(state: TrainingState, config: dict) -> str | None:
     if STOP_REQUEST["signal"]:
         return "interrupted"
-    if time.time() >= run.deadline:  # the platform guard: session_timeout_seconds - safety_margin_seconds
+    if time.time() >= state.deadline:  # the platform guard: session_timeout_seconds - safety_margin_seconds
         return "time_budget"
-    if config.get("segment_steps") and run.global_step - run.first_step >= config["segment_steps"]:
+    if config.get("segment_steps") and state.global_step - state.first_step >= config["segment_steps"]:
         return "step_budget"
     return None
 
 
-def agreed_stop_reason(run: Run, config: dict) -> str | None:
+def agreed_stop_reason(state: TrainingState, config: dict) -> str | None:
     """A stop every rank takes at the same step (the signal or deadline may reach them at different times)."""
-    return EARLY_STOPS[agree(EARLY_STOPS.index(stop_reason(run, config)))]
+    return EARLY_STOPS[agree(EARLY_STOPS.index(stop_reason(state, config)))]
 
 
-def train(run: Run, config: dict) -> str:
+def train(state: TrainingState, config: dict) -> str:
     """Runs until training completes ('complete') or a stop is requested (its reason)."""
-    windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
     # The last logged training loss, from an earlier session too: an epoch-end evaluation reports it.
-    last_loss = next((h["train_loss"] for h in reversed(run.history) if h.get("kind") == "train"), None)
-    while run.global_step < run.total_steps:
-        reason = agreed_stop_reason(run, config)
+    last_loss = next((h["train_loss"] for h in reversed(state.history) if h.get("kind") == "train"), None)
+    while state.global_step < state.total_steps:
+        reason = agreed_stop_reason(state, config)
         if reason:
             return reason
-        if run.position + windows_per_step > len(run.order):  # epoch end: leftover windows wait
-            record_evaluation(run, config, last_loss)
+        if state.position + state.windows_per_step > len(state.order):  # epoch end: leftover windows wait
+            record_evaluation(state, config, last_loss)
             if config["sample_tokens"] and is_primary():
-                text = sample_text(run, config)
-                log(f"  sample after epoch {run.epoch}: {text!r}")
-                record_sample(run, text)
-            run.epoch += 1
-            run.position = 0
-            run.order = epoch_order(config["seed"], run.epoch, run.data["train_windows"])
+                text = sample_text(state, config)
+                log(f"  sample after epoch {state.epoch}: {text!r}")
+                record_sample(state, text)
+            state.epoch += 1
+            state.position = 0
+            state.order = epoch_order(config["seed"], state.epoch, state.data["train_windows"])
             continue
         try:
-            loss = optimizer_step(run, config)
+            loss = optimizer_step(state, config)
         except (KernelStop, torch.OutOfMemoryError):
             raise
         except Exception as exc:
-            if run.model is run.eager_model:
+            if not state.compiled:
                 raise
             # torch.compile fails lazily, at the first step: fall back to eager and redo the step.
             first_line = (str(exc).strip().splitlines() or [""])[0][:300]  # inductor's messages run to pages
             log(f"torch.compile failed ({type(exc).__name__}: {first_line}); training uncompiled")
-            run.model = run.eager_model
+            state.model, state.compiled = with_simulated_faults(state.eager_model, state), False
             continue
-        run.tokens_this_segment += run.tokens_per_step
-        step = run.global_step
-        log_now = step % config["log_steps"] == 0 or step == run.total_steps
-        eval_now = step % config["eval_steps"] == 0 and step < run.total_steps
+        state.tokens_this_segment += state.tokens_per_step
+        step = state.global_step
+        log_now = step % config["log_steps"] == 0 or step == state.total_steps
+        eval_now = step % config["eval_steps"] == 0 and step < state.total_steps
         save_now = step % config["save_steps"] == 0
         if not (log_now or eval_now or save_now):
             continue
-        finite = loss_is_finite(run)  # the one host sync: raises KernelStop('diverged')
+        finite = loss_is_finite(state)  # the one host sync: raises KernelStop('diverged')
         if log_now:
             last_loss = float(loss)
-            log_progress(run, last_loss)
+            log_progress(state, last_loss)
         if eval_now:
-            record_evaluation(run, config, float(loss))
+            record_evaluation(state, config, float(loss))
         if save_now and finite:
-            save_checkpoint(run, config)
+            save_checkpoint(state, config)
         elif save_now:
             log(f"Not saving a checkpoint at step {step}: its loss is not finite")
-    record_evaluation(run, config, last_loss)
-    loss_is_finite(run)
+    record_evaluation(state, config, last_loss)
+    loss_is_finite(state)
     return "complete"
 
 
-def write_history(run: Run) -> None:
+def write_history(state: TrainingState) -> None:
     """training_history.json, listed in the manifest like every output the launcher fetches."""
     if is_primary():
-        write_json(working_dir() / HISTORY_NAME, run.history)
+        write_json(working_dir() / HISTORY_NAME, state.history)
         record_in_manifest(working_dir(), HISTORY_NAME, kind="history")
 
 
-def finish(run: Run, config: dict) -> None:
+def finish(state: TrainingState, config: dict) -> None:
     """final_model/ in Hugging Face format: loads with AutoModelForCausalLM and AutoTokenizer."""
     from transformers import PreTrainedTokenizerFast
 
     if not is_primary():
         return
     target = working_dir() / FINAL_MODEL_DIR
-    run.raw_model.save_pretrained(target)
+    state.raw_model.save_pretrained(target)
     # model_max_length: generation and pipelines stay inside the context the model was trained on.
     if config.get("init_from"):  # the model's own tokenizer, with its chat template and special tokens
         tokenizer = pretrained_tokenizer(config)
         tokenizer.model_max_length = config["max_length"]
     else:
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=run.data["tokenizer"], eos_token=EOS_TOKEN,
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=state.data["tokenizer"], eos_token=EOS_TOKEN,
                                             bos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
                                             model_max_length=config["max_length"])
     tokenizer.save_pretrained(target)
     for path in sorted(p for p in target.rglob("*") if p.is_file()):  # the manifest covers what fetch takes
         record_in_manifest(working_dir(), path.relative_to(working_dir()).as_posix(), kind="final_model")
     if config["sample_tokens"]:
-        text = sample_text(run, config)
+        text = sample_text(state, config)
         log(f"  sample at the end: {text!r}")
-        record_sample(run, text)
+        record_sample(state, text)
 
 
 # ===================================================================================================
@@ -1129,29 +1131,29 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_payload(run: Run, config: dict) -> dict:
+def checkpoint_payload(state: TrainingState, config: dict) -> dict:
     return {
         "kernel_format": CHECKPOINT_FORMAT,
         "config": config,  # read first on resume: a checkpoint of another model shape is refused
-        "model": run.raw_model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "model": state.raw_model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "rng": rng_state(),
-        **{name: getattr(run, name) for name in Run.CHECKPOINTED},
-        "tokenizer_json": run.tokenizer_json, "vocab_size": run.vocab_size, "total_steps": run.total_steps,
+        **{name: getattr(state, name) for name in TrainingState.CHECKPOINTED},
+        "tokenizer_json": state.tokenizer_json, "vocab_size": state.vocab_size, "total_steps": state.total_steps,
         "world_size": world_size(),
     }
 
 
-def restore_checkpoint(run: Run, checkpoint: dict) -> None:
-    run.raw_model.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
-    if run.scaler is not None and checkpoint["scaler"]:
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    for name in Run.CHECKPOINTED:
-        setattr(run, name, checkpoint.get(name, getattr(run, name)))  # `segment` is newer than format 2
+def restore_checkpoint(state: TrainingState, checkpoint: dict) -> None:
+    state.raw_model.load_state_dict(checkpoint["model"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.scheduler.load_state_dict(checkpoint["scheduler"])
+    if state.scaler is not None and checkpoint["scaler"]:
+        state.scaler.load_state_dict(checkpoint["scaler"])
+    for name in TrainingState.CHECKPOINTED:
+        setattr(state, name, checkpoint.get(name, getattr(state, name)))  # `segment` is newer than format 2
     set_rng_state(checkpoint["rng"])
 
 
@@ -1159,17 +1161,17 @@ def save_torch(path: Path, payload: dict) -> None:
     atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
-def save_checkpoint(run: Run, config: dict) -> str:
+def save_checkpoint(state: TrainingState, config: dict) -> str:
     root = working_dir()
-    name = f"{CHECKPOINT_DIR}/checkpoint_epoch{run.epoch}_step{run.global_step}.pt"
-    run.newest_checkpoint = name
-    run.last_saved_step = run.global_step
+    name = f"{CHECKPOINT_DIR}/checkpoint_epoch{state.epoch}_step{state.global_step}.pt"
+    state.newest_checkpoint = name
+    state.last_saved_step = state.global_step
     if not is_primary():
         return name
-    save_torch(root / name, checkpoint_payload(run, config))
-    record_in_manifest(root, name, kind="checkpoint", global_step=run.global_step, epoch=run.epoch)
+    save_torch(root / name, checkpoint_payload(state, config))
+    record_in_manifest(root, name, kind="checkpoint", global_step=state.global_step, epoch=state.epoch)
     rotate_checkpoints(root, config["max_checkpoints"])
-    emit("checkpoint", path=name, global_step=run.global_step, epoch=run.epoch)
+    emit("checkpoint", path=name, global_step=state.global_step, epoch=state.epoch)
     return name
 
 
@@ -1186,16 +1188,16 @@ def rotate_checkpoints(root: Path, keep: int) -> None:
         drop_from_manifest(root, stale)
 
 
-def save_best_model(run: Run, config: dict, val_loss: float) -> None:
+def save_best_model(state: TrainingState, config: dict, val_loss: float) -> None:
     if not is_primary():
         return
     save_torch(working_dir() / BEST_MODEL_NAME, {
-        "kernel_format": CHECKPOINT_FORMAT, "model": run.raw_model.state_dict(), "config": config,
-        "global_step": run.global_step, "epoch": run.epoch, "val_loss": val_loss,
-        "tokenizer_json": run.tokenizer_json, "vocab_size": run.vocab_size,
+        "kernel_format": CHECKPOINT_FORMAT, "model": state.raw_model.state_dict(), "config": config,
+        "global_step": state.global_step, "epoch": state.epoch, "val_loss": val_loss,
+        "tokenizer_json": state.tokenizer_json, "vocab_size": state.vocab_size,
     })
-    record_in_manifest(working_dir(), BEST_MODEL_NAME, kind="best", global_step=run.global_step,
-                       epoch=run.epoch, val_loss=val_loss)
+    record_in_manifest(working_dir(), BEST_MODEL_NAME, kind="best", global_step=state.global_step,
+                       epoch=state.epoch, val_loss=val_loss)
 
 
 @dataclass(frozen=True)
@@ -1406,7 +1408,7 @@ def wanted_processes(config: dict) -> int:
 
 
 def can_start_workers() -> bool:
-    """Workers re-run this script, as torchrun would; a notebook has no script to re-run."""
+    """Workers re-run this script, as torchrun would; a notebook has no script to re-state."""
     script = sys.argv[0] if sys.argv else ""
     return script.endswith(".py") and os.path.isfile(script) and "RANK" not in os.environ
 
@@ -1490,25 +1492,36 @@ def install_signal_handlers() -> None:
         signal.signal(sig, request_stop)
 
 
-def simulated_oom(global_step: int) -> bool:
-    """Test switch: KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP=N raises OOM once at step N; 'N+' at every try from N."""
-    spec = os.environ.get("KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP", "")
-    if not spec:
-        return False
-    always = spec.endswith("+")
-    step = int(spec.rstrip("+"))
-    if always:
-        return global_step >= step
-    if global_step == step and not STOP_REQUEST.get("oom_simulated"):
-        STOP_REQUEST["oom_simulated"] = True
-        return True
-    return False
+class SimulatedFaults(torch.nn.Module):
+    """Test switches, around the step's model so that optimizer_step carries none (training mode only):
+    KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP=N raises out-of-memory once at step N ('N+': at every try from N on);
+    KAGGLE_RUNNER_SIMULATE_NAN_AT_STEP=N makes the loss NaN from step N on."""
+
+    def __init__(self, model: torch.nn.Module, step: Callable[[], int], oom: str, nan: str):
+        super().__init__()
+        self.inner, self.step = model, step
+        self.oom_step, self.oom_always = (int(oom.rstrip("+")), oom.endswith("+")) if oom else (None, False)
+        self.nan_step = int(nan) if nan else None
+        self.oom_fired = False
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        step = self.step()
+        if self.training and self.oom_step is not None and (
+                step >= self.oom_step if self.oom_always else step == self.oom_step and not self.oom_fired):
+            self.oom_fired = True
+            raise torch.OutOfMemoryError("simulated CUDA out of memory (KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP)")
+        loss = self.inner(batch)
+        if self.training and self.nan_step is not None and step >= self.nan_step:
+            loss = loss * float("nan")
+        return loss
 
 
-def simulated_nan(global_step: int) -> bool:
-    """Test switch: KAGGLE_RUNNER_SIMULATE_NAN_AT_STEP=N makes the loss NaN from step N on."""
-    spec = os.environ.get("KAGGLE_RUNNER_SIMULATE_NAN_AT_STEP", "")
-    return bool(spec) and global_step >= int(spec)
+def with_simulated_faults(model: torch.nn.Module, state: TrainingState) -> torch.nn.Module:
+    oom = os.environ.get("KAGGLE_RUNNER_SIMULATE_OOM_AT_STEP", "")
+    nan = os.environ.get("KAGGLE_RUNNER_SIMULATE_NAN_AT_STEP", "")
+    if not oom and not nan:
+        return model
+    return SimulatedFaults(model, lambda: state.global_step + 1, oom, nan)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1575,19 +1588,19 @@ def drop_from_manifest(root: Path, relpaths) -> None:
     write_json(root / MANIFEST_NAME, manifest)
 
 
-def write_run_state(status: str, reason: str, run: Run | None, message: str) -> None:
+def write_run_state(status: str, reason: str, state: TrainingState | None, message: str) -> None:
     if not is_primary():
         return
     write_json(working_dir() / RUN_STATE_NAME, {
         "status": status,
         "reason": reason,
         "message": message,
-        "global_step": run.global_step if run else 0,
-        "total_steps": run.total_steps if run else None,
-        "epoch": run.epoch if run else 1,
-        "newest_checkpoint": run.newest_checkpoint if run else None,
-        "best_val_loss": run.best_val_loss if run else None,
-        "resumed_from": run.resumed_from if run else None,
+        "global_step": state.global_step if state else 0,
+        "total_steps": state.total_steps if state else None,
+        "epoch": state.epoch if state else 1,
+        "newest_checkpoint": state.newest_checkpoint if state else None,
+        "best_val_loss": state.best_val_loss if state else None,
+        "resumed_from": state.resumed_from if state else None,
         "updated_at": time.time(),
     })
 
@@ -1664,7 +1677,7 @@ def use_cpu_dropout_kernels(model) -> None:
 # ===================================================================================================
 # main: one session. Check the platform, set up (resume, data, model), train, and end in one place.
 # ===================================================================================================
-def setup_run(config: dict, started: float, resume: ResumePoint | None) -> Run:
+def setup_run(config: dict, started: float, resume: ResumePoint | None) -> TrainingState:
     checkpoint = load_checkpoint(resume, config) if resume else None  # before any data work
     device, dtype = pick_device_and_dtype(precision=config.get("precision", "auto"))
     init_distributed(device)
@@ -1686,44 +1699,44 @@ def setup_run(config: dict, started: float, resume: ResumePoint | None) -> Run:
     log(f"Device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
         f"precision {str(dtype).removeprefix('torch.')}, torch {torch.__version__}")
 
-    windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
-    steps_per_epoch = data["train_windows"] // windows_per_step
+    steps_per_epoch = data["train_windows"] // windows_per_step(config)
     if steps_per_epoch < 1:
         raise KernelStop("data_error", f"the training split has {data['train_windows']} windows, fewer than one "
-                         f"optimizer step of batch_size x gradient_accumulation_steps = {windows_per_step}")
+                         f"optimizer step of batch_size x gradient_accumulation_steps = {windows_per_step(config)}")
     total_steps = steps_per_epoch * config["epochs"]
     if config.get("max_steps"):
         total_steps = min(total_steps, config["max_steps"])
 
-    run = build_training(config, data, raw_model, device, dtype, total_steps)
-    run.deadline = started + config["session_timeout_seconds"] - config["safety_margin_seconds"]
-    run.vocab_size = vocab_size  # the tokenizer's, not the padded embedding's
+    state = build_training(config, data, raw_model, device, dtype, total_steps)
+    state.deadline = started + config["session_timeout_seconds"] - config["safety_margin_seconds"]
+    state.vocab_size = vocab_size  # the tokenizer's, not the padded embedding's
     if checkpoint is not None:
-        restore_checkpoint(run, checkpoint)
-        run.order = epoch_order(config["seed"], run.epoch, data["train_windows"])
+        restore_checkpoint(state, checkpoint)
+        state.order = epoch_order(config["seed"], state.epoch, data["train_windows"])
         # Training time continues from the last entry's (the gap between sessions is not counted).
-        run.wall_time_before = next((h["wall_time"] for h in reversed(run.history) if "wall_time" in h), 0.0)
-        run.segment += 1
-        run.resumed_from = {"file": resume.path.name, "sha256": resume.sha256, "global_step": run.global_step}
+        state.wall_time_before = next((h["wall_time"] for h in reversed(state.history) if "wall_time" in h), 0.0)
+        state.segment += 1
+        state.resumed_from = {"file": resume.path.name, "sha256": resume.sha256, "global_step": state.global_step}
         restore_best_model(resume)
-        if run.history:
-            write_history(run)
-    run.first_step = run.global_step
+        if state.history:
+            write_history(state)
+    state.first_step = state.global_step
     if not is_primary():  # different dropout masks on each rank's share of the batch
-        torch.manual_seed(config["seed"] + 7919 * rank() + run.global_step)
+        torch.manual_seed(config["seed"] + 7919 * rank() + state.global_step)
     if world_size() > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        run.ddp = DistributedDataParallel(run.eager_model, device_ids=device_ids)
-        run.eager_model = run.ddp
-    run.model = maybe_compile(run.eager_model, config, device)
+        state.ddp = DistributedDataParallel(state.eager_model, device_ids=device_ids)
+        state.eager_model = state.ddp
+    compiled = maybe_compile(state.eager_model, config, device)
+    state.model, state.compiled = with_simulated_faults(compiled, state), compiled is not state.eager_model
     raw_model.train()
-    emit("start", total_steps=total_steps, global_step=run.global_step, epoch=run.epoch,
+    emit("start", total_steps=total_steps, global_step=state.global_step, epoch=state.epoch,
          parameters=counts["total"], parameters_without_embeddings=counts["without_embeddings"],
-         device=str(device), dtype=str(dtype), resumed_from=run.resumed_from, steps_per_epoch=steps_per_epoch,
+         device=str(device), dtype=str(dtype), resumed_from=state.resumed_from, steps_per_epoch=steps_per_epoch,
          world_size=world_size())
-    return run
+    return state
 
 
 def main(config: dict) -> int:
@@ -1732,7 +1745,7 @@ def main(config: dict) -> int:
         announce_session()
     log(f"kaggle-runner kernel: {config['title']} | python {sys.version.split()[0]} | "
         f"inputs {input_root()} | outputs {working_dir()}")
-    run: Run | None = None
+    state: TrainingState | None = None
     try:
         if not is_worker():
             check_gpu(config)
@@ -1741,10 +1754,9 @@ def main(config: dict) -> int:
             log(f"Rank {rank()} of {processes} started by torchrun (local rank {os.environ.get('LOCAL_RANK', '0')})")
             if config.get("world_size") and config["world_size"] != processes:
                 log(f"world_size = {config['world_size']} in the config is ignored: torchrun started {processes}")
-        windows_per_step = config["batch_size"] * config["gradient_accumulation_steps"]
-        if windows_per_step % processes:
-            raise KernelStop("config_error", f"batch_size x gradient_accumulation_steps = {windows_per_step} windows "
-                             f"per step cannot be shared evenly by {processes} processes; make it a multiple")
+        if windows_per_step(config) % processes:
+            raise KernelStop("config_error", f"batch_size x gradient_accumulation_steps = {windows_per_step(config)} "
+                             f"windows per step cannot be shared evenly by {processes} processes; make it a multiple")
         resume = find_resume_point(config)  # before data and model: a missing checkpoint stops in seconds
         if processes > 1 and can_start_workers():
             log(f"Starting {processes} training processes (DistributedDataParallel)")
@@ -1752,10 +1764,10 @@ def main(config: dict) -> int:
         if processes > 1 and "RANK" not in os.environ:
             log(f"{processes} devices, but a notebook cannot start worker processes: training on one")
         install_signal_handlers()
-        run = setup_run(config, started, resume)
-        reason = train(run, config)
+        state = setup_run(config, started, resume)
+        reason = train(state, config)
         if reason == "complete":
-            finish(run, config)
+            finish(state, config)
         message, exit_code = "", 0
     except KernelStop as stop:
         reason, message, exit_code = stop.reason, str(stop), stop.exit_code
@@ -1764,31 +1776,36 @@ def main(config: dict) -> int:
         traceback.print_exc()
         reason, message, exit_code = "error", f"{type(exc).__name__}: {exc}", 1
 
-    # The one ending: a checkpoint of the last finite step unless it is saved already (not after an unexpected
-    # error, whose state may be half-updated, nor after divergence), then run_state.json and the end event.
-    if run is not None and reason not in ("error", "diverged") and run.last_saved_step != run.global_step \
-            and run.global_step > 0:
-        in_a_row, longest = run.nonfinite.tolist()
+    return end_session(state, config, reason, message, exit_code)
+
+
+def end_session(state: TrainingState | None, config: dict, reason: str, message: str, exit_code: int) -> int:
+    """The one ending of every session: a checkpoint of the last finite step unless it is saved already (not after
+    an unexpected error, whose state may be half-updated, nor after divergence), then run_state.json and the end
+    event. Returns the session's exit code."""
+    if state is not None and reason not in ("error", "diverged") and state.last_saved_step != state.global_step \
+            and state.global_step > 0:
+        in_a_row, longest = state.nonfinite.tolist()
         if longest >= DIVERGENCE_STEPS:
             reason, exit_code = "diverged", 1
             message = f"the training loss was not finite for {longest} optimizer steps in a row"
         if in_a_row > 0:
-            log(f"Not saving a checkpoint at step {run.global_step}: its loss is not finite")
+            log(f"Not saving a checkpoint at step {state.global_step}: its loss is not finite")
         else:
             try:
-                save_checkpoint(run, config)
+                save_checkpoint(state, config)
             except Exception as exc:
                 traceback.print_exc()
                 if exit_code == 0:
                     reason, message, exit_code = "error", f"saving the last checkpoint failed: {exc}", 1
     status = "complete" if reason == "complete" else "incomplete"
-    step = run.global_step if run else 0
+    step = state.global_step if state else 0
     if status == "complete":
         log(f"Training complete at step {step}.")
     elif exit_code == 0:
         message = f"stopped by {reason} at step {step}"
-        log(f"Stopped ({reason}) at step {step} of {run.total_steps if run else '?'}; "
-            f"resume from {run.newest_checkpoint if run else None}.")
-    write_run_state(status, reason, run, message)
-    emit("end", status=status, reason=reason, global_step=step, epoch=run.epoch if run else 1)
+        log(f"Stopped ({reason}) at step {step} of {state.total_steps if state else '?'}; "
+            f"resume from {state.newest_checkpoint if state else None}.")
+    write_run_state(status, reason, state, message)
+    emit("end", status=status, reason=reason, global_step=step, epoch=state.epoch if state else 1)
     return exit_code
