@@ -9,7 +9,8 @@ import re
 import shutil
 from pathlib import Path, PurePosixPath
 
-from kaggle_runner.contract import BEST_MODEL, MANIFEST, MANIFEST_FORMAT, RUN_STATE, SMALL_FILES
+from kaggle_runner import untrusted
+from kaggle_runner.contract import BEST_MODEL, FILE_KINDS, MANIFEST, MANIFEST_FORMAT, RUN_STATE, SMALL_FILES
 from kaggle_runner.errors import KaggleRunnerError
 
 __all__ = ["BEST_MODEL", "MANIFEST", "RUN_STATE", "SMALL_FILES"]  # the contract's names, where outputs are read
@@ -62,9 +63,17 @@ def read_manifest(folder: Path) -> dict:
     for rel, info in (files.items() if isinstance(files, dict) else []):
         if confined(folder, rel) is None or not isinstance(info, dict):
             continue
-        if not isinstance(info.get("sha256"), str) or not isinstance(info.get("size"), int):
+        if untrusted.sha256_hex(info.get("sha256")) is None or untrusted.whole(info.get("size")) is None:
             continue
-        clean[rel] = info
+        entry = {"sha256": info["sha256"], "size": info["size"]}
+        if isinstance(info.get("kind"), str) and info["kind"] in FILE_KINDS:
+            entry["kind"] = info["kind"]
+        for key in ("global_step", "epoch"):
+            if untrusted.whole(info.get(key)) is not None:
+                entry[key] = info[key]
+        if untrusted.finite(info.get("val_loss")) is not None:
+            entry["val_loss"] = info["val_loss"]
+        clean[rel] = entry
     return {**(data if isinstance(data, dict) else {}), "kaggle_runner_manifest": FORMAT, "files": clean}
 
 
@@ -81,8 +90,8 @@ def verified(folder: Path, relpath: str, info: dict) -> bool:
 
 
 def checkpoints_newest_first(manifest: dict) -> list[str]:
-    entries = [(info.get("global_step") if isinstance(info.get("global_step"), int) else -1, rel)
-               for rel, info in manifest["files"].items() if info.get("kind") == "checkpoint"]
+    entries = [(info.get("global_step", -1), rel) for rel, info in manifest["files"].items()
+               if info.get("kind") == "checkpoint"]
     return [rel for _, rel in sorted(entries, reverse=True)]
 
 

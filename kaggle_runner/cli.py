@@ -221,37 +221,48 @@ def cancel(run: str, workspace: str) -> None:
 @cli.command()
 @click.argument("run", required=False)
 @click.option("--all", "every", is_flag=True, help="Drive every unfinished run of the workspace in this process.")
+@click.option("--once", is_flag=True, help="One pass: move every run as far as it can go now, then exit (for cron, "
+                                           "a timer or CI; exit 6: something is still in flight).")
 @notify_option
 @workspace_option
 @handle_errors
-def watch(run: str | None, every: bool, notify_url: str | None, workspace: str) -> None:
+def watch(run: str | None, every: bool, once: bool, notify_url: str | None, workspace: str) -> None:
     """Follow a run and drive its resume chain (what launch does after its first push).
 
-    With --all, one process drives every unfinished run (each still has one driver); `kaggle-runner
-    service` writes a systemd unit or launchd agent that keeps it running. Exit codes as for launch.
+    With --all, every unfinished run of the workspace (each still has one driver). With --once, one pass that
+    never waits for a session to end: safe every few minutes from cron or a systemd timer, overlapping itself,
+    after any gap (`kaggle-runner service cron` prints the line). Exit codes as for launch; with --all the
+    worst of its runs, and 6 while any run is still in flight (or driven by another process).
     """
     from kaggle_runner.launcher import exit_code, watch_all, watch_run
 
     if every == bool(run):
         raise click.UsageError("name one RUN, or pass --all")
     if run:
-        chain_exit(watch_run(workspace, run, notify_url=notify_url))
+        chain_exit(watch_run(workspace, run, notify_url=notify_url, once=once))
         return
-    codes = [exit_code(r) for r in watch_all(workspace, notify_url=notify_url)]
-    worst = max(codes, default=0)  # EXIT_STILL_RUNNING: some run is driven by another process
+    codes = [exit_code(r) for r in watch_all(workspace, notify_url=notify_url, once=once)]
+    worst = max(codes, default=0)  # EXIT_STILL_RUNNING (6): a run is still in flight
     if worst:
         sys.exit(worst)
 
 
 @cli.command()
-@click.argument("kind", type=click.Choice(["systemd", "launchd"]))
+@click.argument("kind", type=click.Choice(["cron", "systemd", "launchd"]))
+@click.option("--resident", is_flag=True, help="Keep `watch --all` running instead of a pass every few minutes "
+                                               "(systemd and launchd).")
+@click.option("--every", default=5, show_default=True, type=int, help="Minutes between passes.")
 @workspace_option
 @handle_errors
-def service(kind: str, workspace: str) -> None:
-    """Print a systemd user unit or a launchd agent that keeps `watch --all` running across logouts."""
+def service(kind: str, resident: bool, every: int, workspace: str) -> None:
+    """Print a crontab line, a systemd user timer, or a launchd agent that keeps every chain going.
+
+    Each runs `kaggle-runner watch --all --once` every few minutes: a laptop that sleeps only delays the next
+    pass. --resident prints a unit or agent that keeps `watch --all` running instead.
+    """
     from kaggle_runner.service import service_file
 
-    click.echo(service_file(kind, workspace), nl=False)
+    click.echo(service_file(kind, workspace, resident=resident, every=every), nl=False)
 
 
 @cli.command()

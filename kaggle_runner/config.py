@@ -76,6 +76,9 @@ class RunConfig(BaseModel):
     save_steps: int = Field(1000, gt=0)
     max_checkpoints: int = Field(4, ge=1)
     resume_from_checkpoint: str | None = None
+    # Kaggle saves at most 20 GiB of /kaggle/working: the kernel keeps its outputs (checkpoints, best, final
+    # model, tokens) under this many GiB, keeping fewer checkpoints than max_checkpoints when they would not fit.
+    output_budget_gb: float = Field(19.0, gt=0, le=20)
 
     # [data]
     # wikitext-103 | wikitext-2 | stdlib-docs | text-files | hf:<hub id or local save_to_disk folder>
@@ -118,6 +121,14 @@ class RunConfig(BaseModel):
     dataset_settle_seconds: int = Field(180, ge=0)
     # How often a segment that did not find its checkpoint (reason resume_missing) is pushed again.
     max_resume_retries: int = Field(3, ge=0)
+    # How a checkpoint reaches the next segment. "outputs": the next version reads this one's outputs on Kaggle
+    # (kernel_sources; two kernels, <slug> and <slug>-b, take turns): nothing moves through this machine.
+    # "dataset": this machine downloads the checkpoint and uploads it as the private dataset <slug>-ckpt.
+    # "auto": outputs where `kaggle-runner doctor` confirmed them on this account (and --local), else dataset.
+    resume_via: Literal["auto", "outputs", "dataset"] = "auto"
+    # After a version ends, wait at least this long before pushing the next one that attaches its outputs
+    # (Kaggle attaches a version's outputs some time after it ends; doctor measures how long on your account).
+    outputs_settle_seconds: int = Field(180, ge=0)
     # POST here when a segment starts and when the chain completes, stops or fails (never blocks the chain);
     # "text" sends one plain line, as ntfy-style services expect.
     notify_url: str | None = None
@@ -192,6 +203,9 @@ class RunConfig(BaseModel):
         if self.init_from and self.model_type != "gpt2":
             raise ValueError(f"model_type {self.model_type!r} is for models trained from scratch; init_from "
                              f"{self.init_from!r} brings its own architecture (remove one of the two)")
+        if self.resume_via != "dataset" and len(self.alternate_title) > 50:
+            raise ValueError(f"title {self.title!r} must be at most 48 characters with resume_via = "
+                             f"{self.resume_via!r}: the outputs route's second kernel is {self.alternate_title!r}")
         if self.safety_margin_seconds >= self.session_timeout_seconds:
             raise ValueError(
                 f"safety_margin_seconds ({self.safety_margin_seconds}) must be below "
@@ -215,6 +229,42 @@ class RunConfig(BaseModel):
         """The corpus dataset: the text of data_dir, uploaded by launch."""
         return f"{self.slug}-corpus"
 
+    # The outputs route's second kernel: segments alternate between <slug> and <slug>-b, each attaching the
+    # other's newest outputs (Kaggle derives a kernel's slug from its title).
+    @property
+    def alternate_slug(self) -> str:
+        return f"{self.slug}-b"
+
+    @property
+    def alternate_title(self) -> str:
+        return f"{self.title} B"
+
+    def parameters_from_scratch(self) -> int | None:
+        """The model's parameter count when trained from scratch (as the kernel builds it); None for init_from,
+        whose size only the kernel learns."""
+        if self.init_from:
+            return None
+        vocab = ((50257 if self.tokenizer == "gpt2" else self.bpe_vocab_size) + 63) // 64 * 64
+        d, layers = self.n_embd, self.n_layer
+        if self.model_type == "llama":
+            ffn = (8 * d // 3 + 63) // 64 * 64
+            return vocab * d + layers * (4 * d * d + 3 * d * ffn + 2 * d) + d
+        return vocab * d + self.max_length * d + layers * (12 * d * d + 13 * d) + 2 * d
+
+    def outputs_fit(self) -> str | None:
+        """Why one checkpoint (weights and AdamW's two moments, fp32) cannot fit output_budget_gb beside
+        best_model.pt and the final model; None when it can, or when only the kernel can tell (init_from)."""
+        parameters = self.parameters_from_scratch()
+        if parameters is None:
+            return None
+        weights = 4 * parameters
+        needed = 3 * weights + 3 * weights  # one checkpoint; best (twice while rewritten) and the final model
+        if needed <= self.output_budget_gb * 2**30:
+            return None
+        return (f"one checkpoint of this {parameters / 1e6:,.1f}M-parameter model (about {_size(3 * weights)}) "
+                f"beside best_model.pt and the final model needs about {_size(needed)} of outputs, more than "
+                f"output_budget_gb = {self.output_budget_gb} (Kaggle saves at most 20 GiB of /kaggle/working)")
+
     def warnings(self) -> list[str]:
         notes = []
         if self.machine_shape in RETIRED_MACHINE_SHAPES:
@@ -230,8 +280,12 @@ class RunConfig(BaseModel):
         launcher_only = {"machine_shape", "is_private", "kernel_type", "dataset_sources",
                          "max_segments", "max_stalled_segments", "min_quota_hours", "segment_grace_seconds",
                          "dataset_settle_seconds", "max_resume_retries", "notify_url", "notify_format",
-                         "data_dir"}
+                         "data_dir", "resume_via", "outputs_settle_seconds"}
         return {k: v for k, v in self.model_dump().items() if k not in launcher_only}
+
+
+def _size(count: float) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def _field_names() -> set[str]:

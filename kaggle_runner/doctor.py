@@ -24,17 +24,21 @@ from rich.table import Table
 from kaggle_runner import artifacts, waits
 from kaggle_runner.dataset_readiness import wait_for_dataset
 from kaggle_runner.display import Console
+from kaggle_runner.doctor_probe import (
+    DATA_SLUG,
+    PROBE_OUTPUT,
+    PROBE_SLUG,
+    PROBE_TITLE,
+    SECOND_SLUG,
+    SECOND_TITLE,
+    report_in_log,
+    write_probe,
+    write_probe_dataset,
+)
 from kaggle_runner.errors import KaggleRunnerError
-from kaggle_runner.kaggle_api import KaggleApiError, KaggleGateway, PushRefused
+from kaggle_runner.kaggle_api import KaggleApiError, KaggleGateway, PushRefused, PushResult, SourcesNotAttached
 from kaggle_runner.states import KaggleStatus
 
-PROBE_SLUG = "kaggle-runner-probe"
-PROBE_TITLE = "Kaggle Runner Probe"
-DATA_SLUG = "kaggle-runner-probe-data"
-DATA_TITLE = "Kaggle Runner Probe Data"
-NONCE_FILE = "kaggle-runner-probe-nonce.json"
-PROBE_OUTPUT = "probe.json"
-INTERNET_URL = "https://huggingface.co"
 MAX_PUSHES = 3
 
 
@@ -67,107 +71,36 @@ class Row:
     todo: str = ""
 
 
-# -- the probe kernel ---------------------------------------------------------------------------------
-PROBE_SCRIPT = '''"""kaggle-runner doctor's probe: reports what a CPU session sees, as one JSON line and probe.json."""
-import json
-import os
-import platform
-import urllib.error
-import urllib.request
-from importlib import metadata
-from pathlib import Path
-
-SETTINGS = json.loads(__SETTINGS__)  # data from kaggle-runner doctor, as a JSON string
-
-
-def version(name):
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def find_nonce(root):
-    """The nonce file in either mount layout, or anywhere under the input root (shallow)."""
-    owner, slug = SETTINGS["dataset"].split("/")
-    candidates = [root / "datasets" / owner / slug / SETTINGS["nonce_file"], root / slug / SETTINGS["nonce_file"]]
-    candidates += sorted(p for depth in ("*", "*/*", "*/*/*", "*/*/*/*") for p in root.glob(depth + "/" +
-                                                                                            SETTINGS["nonce_file"]))
-    for path in candidates:
-        if path.is_file():
-            try:
-                nonce = json.loads(path.read_text()).get("nonce")
-            except (OSError, ValueError, AttributeError):
-                nonce = None
-            rel = path.relative_to(root)
-            layout = "datasets" if rel.parts[0] == "datasets" else "slug" if len(rel.parts) == 2 else "other"
-            return nonce, layout, str(rel)
-    return None, None, None
-
-
-def internet():
-    try:
-        urllib.request.urlopen(SETTINGS["internet_url"], timeout=SETTINGS["internet_timeout"]).close()
-        return True, None
-    except urllib.error.HTTPError:
-        return True, None  # an answer, even a refusal, means the network works
-    except Exception as exc:
-        return False, (type(exc).__name__ + ": " + str(exc))[:200]
-
-
-root = Path(os.environ.get("KAGGLE_RUNNER_INPUT_DIR") or "/kaggle/input")
-nonce, layout, where = find_nonce(root)
-online, why_offline = internet()
-report = {
-    "event": "probe", "nonce": nonce, "mount_layout": layout, "mount_path": where, "input_root": str(root),
-    "python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers"),
-    "datasets": version("datasets"), "internet": online, "internet_error": why_offline,
-    "session_variable": bool(os.environ.get("KAGGLE_CONTAINER_NAME")),
-}
-print(json.dumps(report), flush=True)
-working = Path("/kaggle/working")
-(working if working.is_dir() else Path.cwd()).joinpath(SETTINGS["output"]).write_text(json.dumps(report))
-'''
-
-
-def probe_script(dataset_ref: str) -> str:
-    settings = {"dataset": dataset_ref, "nonce_file": NONCE_FILE, "output": PROBE_OUTPUT,
-                "internet_url": INTERNET_URL, "internet_timeout": 5}
-    # The settings enter as one Python string literal holding JSON: data, never code.
-    return PROBE_SCRIPT.replace("__SETTINGS__", repr(json.dumps(settings)))
-
-
-def write_probe(folder: Path, kernel_ref: str, dataset_ref: str, internet: bool = True) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "probe.py").write_text(probe_script(dataset_ref), encoding="utf-8")
-    (folder / "kernel-metadata.json").write_text(json.dumps({
-        "id": kernel_ref, "title": PROBE_TITLE, "code_file": "probe.py", "language": "python",
-        "kernel_type": "script", "is_private": True, "enable_gpu": False, "enable_tpu": False,
-        "enable_internet": internet, "dataset_sources": [dataset_ref], "competition_sources": [],
-        "kernel_sources": [], "model_sources": [], "keywords": [],
-    }, indent=2) + "\n", encoding="utf-8")
-    return folder
-
-
-def write_probe_dataset(folder: Path, dataset_ref: str, nonce: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / NONCE_FILE).write_text(json.dumps({"nonce": nonce}))
-    (folder / "dataset-metadata.json").write_text(json.dumps({
-        "id": dataset_ref, "title": DATA_TITLE, "licenses": [{"name": "CC0-1.0"}],
-        "description": "A nonce that kaggle-runner doctor's probe kernel reads, to measure dataset pinning.",
-    }, indent=2))
-    return folder
-
-
 # -- steps ---------------------------------------------------------------------------------------------
+@dataclass
+class Probe:
+    """One probe kernel: its ref and title, and the newest version this doctor knows of."""
+
+    ref: str
+    title: str
+    known_version: int | None = None
+    outputs_nonce: str | None = None  # what its newest COMPLETE version wrote to its outputs
+    ended_at: float | None = None  # when that version was seen ended
+
+
+@dataclass(frozen=True)
+class ProbeRun:
+    version: int
+    invisible_seconds: float  # how long its status stayed invisible after the push
+    attached: bool  # Kaggle attached every source it was asked to (none listed invalid)
+    status: str
+    message: str | None
+    report: dict | None
+
+
 class Doctor:
     def __init__(self, gateway: KaggleGateway, workspace: Path, console: Console, pace: ProbePace):
         self.gateway, self.workspace, self.console, self.pace = gateway, workspace, console, pace
         self.folder = workspace / "doctor"
         self.rows: list[Row] = []
         self.measured: dict[str, Any] = {}
-        self.kernel_ref = self.data_ref = ""
-        self.known_version: int | None = None
+        self.first = self.second = Probe("", PROBE_TITLE)
+        self.data_ref = ""
         self.internet_asked = True
 
     def row(self, check: str, result: str, status: str, todo: str = "") -> None:
@@ -177,9 +110,13 @@ class Doctor:
         username = self.gateway.username
         if not username:
             raise KaggleRunnerError("the Kaggle client did not report a username for these credentials")
-        self.kernel_ref, self.data_ref = f"{username}/{PROBE_SLUG}", f"{username}/{DATA_SLUG}"
-        current = self.gateway.current_version(self.kernel_ref, pushed_before=False)  # the first request
-        self.known_version = current[0] if current else None
+        self.first = Probe(f"{username}/{PROBE_SLUG}", PROBE_TITLE)
+        self.second = Probe(f"{username}/{SECOND_SLUG}", SECOND_TITLE)
+        self.data_ref = f"{username}/{DATA_SLUG}"
+        current = self.gateway.current_version(self.first.ref, pushed_before=False)  # the first request
+        self.first.known_version = current[0] if current else None
+        current = self.gateway.current_version(self.second.ref, pushed_before=False)
+        self.second.known_version = current[0] if current else None
         self.measured["username"] = username
         self.row("credentials", f"accepted for {username}", "ok")
 
@@ -219,58 +156,73 @@ class Doctor:
                          "try `kaggle-runner doctor` again later", self.pace.poll, self.pace.max_poll)
         return nonce, time.time()
 
-    def push(self) -> tuple[int, float]:
-        """Push the probe once; (version, seconds its status stayed invisible). Falls back to no internet when
-        Kaggle refuses internet for this account."""
-        folder = write_probe(self.folder / "kernel", self.kernel_ref, self.data_ref, self.internet_asked)
+    def run(self, probe: Probe, dataset: str | None = None, kernels: tuple[str, ...] = ()) -> ProbeRun:
+        """Push `probe` once (a fresh outputs nonce; the sources asked for), wait for its end and read its report.
+        Falls back to no internet when Kaggle refuses internet for this account."""
+        nonce = secrets.token_hex(16)
+
+        def push(internet: bool) -> tuple[PushResult, bool]:
+            folder = write_probe(self.folder / probe.ref.split("/")[1], probe.ref, dataset, internet, list(kernels),
+                                 nonce, probe.title)
+            try:
+                return self.gateway.push(folder, self.pace.session_timeout, probe.known_version), True
+            except SourcesNotAttached as exc:
+                if exc.landed is None:
+                    raise
+                return exc.landed, False  # a version runs without the sources Kaggle would not attach
+
         try:
-            result = self.gateway.push(folder, self.pace.session_timeout, self.known_version)
+            result, attached = push(self.internet_asked)
         except PushRefused as exc:
             words = str(exc).lower()
             if not self.internet_asked or not any(w in words for w in ("internet", "phone", "verif")):
                 raise
             self.console.note(f"note: {exc}; pushing the probe again without internet")
             self.internet_asked = False
-            folder = write_probe(folder, self.kernel_ref, self.data_ref, internet=False)
-            result = self.gateway.push(folder, self.pace.session_timeout, self.known_version)
-        self.known_version = result.version
+            result, attached = push(False)
+        probe.known_version = result.version
         pushed = time.time()
-        self.console.say(f"Pushed the CPU probe {self.kernel_ref} version {result.version}")
+        self.console.say(f"Pushed the CPU probe {probe.ref} version {result.version}")
         try:
-            self._poll(lambda: self.gateway.status(self.kernel_ref, result.version), self.pace.probe_timeout)
+            self._poll(lambda: self.gateway.status(probe.ref, result.version), self.pace.probe_timeout)
         except waits.WaitTimedOut:
-            raise KaggleRunnerError(f"Kaggle showed no status for {self.kernel_ref} v{result.version} in "
+            raise KaggleRunnerError(f"Kaggle showed no status for {probe.ref} v{result.version} in "
                                     f"{self.pace.probe_timeout:.0f}s; see https://www.kaggle.com/code/"
-                                    f"{self.kernel_ref}") from None
-        return result.version, time.time() - pushed
+                                    f"{probe.ref}") from None
+        invisible = time.time() - pushed
+        status, message = self.wait_for_end(probe, result.version)
+        report = self.report(probe, result.version)
+        if status == KaggleStatus.COMPLETE:
+            probe.outputs_nonce, probe.ended_at = nonce, time.time()
+        return ProbeRun(result.version, invisible, attached, status, message, report)
 
     def _poll(self, look, timeout: float, factor: float = 1.5):
         return waits.poll(look, self.pace.poll, self.pace.max_poll, timeout, factor=factor)
 
-    def wait_for_end(self, version: int) -> tuple[str, str | None]:
+    def wait_for_end(self, probe: Probe, version: int) -> tuple[str, str | None]:
         last: list[tuple[str, str | None] | None] = [None]
 
         def ended() -> tuple[str, str | None] | None:
-            last[0] = answer = self.gateway.status(self.kernel_ref, version)
+            last[0] = answer = self.gateway.status(probe.ref, version)
             known = KaggleStatus.read(answer[0]) if answer else None
             return answer if known is not None and known.terminal else None
 
         try:
             return self._poll(ended, self.pace.probe_timeout)
         except waits.WaitTimedOut:
-            raise KaggleRunnerError(f"the probe {self.kernel_ref} v{version} is still "
+            raise KaggleRunnerError(f"the probe {probe.ref} v{version} is still "
                                     f"{last[0][0] if last[0] else 'invisible'} after {self.pace.probe_timeout:.0f}s; "
-                                    f"stop it at https://www.kaggle.com/code/{self.kernel_ref}") from None
+                                    f"stop it at https://www.kaggle.com/code/{probe.ref}") from None
 
-    def report(self, version: int) -> dict | None:
+    def report(self, probe: Probe, version: int) -> dict | None:
         """The probe's report: probe.json from the outputs, else its JSON line in the log; the listing lags."""
-        target = self.folder / f"output-v{version}"
+        target = self.folder / f"output-{probe.ref.split('/')[1]}-v{version}"
 
         def look() -> dict | None:
             try:
-                files, log = self.gateway.list_output(self.kernel_ref, version)
+                files, log = self.gateway.list_output(probe.ref, version)
                 if PROBE_OUTPUT in {f.name for f in files}:
-                    self.gateway.download(self.kernel_ref, version, target, artifacts.exact_pattern([PROBE_OUTPUT]),
+                    self.gateway.download(probe.ref, version, target, artifacts.exact_pattern([PROBE_OUTPUT]),
                                           force=True)
                     found = artifacts.read_json_file(target / PROBE_OUTPUT)
                     if isinstance(found, dict):
@@ -285,9 +237,17 @@ class Doctor:
             return self._poll(look, self.pace.output_wait, factor=2)
         except waits.WaitTimedOut:
             try:
-                return report_in_log(self.gateway.log(self.kernel_ref, version))
+                return report_in_log(self.gateway.log(probe.ref, version))
             except KaggleApiError:
                 return None
+
+    def _failed(self, probe: Probe, run: ProbeRun) -> bool:
+        if run.status == KaggleStatus.COMPLETE and run.report is not None:
+            return False
+        self.row("probe kernel", f"{probe.ref} v{run.version} ended {run.status}"
+                 + (f": {run.message}" if run.message else "") + ("" if run.report else "; it left no report"),
+                 "fail", f"read its log: https://www.kaggle.com/code/{probe.ref}")
+        return True
 
     def probe(self) -> dict | None:
         """Upload a nonce, push right after, push again (waiting longer) until a probe sees it."""
@@ -298,33 +258,28 @@ class Doctor:
         failed = False
         for attempt in range(1, MAX_PUSHES + 1):
             pushed_at = time.time()
-            version, hidden = self.push()
-            invisible.append(hidden)
-            status, message = self.wait_for_end(version)
-            found = self.report(version)
-            if status != KaggleStatus.COMPLETE or found is None:
-                self.row("probe kernel", f"v{version} ended {status}" + (f": {message}" if message else "")
-                         + ("" if found else "; it left no report"), "fail",
-                         f"read its log: https://www.kaggle.com/code/{self.kernel_ref}")
+            run = self.run(self.first, dataset=self.data_ref)
+            invisible.append(run.invisible_seconds)
+            if self._failed(self.first, run):
                 failed = True
                 break
-            last = found
+            last = found = run.report or {}
             if found.get("nonce") == nonce:
                 pin = (attempt, pushed_at - ready_at, True)
                 break
             what = "the previous version" if found.get("nonce") else "no version"
             if attempt == MAX_PUSHES:
                 pin = (attempt, pushed_at - ready_at + self.pace.repush_waits[-1], False)
-                self.console.say(f"Probe v{version} saw {what} of {self.data_ref} (Kaggle pinned it at push)")
+                self.console.say(f"Probe v{run.version} saw {what} of {self.data_ref} (Kaggle pinned it at push)")
             else:
                 wait = self.pace.repush_waits[attempt - 1]
-                self.console.say(f"Probe v{version} saw {what} of {self.data_ref} (Kaggle pinned it at push); "
+                self.console.say(f"Probe v{run.version} saw {what} of {self.data_ref} (Kaggle pinned it at push); "
                                  f"pushing again in {wait:.0f}s")
                 waits.sleep(wait)
         if invisible:
             self.measured["status_invisible_seconds"] = round(max(invisible), 1)
         if last is not None and not failed:
-            self.row("probe kernel", f"{len(invisible)} CPU version(s) of {self.kernel_ref} ended COMPLETE "
+            self.row("probe kernel", f"{len(invisible)} CPU version(s) of {self.first.ref} ended COMPLETE "
                      "(no GPU quota used)", "ok")
         if invisible:
             self.row("status after push", f"invisible (Kaggle: \"No runs found\") for up to {max(invisible):.1f}s",
@@ -334,6 +289,50 @@ class Doctor:
         else:
             self.row("dataset pinning", "not measured", "skip", "run `kaggle-runner doctor` again")
         return last
+
+    def probe_outputs(self) -> None:
+        """Whether a second kernel can attach the first probe's newest outputs, how long after its end, and
+        whether a kernel can attach its own: what the outputs route needs (resume_via)."""
+        if self.first.outputs_nonce is None or self.first.ended_at is None:
+            for check in ("outputs to another kernel", "outputs to itself"):
+                self.row(check, "not measured (no probe ended COMPLETE)", "skip")
+            return
+        other = None
+        for attempt in range(1, MAX_PUSHES + 1):
+            pushed_at = time.time()
+            run = self.run(self.second, kernels=(self.first.ref,))
+            if self._failed(self.second, run):
+                break
+            seen = ((run.report or {}).get("kernel_sources_seen") or {}).get(self.first.ref) or {}
+            if run.attached and seen.get("nonce") == self.first.outputs_nonce:
+                other = (attempt, pushed_at - self.first.ended_at)
+                self.measured["outputs_mount_layout"] = seen.get("layout")
+                break
+            if attempt < MAX_PUSHES:
+                wait = self.pace.repush_waits[attempt - 1]
+                self.console.say(f"Probe {self.second.ref} v{run.version} did not see the newest outputs of "
+                                 f"{self.first.ref}; pushing again in {wait:.0f}s")
+                waits.sleep(wait)
+        self.measured["outputs_other_attach"] = other is not None
+        if other is not None:
+            delay = round(max(0.0, other[1]), 1)
+            self.measured["outputs_attach_delay_seconds"] = delay
+            self.row("outputs to another kernel", f"{self.second.ref} read the newest outputs of {self.first.ref} "
+                     f"{delay:.0f}s after it ended (push {other[0]} of {MAX_PUSHES})", "ok",
+                     "nothing: launch resumes through Kaggle's outputs (resume_via = \"auto\"), waiting at least "
+                     f"{delay:.0f}s after each version (or outputs_settle_seconds, if longer)")
+        else:
+            self.row("outputs to another kernel", f"Kaggle did not attach {self.first.ref}'s newest outputs to "
+                     f"{self.second.ref} in {MAX_PUSHES} pushes", "warn",
+                     "launch resumes through the checkpoint dataset instead (resume_via = \"auto\")")
+        previous = self.first.outputs_nonce
+        run = self.run(self.first, kernels=(self.first.ref,))
+        seen = ((run.report or {}).get("kernel_sources_seen") or {}).get(self.first.ref) or {}
+        itself = run.attached and run.status == KaggleStatus.COMPLETE and seen.get("nonce") == previous
+        self.measured["outputs_self_attach"] = itself
+        self.row("outputs to itself", f"a kernel {'can' if itself else 'cannot'} attach its own newest outputs",
+                 "ok", "nothing: the outputs route takes turns between two kernels, <slug> and <slug>-b, so a "
+                 "push that misses its checkpoint never hides it")
 
     def pin(self, pushes: int, delay: float, exact: bool) -> None:
         delay = round(max(0.0, delay), 1)
@@ -380,8 +379,6 @@ class Doctor:
         self.row("session variable", f"KAGGLE_CONTAINER_NAME {'present' if session else 'absent'}",
                  "ok" if session else "warn",
                  "" if session else "`kaggle-runner cancel` may not reach a running version: stop it on its page")
-        self.row("kernel output as input", "not checked", "skip",
-                 "kaggle-runner does not rely on it: resumes go through a private dataset")
 
 
 def run_doctor(workspace: str | Path, local: bool = False, endpoint: str | None = None,
@@ -398,9 +395,12 @@ def run_doctor(workspace: str | Path, local: bool = False, endpoint: str | None 
     doctor.quota()
     found = doctor.probe()
     doctor.kernel_rows(found)
+    doctor.probe_outputs()
     measured = {
         "pin_delay_seconds": None, "pin_delay_exact": None, "status_invisible_seconds": None, "mount_layout": None,
-        "versions": None, "internet": None, "session_variable": None, **doctor.measured,
+        "versions": None, "internet": None, "session_variable": None, "outputs_other_attach": None,
+        "outputs_self_attach": None, "outputs_attach_delay_seconds": None, "outputs_mount_layout": None,
+        **doctor.measured,
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "endpoint": "local emulator" if local else (endpoint or gateway.endpoint), "local": local,
     }
@@ -408,36 +408,6 @@ def run_doctor(workspace: str | Path, local: bool = False, endpoint: str | None 
     path.write_text(json.dumps(measured, indent=2) + "\n")
     return {**measured, "saved_to": str(path), "ok": all(r.status != "fail" for r in doctor.rows),
             "checks": [vars(r) for r in doctor.rows]}
-
-
-def report_in_log(log: str | None) -> dict | None:
-    """The probe's {"event": "probe"} line from a log (Kaggle's JSON list of stream events, or plain text)."""
-    if not log:
-        return None
-    try:
-        events = json.loads(log)
-        text = "".join(str(e.get("data", "")) for e in events if isinstance(e, dict)) if isinstance(events, list) \
-            else log
-    except ValueError:  # the emulator's and Kaggle's logs can be JSON lines
-        text = "".join(_data_of(line) for line in log.splitlines())
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("{") and '"probe"' in line:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and event.get("event") == "probe":
-                return event
-    return None
-
-
-def _data_of(line: str) -> str:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return line + "\n"
-    return str(event.get("data", "")) if isinstance(event, dict) and "stream_name" in event else line + "\n"
 
 
 def print_report(result: dict, console: Console | None = None) -> None:
@@ -450,7 +420,12 @@ def print_report(result: dict, console: Console | None = None) -> None:
     for row in result["checks"]:
         table.add_row(f"{marks.get(row['status'], '')} {row['check']}", row["result"], row["todo"])
     out.print(table)
-    use = ("`launch --local` does not use it (real Kaggle runs do)" if result.get("local") else
-           "launch lets each checkpoint upload settle at least pin_delay_seconds "
-           f"({result['pin_delay_seconds']}) before the resume push")
+    if result.get("local"):
+        use = "`launch --local` does not use it (real Kaggle runs do)"
+    elif result.get("outputs_other_attach"):
+        use = ("launch resumes through Kaggle's outputs (resume_via = \"auto\"), waiting at least "
+               f"{result['outputs_attach_delay_seconds']}s after each version before the next push")
+    else:
+        use = ("launch resumes through the checkpoint dataset, letting each upload settle at least "
+               f"pin_delay_seconds ({result['pin_delay_seconds']}) before the next push")
     out.print(f"Saved to {result['saved_to']}; {use}.", markup=False)

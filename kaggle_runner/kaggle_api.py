@@ -236,7 +236,8 @@ class KaggleGateway:
     def push(self, folder: Path, timeout_seconds: int | None, known_version: int | None) -> PushResult:
         """Push once. If the push fails in a way that may have landed, look before trying again."""
         metadata = json.loads((folder / "kernel-metadata.json").read_text())
-        ref, sources = metadata["id"], list(metadata.get("dataset_sources") or [])
+        ref = metadata["id"]
+        sources = [*(metadata.get("dataset_sources") or []), *(metadata.get("kernel_sources") or [])]
         for attempt in range(1, self.attempts + 1):
             try:
                 self.requests += 1
@@ -276,16 +277,17 @@ class KaggleGateway:
             if "quota" in words:  # "Maximum weekly GPU quota of 30.00 hours reached."
                 raise QuotaExhausted(f"Kaggle refused the push: {error}")
             named = [source for source in sources if source.lower() in words]
-            if named and "dataset" in words:  # a source it cannot attach (yet), named in its words
+            if named and ("dataset" in words or "kernel" in words):  # a source it cannot attach (yet), named
                 raise SourcesNotAttached(f"Kaggle refused the push of {ref}: {error}", named, None)
             raise PushRefused(f"Kaggle refused the push of {ref}: {error}")
-        if response.invalid_dataset_sources:
-            invalid = list(response.invalid_dataset_sources)
+        invalid = [*(response.invalid_dataset_sources or []), *(response.invalid_kernel_sources or [])]
+        if invalid:
             landed = PushResult(response.version_number, response.kernel_id, response.url) \
                 if response.version_number and response.version_number > 0 else None
+            what = "the dataset does not exist or Kaggle does not see it yet" if response.invalid_dataset_sources \
+                else "Kaggle cannot attach that kernel's outputs (none finished yet, or not allowed)"
             raise SourcesNotAttached(f"Kaggle did not attach {', '.join(invalid)} to {ref}"
-                                     + (f" version {landed.version}" if landed else "")
-                                     + ": the dataset does not exist or Kaggle does not see it yet", invalid, landed)
+                                     + (f" version {landed.version}" if landed else "") + f": {what}", invalid, landed)
         if not response.version_number or response.version_number <= 0:
             raise PushRefused(f"Kaggle accepted the push of {ref} but created no version (version "
                               f"{response.version_number}); nothing runs")

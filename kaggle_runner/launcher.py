@@ -123,15 +123,20 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
         console.note(f"warning: {warning}")
     if not local:
         check_paths_reach_kaggle(config, Path(config_path).parent)
+    if (why := config.outputs_fit()) is not None:
+        raise KaggleRunnerError(f"{why}: raise output_budget_gb (at most 20) or train a smaller model")
     store = Store(workspace)
     gateway = _gateway(store.workspace, local, endpoint, console.note)
     username = gateway.username
     if not username:
         raise KaggleRunnerError("the Kaggle client did not report a username for these credentials")
     kernel_ref = f"{username}/{config.slug}"
+    route, why = resume_route(config, store.workspace, local, endpoint or gateway.endpoint)
+    alternate = f"{username}/{config.alternate_slug}" if route == "outputs" else None
     for other in store.list_runs():
-        if other.kernel_ref == kernel_ref and not other.final and bool(other.local) == local:
-            raise KaggleRunnerError(f"run {other.name!r} is still following {kernel_ref}; wait for it, "
+        if {kernel_ref, alternate} & {other.kernel_ref, other.alternate_kernel_ref} - {None} and not other.final \
+                and bool(other.local) == local:
+            raise KaggleRunnerError(f"run {other.name!r} is still following {other.kernel_ref}; wait for it, "
                                     f"`kaggle-runner cancel {other.name}`, or use another slug")
     # The first request, before anything is recorded: a refusal (401, a bad host) leaves no run behind.
     gateway.current_version(kernel_ref, pushed_before=False)
@@ -147,13 +152,31 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
     run = Run(name=name, config_json=config.model_dump_json(), username=username, kernel_ref=kernel_ref,
               checkpoint_dataset_ref=f"{username}/{config.checkpoint_dataset_slug}",
               endpoint=None if local else endpoint, local=int(local), state=RunState.RUNNING, reason="",
-              max_segments=config.max_segments, created_at=now, updated_at=now)
+              max_segments=config.max_segments, created_at=now, updated_at=now, resume_via=route,
+              alternate_kernel_ref=alternate)
     store.create_run(run)
     store.add_segment(Segment(run=name, idx=1, phase=Phase.PUSHING, kernel_ref=kernel_ref))
     remember_workspace(store.workspace)
     CURRENT_RUN["name"] = name
     console.say(f"Run {name}: kernel {kernel_ref}" + (" on the local emulator" if local else ""))
+    how = "Kaggle, each version reading the last one's outputs" if route == "outputs" else \
+        f"the checkpoint dataset {run.checkpoint_dataset_ref}, through this machine"
+    console.say(f"Resumes go through {how} ({why})")
     return drive(ChainContext(store, run.name, gateway, console, ChainPace.for_run(run)), detach=detach)
+
+
+def resume_route(config: RunConfig, workspace: Path, local: bool, endpoint: str) -> tuple[str, str]:
+    """How this run's checkpoints reach the next segment ("outputs" or "dataset"), and why."""
+    if config.resume_via != "auto":
+        return config.resume_via, f"resume_via = {config.resume_via!r}"
+    if local:
+        return "outputs", "the local emulator attaches one kernel's outputs to the next"
+    measured = artifacts.read_json_file(workspace / "doctor.json")
+    if isinstance(measured, dict) and measured.get("outputs_other_attach") is True \
+            and measured.get("endpoint") == endpoint:
+        return "outputs", f"doctor confirmed on {measured.get('measured_at')} that this account can attach them"
+    return "dataset", ("`kaggle-runner doctor` has not confirmed that this account can attach one kernel's outputs "
+                       "to another; run it to resume through Kaggle and move no checkpoint through this machine")
 
 
 def check_paths_reach_kaggle(config: RunConfig, config_dir: Path) -> None:
@@ -217,36 +240,52 @@ def on_corpus(config: RunConfig, username: str) -> RunConfig:
                                      "dataset_sources": sources})
 
 
-def watch_run(workspace: str | Path, name: str, console: Console | None = None, notify_url: str | None = None) -> Run:
+def watch_run(workspace: str | Path, name: str, console: Console | None = None, notify_url: str | None = None,
+              once: bool = False) -> Run:
+    """Drive the run to its end, or with `once` as far as it can go now (then return it, maybe still running)."""
     run = Store(workspace, create=False).get_run(name)
     CURRENT_RUN["name"] = name
     if run.final:
         (console or Console()).say(f"Run {name} is {run.state}: {run.reason}")
         return run
     ctx = _context(workspace, run, console)
-    ctx.notify_url = notify_url
-    return drive(ctx)
+    ctx.notify_url, ctx.once = notify_url, once
+    run = drive(ctx)
+    if once and not run.final:
+        segment = ctx.store.last_segment(run.name)
+        ctx.console.say(f"Run {run.name}: segment {segment.idx} {segment.phase}"
+                        + (f", waiting: {segment.wait_reason}" if segment.wait_reason else ""))
+    return run
 
 
-def watch_all(workspace: str | Path, console: Console | None = None, notify_url: str | None = None) -> list[Run]:
-    """Follow and drive every unfinished run of the workspace in one process (each still has one driver)."""
+def watch_all(workspace: str | Path, console: Console | None = None, notify_url: str | None = None,
+              once: bool = False) -> list[Run]:
+    """Drive every unfinished run of the workspace in one process (each still has one driver): side by side, or
+    with `once` one pass over each in turn."""
     import threading
 
     console = console or Console()
     store = Store(workspace, create=False)
     runs = [run for run in store.list_runs() if not run.final]
     if not runs:
-        console.say(f"No unfinished runs in {store.workspace}.")
+        if not once:
+            console.say(f"No unfinished runs in {store.workspace}.")
         return []
-    console.say(f"Watching {len(runs)} run(s): {', '.join(run.name for run in runs)}")
+    if not once:
+        console.say(f"Watching {len(runs)} run(s): {', '.join(run.name for run in runs)}")
     results: dict[str, Run] = {}
 
     def one(run: Run) -> None:
         try:
-            results[run.name] = watch_run(workspace, run.name, console, notify_url)
+            results[run.name] = watch_run(workspace, run.name, console, notify_url, once)
         except Exception as exc:  # noqa: BLE001 - one run's trouble must not end the others; said in one line
             console.note(f"run {run.name}: {exc}")
             results[run.name] = Store(workspace).get_run(run.name)
+
+    if once:
+        for run in runs:
+            one(run)
+        return [results[run.name] for run in runs]
 
     threads = [threading.Thread(target=one, args=(run,), daemon=True) for run in runs]
     for thread in threads:
@@ -304,7 +343,9 @@ def resume_run(workspace: str | Path, name: str, max_segments: int | None = None
         store.transition(name, last.idx, Phase.FINAL, Phase.RUNNING, by=Actor.RESUME)
     elif last.phase in (Phase.FINAL, Phase.ENDED) and artifacts.checkpoints_newest_first(manifest) \
             and last.kernel_version:
-        store.transition(name, last.idx, Phase(last.phase), Phase.ENDED_RESUME, by=Actor.RESUME)
+        # Its version is its kernel's newest still (the chain stopped after it): the outputs route reads it there.
+        store.transition(name, last.idx, Phase(last.phase), Phase.OUTPUTS_SETTLING if run.resume_via == "outputs"
+                         else Phase.ENDED_RESUME, by=Actor.RESUME)
     elif last.phase in (Phase.FINAL, Phase.ENDED, Phase.REPUSH):
         # Nothing new to resume from: what this segment was handed (or scratch), pushed again.
         store.advance_segment(name, last.idx, Phase(last.phase), Segment(
@@ -459,7 +500,9 @@ def _describe(store: Store, run: Run, detail: bool = False) -> dict:
         "gpu_hours": round(gpu_seconds / 3600, 4),
         "driver": driver.describe() if driver else None,
         "next_action": step.next_action if step and not run.final else "none",
-        "segments": [{"index": s.idx, "kernel_version": s.kernel_version, "kaggle_status": s.kaggle_status,
+        "resume_via": run.resume_via,
+        "segments": [{"index": s.idx, "kernel": s.kernel_ref, "kernel_version": s.kernel_version,
+                      "kaggle_status": s.kaggle_status, "waiting_for": s.wait_reason, "resume_via": s.resume_via,
                       "global_step": s.global_step, "phase": s.phase, "resume_from": s.resume_from,
                       "resume_retries": s.resume_retries, "session_id": s.session_id,
                       "bytes_downloaded": s.bytes_downloaded, "bytes_uploaded": s.bytes_uploaded,

@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jinja2
@@ -55,33 +55,43 @@ def kernel_source() -> str:
     return resources.files(TEMPLATE_PACKAGE).joinpath("kernel.py").read_text(encoding="utf-8")
 
 
-CHAIN_CHECKPOINT_KEYS = {"file": str, "sha256": str, "global_step": int, "dataset": str,
-                         "best_sha256": (str, type(None))}
+CHAIN_CHECKPOINT_KEYS = {"file": str, "sha256": str, "global_step": int, "best_sha256": (str, type(None))}
+# Where the checkpoint is attached: exactly one of these, an owner/slug.
+CHAIN_CHECKPOINT_SOURCES = ("dataset", "kernel")
 
 
 def chain_checkpoint_value(chain_checkpoint: dict[str, Any] | None) -> dict[str, Any] | None:
     """The chain's checkpoint as the kernel's CONFIG["chain_checkpoint"]: the only checkpoint it will resume from.
 
-    {"file": "checkpoint_epoch1_step40.pt", "sha256": hex, "global_step": 40, "dataset": "owner/slug-ckpt",
-    "best_sha256": hex or None}; checked here so a bad value fails at render time, not on Kaggle.
+    {"file": ..., "sha256": hex, "global_step": 40, "best_sha256": hex or None, and one of
+    "dataset": "owner/slug-ckpt" (the checkpoint dataset; file is a plain name there) or
+    "kernel": "owner/slug" (that kernel's newest outputs, attached as a kernel source; file is its relative
+    path there, e.g. "checkpoints/checkpoint_epoch1_step40.pt")}; checked here so a bad value fails at render
+    time, not on Kaggle.
     """
     if chain_checkpoint is None:
         return None
     value = {"best_sha256": None, **chain_checkpoint}
-    if set(value) != set(CHAIN_CHECKPOINT_KEYS):
-        raise RenderError(f"chain_checkpoint needs exactly the keys {sorted(CHAIN_CHECKPOINT_KEYS)}, "
-                          f"got {sorted(value)}")
-    for key, kind in CHAIN_CHECKPOINT_KEYS.items():
+    sources = [key for key in CHAIN_CHECKPOINT_SOURCES if key in value]
+    if len(sources) != 1 or set(value) != set(CHAIN_CHECKPOINT_KEYS) | set(sources):
+        raise RenderError(f"chain_checkpoint needs exactly the keys {sorted(CHAIN_CHECKPOINT_KEYS)} and one of "
+                          f"{list(CHAIN_CHECKPOINT_SOURCES)}, got {sorted(value)}")
+    for key, kind in {**CHAIN_CHECKPOINT_KEYS, sources[0]: str}.items():
         if not isinstance(value[key], kind) or isinstance(value[key], bool):
             raise RenderError(f"chain_checkpoint[{key!r}] has the wrong type: {value[key]!r}")
-    if not value["file"] or "/" in value["file"] or "\\" in value["file"] or value["file"] in (".", ".."):
-        raise RenderError(f"chain_checkpoint file {value['file']!r} must be a plain file name")
+    name = value["file"]
+    parts = PurePosixPath(name).parts
+    plain = bool(name) and "/" not in name
+    relative = bool(parts) and not PurePosixPath(name).is_absolute() and all(p not in ("", ".", "..") for p in parts)
+    if "\\" in name or not (plain if sources[0] == "dataset" else relative) or name in (".", ".."):
+        raise RenderError(f"chain_checkpoint file {name!r} must be a plain file name" +
+                          (" (or, from a kernel's outputs, a relative path)" if sources[0] == "kernel" else ""))
     for key in ("sha256", "best_sha256"):
         if value[key] is not None and not re.fullmatch(r"[0-9a-f]{64}", value[key]):
             raise RenderError(f"chain_checkpoint[{key!r}] is not a sha256 hex digest: {value[key]!r}")
-    owner, _, slug = value["dataset"].partition("/")
+    owner, _, slug = value[sources[0]].partition("/")
     if not owner or not slug or "/" in slug:
-        raise RenderError(f"chain_checkpoint dataset {value['dataset']!r} is not owner/slug")
+        raise RenderError(f"chain_checkpoint {sources[0]} {value[sources[0]]!r} is not owner/slug")
     return value
 
 
@@ -140,11 +150,13 @@ def script_to_notebook(script: str) -> dict[str, Any]:
     }
 
 
-def kernel_metadata(config: RunConfig, username: str, code_file: str,
-                    dataset_sources: list[str] | None = None) -> dict[str, Any]:
+def kernel_metadata(config: RunConfig, username: str, code_file: str, dataset_sources: list[str] | None = None,
+                    kernel_sources: list[str] | None = None, alternate: bool = False) -> dict[str, Any]:
+    """kernel-metadata.json; `alternate`: the outputs route's second kernel (<slug>-b), which takes turns with
+    the first."""
     return {
-        "id": f"{username}/{config.slug}",
-        "title": config.title,
+        "id": f"{username}/{config.alternate_slug if alternate else config.slug}",
+        "title": config.alternate_title if alternate else config.title,
         "code_file": code_file,
         "language": "python",
         "kernel_type": config.kernel_type,
@@ -155,7 +167,7 @@ def kernel_metadata(config: RunConfig, username: str, code_file: str,
         "machine_shape": config.machine_shape,
         "dataset_sources": list(dataset_sources or []),
         "competition_sources": [],
-        "kernel_sources": [],
+        "kernel_sources": list(kernel_sources or []),
         "model_sources": [],
         "keywords": [],
     }
@@ -163,8 +175,10 @@ def kernel_metadata(config: RunConfig, username: str, code_file: str,
 
 def render_kernel(config: RunConfig, out_dir: str | Path, username: str,
                   extra_dataset_sources: list[str] | None = None,
-                  chain_checkpoint: dict[str, Any] | None = None) -> RenderedKernel:
-    """The kernel folder; the config's dataset_sources are attached, plus any extra (the chain's datasets).
+                  chain_checkpoint: dict[str, Any] | None = None, kernel_sources: list[str] | None = None,
+                  alternate: bool = False) -> RenderedKernel:
+    """The kernel folder; the config's dataset_sources are attached, plus any extra (the chain's datasets), and
+    `kernel_sources` (kernels whose newest outputs the version reads: the outputs route).
 
     chain_checkpoint names the one checkpoint the kernel may resume from (see chain_checkpoint_value).
     """
@@ -178,7 +192,7 @@ def render_kernel(config: RunConfig, out_dir: str | Path, username: str,
         code_file = folder / SCRIPT_NAME
         code_file.write_text(script, encoding="utf-8")
     sources = list(dict.fromkeys([*config.dataset_sources, *(extra_dataset_sources or [])]))
-    metadata = kernel_metadata(config, username, code_file.name, sources)
+    metadata = kernel_metadata(config, username, code_file.name, sources, kernel_sources, alternate)
     metadata_file = folder / METADATA_NAME
     metadata_file.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     return RenderedKernel(folder, code_file, metadata_file, metadata)

@@ -49,6 +49,8 @@ class Phase(StrEnum):
     ENDED_RESUME = "ended_resume"  # download the newest verified checkpoint
     RESUME_DOWNLOADED = "resume_downloaded"  # upload it as a new version of the chain's checkpoint dataset
     RESUME_UPLOADED = "resume_uploaded"  # wait until that version is ready and settled, then open the next
+    # The outputs route: the next version reads this one's outputs on Kaggle; nothing moves through the laptop.
+    OUTPUTS_SETTLING = "outputs_settling"  # wait until Kaggle can attach this version's outputs, then open the next
     REPUSH = "repush"  # the kernel did not find its checkpoint (Kaggle attached an old version): wait, push again
     DONE = "done"  # handed on to the next segment
     FINAL = "final"  # the run ended with this segment
@@ -96,7 +98,9 @@ PHASE_MOVES: tuple[Move, ...] = (
     Move(P.RUNNING, P.ENDING, Actor.CHAIN, "Kaggle reports the version ended"),
     Move(P.RUNNING, P.FINAL, Actor.CHAIN, "Kaggle never showed the pushed version"),
     Move(P.ENDING, P.ENDED, Actor.CHAIN, "its small outputs are read (or never came)"),
-    Move(P.ENDED, P.ENDED_RESUME, Actor.CHAIN, "resume through the checkpoint dataset"),
+    Move(P.ENDED, P.ENDED_RESUME, Actor.CHAIN, "resume through the checkpoint dataset (or, when the outputs "
+         "route did not attach the checkpoint twice, this once)"),
+    Move(P.ENDED, P.OUTPUTS_SETTLING, Actor.CHAIN, "resume through this version's outputs"),
     Move(P.ENDED, P.REPUSH, Actor.CHAIN, "the kernel did not find its checkpoint"),
     Move(P.ENDED, P.FINAL, Actor.CHAIN, "complete, failed or stopped"),
     Move(P.ENDED_RESUME, P.RESUME_DOWNLOADED, Actor.CHAIN, "the newest verified checkpoint is here"),
@@ -105,10 +109,13 @@ PHASE_MOVES: tuple[Move, ...] = (
     Move(P.RESUME_UPLOADED, P.RESUME_DOWNLOADED, Actor.CHAIN, "that version failed or never got ready"),
     Move(P.RESUME_UPLOADED, P.DONE, Actor.CHAIN, "ready and settled: the next segment opens"),
     Move(P.RESUME_UPLOADED, P.FINAL, Actor.CHAIN, "the checkpoint dataset never became ready"),
+    Move(P.OUTPUTS_SETTLING, P.DONE, Actor.CHAIN, "attachable: the next segment opens, on the other kernel"),
     Move(P.REPUSH, P.DONE, Actor.CHAIN, "waited: the same resume opens again"),
     Move(P.FINAL, P.RUNNING, Actor.RESUME, "the chain stopped before Kaggle reported on its version: follow it"),
     Move(P.FINAL, P.ENDED_RESUME, Actor.RESUME, "a checkpoint to resume from"),
     Move(P.ENDED, P.ENDED_RESUME, Actor.RESUME, "a checkpoint to resume from"),
+    Move(P.FINAL, P.OUTPUTS_SETTLING, Actor.RESUME, "a checkpoint to resume from, in the version's outputs"),
+    Move(P.ENDED, P.OUTPUTS_SETTLING, Actor.RESUME, "a checkpoint to resume from, in the version's outputs"),
     Move(P.FINAL, P.DONE, Actor.RESUME, "nothing newer: the same resume opens again"),
     Move(P.ENDED, P.DONE, Actor.RESUME, "nothing newer: the same resume opens again"),
     Move(P.REPUSH, P.DONE, Actor.RESUME, "the same resume opens again"),

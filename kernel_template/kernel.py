@@ -43,7 +43,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 import numpy as np
@@ -688,22 +688,28 @@ def token_file_name(split: str, fingerprint: str) -> str:
     return f"tokens-{split}-{fingerprint}.npy"
 
 
-def token_dataset_folders(config: dict) -> list[Path]:
-    """The chain's token dataset, '<slug>-data', under either mount layout. No other dataset is searched."""
+def token_folders(config: dict) -> list[tuple[Path, Path, bool]]:
+    """Where earlier sessions' token arrays can be attached: (folder, where its manifest is, from a kernel's
+    outputs). The chain's token dataset '<slug>-data' (the dataset route), and token_cache/ of the kernel the chain
+    checkpoint names (the outputs route). No other input is searched."""
     root, name = input_root(), f"{config['slug']}-data"
-    return [*sorted(root.glob(f"datasets/*/{name}")), root / name]
+    found = [(folder, folder, False) for folder in [*sorted(root.glob(f"datasets/*/{name}")), root / name]]
+    kernel = (config.get("chain_checkpoint") or {}).get("kernel")
+    if kernel:
+        found += [(outputs / TOKEN_CACHE_DIR, outputs, True) for outputs in kernel_output_folders(kernel)]
+    return found
 
 
-def find_cached_tokens(name: str, config: dict) -> Path | None:
-    """Token arrays an earlier segment left, attached as the chain's token dataset, listed in the manifest
-    beside them with a matching sha256."""
-    for folder in token_dataset_folders(config):
+def find_cached_tokens(name: str, config: dict) -> tuple[Path, bool] | None:
+    """Token arrays an earlier segment left, listed in the manifest beside them with a matching sha256: (path,
+    whether they came from a kernel's outputs)."""
+    for folder, manifest_root, from_kernel in token_folders(config):
         path = folder / name
         if not path.is_file():
             continue
-        info = read_manifest(folder)["files"].get(name)
+        info = read_manifest(manifest_root)["files"].get(path.relative_to(manifest_root).as_posix())
         if info and path.stat().st_size == info.get("size") and sha256_of(path) == info.get("sha256"):
-            return path
+            return path, from_kernel
         log(f"Skipping cached tokens {path}: not listed in the manifest beside it, or its checksum differs")
     return None
 
@@ -732,8 +738,10 @@ def prepare_data(config: dict, saved_tokenizer_json: str | None = None) -> dict:
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_str(saved_tokenizer_json)
-            splits = {split: np.load(path, mmap_mode="r") for split, path in cached.items()}
-            log(f"Data: reusing tokens from {cached['train'].parent}")
+            splits = {split: np.load(path, mmap_mode="r") for split, (path, _) in cached.items()}
+            log(f"Data: reusing tokens from {cached['train'][0].parent}")
+            if any(from_kernel for _, from_kernel in cached.values()) and config.get("cache_tokens", True):
+                keep_tokens_for_later(splits, fingerprint)  # this version's outputs carry them to the next
     if splits is None:
         documents = load_documents(config)
         tokenizer = build_tokenizer(config, documents, saved_tokenizer_json)
@@ -815,6 +823,8 @@ class TrainingState:
     resumed_from: dict | None = None
     newest_checkpoint: str | None = None
     last_saved_step: int | None = None
+    keep_checkpoints: int = 1  # max_checkpoints, or fewer when they would not fit output_budget_gb
+    checkpoint_bytes: int = 0  # the largest checkpoint saved so far (0: none yet, estimated)
     tokens_this_segment: int = 0
     wall_time_before: float = 0.0
     segment_started: float = field(default_factory=time.time)
@@ -1162,17 +1172,56 @@ def save_torch(path: Path, payload: dict) -> None:
 
 
 def save_checkpoint(state: TrainingState, config: dict) -> str:
+    """A checkpoint of where training stands, written atomically, never more than keep_checkpoints at once: the
+    oldest goes first, so the outputs stay under output_budget_gb while it is written too."""
     root = working_dir()
     name = f"{CHECKPOINT_DIR}/checkpoint_epoch{state.epoch}_step{state.global_step}.pt"
     state.newest_checkpoint = name
     state.last_saved_step = state.global_step
     if not is_primary():
         return name
+    rotate_checkpoints(root, state.keep_checkpoints - 1)
     save_torch(root / name, checkpoint_payload(state, config))
     record_in_manifest(root, name, kind="checkpoint", global_step=state.global_step, epoch=state.epoch)
-    rotate_checkpoints(root, config["max_checkpoints"])
+    size = (root / name).stat().st_size
+    if size > state.checkpoint_bytes:  # measured now: it may fit fewer than the estimate said
+        state.checkpoint_bytes = size
+        state.keep_checkpoints = max(1, checkpoints_that_fit(state, config))
     emit("checkpoint", path=name, global_step=state.global_step, epoch=state.epoch)
     return name
+
+
+def checkpoints_that_fit(state: TrainingState, config: dict) -> int:
+    """How many checkpoints the outputs keep: max_checkpoints, or as many as fit output_budget_gb beside
+    best_model.pt (twice while it is rewritten), the final model and the token arrays. Kaggle saves at most
+    20 GiB of /kaggle/working. A checkpoint's size is the model's and AdamW's until one is measured."""
+    weights = sum(t.numel() * t.element_size() for t in state.raw_model.state_dict().values())
+    moments = 2 * sum(p.numel() * 4 for p in state.raw_model.parameters() if p.requires_grad)
+    checkpoint = state.checkpoint_bytes or weights + moments
+    cache = working_dir() / TOKEN_CACHE_DIR
+    tokens = sum(p.stat().st_size for p in cache.iterdir() if p.is_file()) if cache.is_dir() else 0
+    fixed = 3 * weights + tokens + 2**20  # best (old and new while rewritten), final_model, tokens, small files
+    budget = int(config.get("output_budget_gb", 19) * 2**30)
+    return int(min(config["max_checkpoints"], max(0, budget - fixed) // max(checkpoint, 1)))
+
+
+def plan_outputs(state: TrainingState, config: dict) -> None:
+    """Say at the start how many checkpoints fit the output budget, and stop at once when not even one does."""
+    state.keep_checkpoints = checkpoints_that_fit(state, config)
+    weights = sum(t.numel() * t.element_size() for t in state.raw_model.state_dict().values())
+    checkpoint = weights + 2 * sum(p.numel() * 4 for p in state.raw_model.parameters() if p.requires_grad)
+    budget = config.get("output_budget_gb", 19)
+    if state.keep_checkpoints < 1:
+        raise KernelStop("config_error", f"the outputs cannot hold one checkpoint (about {checkpoint / 2**30:.2f} "
+                         f"GiB) beside best_model.pt and the final model (about {3 * weights / 2**30:.2f} GiB) within "
+                         f"output_budget_gb = {budget}; Kaggle saves at most 20 GiB of /kaggle/working. Raise "
+                         "output_budget_gb (at most 20) or train a smaller model")
+    fewer = state.keep_checkpoints < config["max_checkpoints"]
+    log(f"Outputs: checkpoints of about {checkpoint / 2**20:,.0f} MiB; keeping {state.keep_checkpoints}"
+        + (f" (not max_checkpoints = {config['max_checkpoints']}: more would not fit" if fewer else "")
+        + (f" output_budget_gb = {budget})" if fewer else f" within output_budget_gb = {budget}")
+        + (": each save replaces the last, so a session killed while saving would lose it" if
+           state.keep_checkpoints == 1 and config["max_checkpoints"] > 1 else ""))
 
 
 def rotate_checkpoints(root: Path, keep: int) -> None:
@@ -1204,7 +1253,13 @@ def save_best_model(state: TrainingState, config: dict, val_loss: float) -> None
 class ResumePoint:
     path: Path
     sha256: str
-    best_sha256: str | None  # best_model.pt beside it is restored only with this sha256 (or its manifest's)
+    best_sha256: str | None  # best_model.pt is restored only with this sha256 (or its manifest's)
+    root: Path | None = None  # the attached folder it was found in (default: the checkpoint's own folder):
+    # best_model.pt, the manifest and the token arrays are there
+
+    @property
+    def folder(self) -> Path:
+        return self.root or self.path.parent
 
 
 def dataset_folders(dataset: str) -> list[Path]:
@@ -1214,36 +1269,55 @@ def dataset_folders(dataset: str) -> list[Path]:
     return [input_root() / "datasets" / owner / slug, input_root() / slug]
 
 
+def kernel_output_folders(kernel: str) -> list[Path]:
+    """Where Kaggle mounts kernel owner/slug's outputs (a kernel source): <input>/notebooks/<owner>/<slug>/ or
+    <input>/<slug>/ (both seen in 2026, beside Kaggle's own __script__.py and the like)."""
+    owner, _, slug = kernel.partition("/")
+    return [input_root() / "notebooks" / owner / slug, input_root() / slug]
+
+
 def find_chain_checkpoint(chain: dict) -> ResumePoint:
-    """The chain's checkpoint, by exact name and sha256: in its dataset's folder first, then anywhere under
-    the input root. Other datasets are data: their manifests and checkpoints are never read."""
+    """The chain's checkpoint, by exact name and sha256: where its source (the checkpoint dataset, or the kernel
+    whose outputs hold it) is mounted first, then anywhere under the input root. Other inputs are data: their
+    manifests and checkpoints are never read."""
     name, wanted = chain["file"], chain["sha256"]
-    if not name or Path(name).name != name or name in (".", ".."):
-        raise KernelStop("resume_error", f"chain_checkpoint file {name!r} is not a plain file name")
+    source = "kernel" if chain.get("kernel") else "dataset"
+    parts = PurePosixPath(name).parts
+    if not parts or PurePosixPath(name).is_absolute() or any(p in ("", ".", "..") for p in parts) \
+            or (source == "dataset" and len(parts) != 1):
+        raise KernelStop("resume_error", f"chain_checkpoint file {name!r} is not a plain file name (or, from a "
+                         "kernel's outputs, a relative path)")
     root = input_root()
-    folders = dataset_folders(chain["dataset"])
-    candidates = [folder / name for folder in folders] + (sorted(root.rglob(name)) if root.is_dir() else [])
+    folders = kernel_output_folders(chain["kernel"]) if source == "kernel" else dataset_folders(chain["dataset"])
+    candidates = [(folder / name, folder) for folder in folders]
+    for path in sorted(root.rglob(parts[-1])) if root.is_dir() else []:
+        ends_with_name = path.parts[-len(parts):] == parts
+        candidates.append((path, path.parents[len(parts) - 1] if ends_with_name else path.parent))
     seen, mismatched = set(), []
-    for path in candidates:
+    for path, folder in candidates:
         if not path.is_file() or path.resolve() in seen:
             continue
         seen.add(path.resolve())
         if sha256_of(path) == wanted:
-            return ResumePoint(path, wanted, chain.get("best_sha256"))
+            return ResumePoint(path, wanted, chain.get("best_sha256"), folder)
         mismatched.append(str(path))
     found = []
     for folder in folders:
-        if folder.is_dir():
-            checkpoints = sorted(p.name for p in folder.iterdir() if p.suffix == ".pt" and p.name != BEST_MODEL_NAME)
-            found.append(f"{folder} holds {', '.join(checkpoints) or 'no checkpoint'}")
+        holder = folder / PurePosixPath(name).parent
+        if holder.is_dir():
+            checkpoints = sorted(p.name for p in holder.iterdir() if p.suffix == ".pt" and p.name != BEST_MODEL_NAME)
+            found.append(f"{holder} holds {', '.join(checkpoints) or 'no checkpoint'}")
     if mismatched:
         found.append(f"{', '.join(mismatched)} has another sha256")
+    where = f"the outputs of kernel {chain['kernel']}" if source == "kernel" else f"dataset {chain['dataset']}"
+    why = ("Kaggle attaches a kernel's newest finished outputs some time after it ends, so a push soon after can "
+           "still see an older version's; push again later." if source == "kernel" else
+           "Kaggle mounts the dataset version current when the kernel was pushed, so a push right after an "
+           "upload can still see the previous version; push again once the new version is ready.")
     raise KernelStop("resume_missing", (
-        f"the chain's checkpoint {name} (step {chain.get('global_step')}, sha256 {wanted[:12]}) from dataset "
-        f"{chain['dataset']} is not under {root}: "
-        + ("; ".join(found) if found else "that dataset is not attached")
-        + ". Kaggle mounts the dataset version current when the kernel was pushed, so a push right after an "
-          "upload can still see the previous version; push again once the new version is ready."))
+        f"the chain's checkpoint {name} (step {chain.get('global_step')}, sha256 {wanted[:12]}) from {where} is not "
+        f"under {root}: " + ("; ".join(found) if found else f"{'that kernel' if source == 'kernel' else 'that dataset'}"
+                                                            " is not attached") + ". " + why))
 
 
 def find_resume_point(config: dict) -> ResumePoint | None:
@@ -1258,7 +1332,7 @@ def find_resume_point(config: dict) -> ResumePoint | None:
     if not path.is_file():
         raise KernelStop("config_error", f"resume_from_checkpoint {explicit!r} does not exist; attach the "
                          "dataset that holds it, or remove the key to start from scratch")
-    return ResumePoint(path, sha256_of(path), None)
+    return ResumePoint(path, sha256_of(path), None, path.parent)
 
 
 SHAPE_KEYS = ("n_embd", "n_layer", "n_head", "max_length")
@@ -1297,11 +1371,12 @@ def load_checkpoint(point: ResumePoint, config: dict) -> dict:
 
 
 def restore_best_model(point: ResumePoint) -> None:
-    """Carry best_model.pt from beside the verified checkpoint into this version's output, if it verifies."""
-    source, target = point.path.parent / BEST_MODEL_NAME, working_dir() / BEST_MODEL_NAME
+    """Carry best_model.pt from where the verified checkpoint was attached into this version's output, if it
+    verifies (so the next segment finds it here too, whichever route carries the chain)."""
+    source, target = point.folder / BEST_MODEL_NAME, working_dir() / BEST_MODEL_NAME
     if not is_primary() or not source.is_file() or target.exists():
         return
-    info = read_manifest(point.path.parent)["files"].get(BEST_MODEL_NAME) or {}
+    info = read_manifest(point.folder)["files"].get(BEST_MODEL_NAME) or {}
     wanted = point.best_sha256 or info.get("sha256")
     if not wanted or sha256_of(source) != wanted:
         log(f"Not restoring {source}: its sha256 does not match the chain's")
@@ -1720,6 +1795,7 @@ def setup_run(config: dict, started: float, resume: ResumePoint | None) -> Train
         restore_best_model(resume)
         if state.history:
             write_history(state)
+    plan_outputs(state, config)
     state.first_step = state.global_step
     if not is_primary():  # different dropout masks on each rank's share of the batch
         torch.manual_seed(config["seed"] + 7919 * rank() + state.global_step)

@@ -13,7 +13,7 @@ SLUG = "kaggle-runner-tiny"
 # 20 steps in segments of 10: two segments and one resume, unless a test asks for more.
 STUB_CHAIN = ["max_steps=20", "segment_steps=10", "save_steps=5", "eval_steps=5", "log_steps=5", "max_checkpoints=2",
               "session_timeout_seconds=300", "safety_margin_seconds=10", "segment_grace_seconds=30",
-              "max_segments=8", "min_quota_hours=0", "dataset_settle_seconds=3"]
+              "max_segments=8", "min_quota_hours=0", "dataset_settle_seconds=3", "outputs_settle_seconds=3"]
 
 
 def stub_weight(steps: int) -> int:
@@ -42,4 +42,5 @@ def final_stub_weight(folder: Path, steps: int) -> int:
 # The tiny model in segments of 20 steps: every segment ends by its step count, never by the clock.
 REAL_CHAIN = ["n_embd=64", "n_layer=2", "max_steps=40", "segment_steps=20", "eval_steps=10", "save_steps=10",
               "log_steps=10", "sample_tokens=5", "session_timeout_seconds=600", "safety_margin_seconds=30",
-              "segment_grace_seconds=60", "max_segments=6", "min_quota_hours=0", "dataset_settle_seconds=3"]
+              "segment_grace_seconds=60", "max_segments=6", "min_quota_hours=0", "dataset_settle_seconds=3",
+              "outputs_settle_seconds=3"]

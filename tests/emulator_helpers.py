@@ -22,7 +22,7 @@ def quick_realism(**changes):
     from kaggle_runner.emulator.realism import Realism
 
     return Realism(**{"pin_window": 0.3, "dataset_404_window": 0.2, "status_404_window": 0.2, "output_lag": 0.2,
-                      **changes})
+                      "kernel_source_window": 0.3, **changes})
 
 
 POLL = 0.05  # seconds of real time between looks at a real process

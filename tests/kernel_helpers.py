@@ -97,3 +97,18 @@ def attach_checkpoint(source: Path, input_dir: Path, layout: str = "datasets", c
     return {"file": Path(newest).name, "sha256": hashlib.sha256((source / newest).read_bytes()).hexdigest(),
             "global_step": manifest["files"][newest]["global_step"], "dataset": CHECKPOINT_DATASET,
             "best_sha256": hashlib.sha256(best.read_bytes()).hexdigest() if best.exists() else None}
+
+
+def attach_outputs(source: Path, input_dir: Path, kernel: str, layout: str = "notebooks") -> dict:
+    """Attach a stopped run's outputs whole the way Kaggle mounts a kernel source (<input>/notebooks/<owner>/<slug>/
+    or <input>/<slug>/, beside Kaggle's own __script__.py); returns the chain_checkpoint the outputs route renders."""
+    owner, slug = kernel.split("/")
+    target = input_dir / "notebooks" / owner / slug if layout == "notebooks" else input_dir / slug
+    shutil.copytree(source, target)
+    (target / "__script__.py").write_text("print('the source kernel')\n")
+    manifest = json.loads((source / "manifest.json").read_text())
+    newest = json.loads((source / "run_state.json").read_text())["newest_checkpoint"]
+    best = source / "best_model.pt"
+    return {"file": newest, "sha256": hashlib.sha256((source / newest).read_bytes()).hexdigest(),
+            "global_step": manifest["files"][newest]["global_step"], "kernel": kernel,
+            "best_sha256": hashlib.sha256(best.read_bytes()).hexdigest() if best.exists() else None}

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kaggle_runner.cli import cli
-from kaggle_runner.doctor import probe_script, report_in_log
+from kaggle_runner.doctor_probe import probe_script, report_in_log
 from tests.emulator_helpers import KEY, USER, admin
 
 
@@ -23,7 +23,8 @@ def test_doctor_measures_the_pin_delay_on_cpu_kernels(tmp_path, monkeypatch, emu
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     for check in ("credentials", "GPU quota", "probe kernel", "status after push", "dataset pinning",
-                  "dataset mount", "image versions", "internet", "session variable", "kernel output as input"):
+                  "dataset mount", "image versions", "internet", "session variable", "outputs to another kernel",
+                  "outputs to itself"):
         assert check in result.output, check
     assert "phone" in result.output  # the emulator's kernels have no internet: the what-to-do row says why
 
@@ -38,9 +39,15 @@ def test_doctor_measures_the_pin_delay_on_cpu_kernels(tmp_path, monkeypatch, emu
     assert KEY not in saved_text and KEY not in result.output
 
     kernel = emulator.backend.kernels[f"{USER}/kaggle-runner-probe"]
-    assert 2 <= len(kernel.versions) <= 3
-    assert not any(v.enable_gpu for v in kernel.versions)  # no GPU quota spent
-    assert all(v.dataset_sources == [f"{USER}/kaggle-runner-probe-data"] for v in kernel.versions)
+    assert 3 <= len(kernel.versions) <= 4  # 2 or 3 to see the new dataset version, 1 to try reading itself
+    second = emulator.backend.kernels[f"{USER}/kaggle-runner-probe-b"]
+    assert not any(v.enable_gpu for v in kernel.versions + second.versions)  # no GPU quota spent
+    assert all(v.dataset_sources == [f"{USER}/kaggle-runner-probe-data"] for v in kernel.versions[:-1])
+    # The outputs route: a second kernel read the probe's newest outputs; the emulator, by default, refuses a
+    # kernel its own (the less kind reading of thin evidence).
+    assert saved["outputs_other_attach"] is True and saved["outputs_self_attach"] is False
+    assert saved["outputs_attach_delay_seconds"] >= 0 and saved["outputs_mount_layout"] in ("notebooks", "slug")
+    assert all(v.kernel_sources == [f"{USER}/kaggle-runner-probe"] for v in second.versions)
 
 
 def test_probe_settings_are_data_and_its_report_is_found_in_a_log():
@@ -60,3 +67,16 @@ def test_probe_settings_are_data_and_its_report_is_found_in_a_log():
     assert report_in_log(lines)["nonce"] == "n1"
     assert report_in_log("plain text\n" + line + "\n")["nonce"] == "n1"
     assert report_in_log("") is None and report_in_log("no report here") is None
+
+
+@pytest.mark.slow
+def test_doctor_says_whether_a_kernel_can_attach_its_own_outputs(tmp_path, monkeypatch, emulator, cli_runner):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KAGGLE_USERNAME", USER)
+    monkeypatch.setenv("KAGGLE_KEY", KEY)
+    admin(emulator.url, "realism", {"self_source_refused": False, "kernel_source_window": 0})
+    result = cli_runner.invoke(cli, ["doctor", "--endpoint", emulator.url, "--json"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.output[result.output.index("{"):])
+    assert measured["outputs_self_attach"] is True and measured["outputs_other_attach"] is True
+    assert measured["outputs_attach_delay_seconds"] is not None

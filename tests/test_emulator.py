@@ -811,3 +811,90 @@ def test_trust_two_first_local_uses_start_one_emulator_with_a_clean_environment(
         assert "KAGGLE_RUNNER_EMULATOR_KEY" in names
     finally:
         stop_background_emulator(workspace)
+
+
+# -- kernel sources: a version's outputs as another's input --------------------------------------------------
+LIST_INPUTS = ("import os, pathlib\nroot = pathlib.Path(os.environ['KAGGLE_RUNNER_INPUT_DIR'])\n"
+               "for p in sorted(root.rglob('*.txt')):\n"
+               "    print('input:', p.relative_to(root).as_posix(), p.read_text())\n"
+               "print('script:', sorted(str(p.relative_to(root)) for p in root.rglob('__script__.py')))\n")
+
+
+def _writes(text: str) -> str:
+    return f"import pathlib\npathlib.Path('out.txt').write_text({text!r})\n"
+
+
+def test_a_kernel_source_attaches_the_newest_complete_version_pinned_at_push(api, emulator, tmp_path):
+    source, reader = f"{USER}/source-kernel", f"{USER}/reader-kernel"
+    window = emulator.backend.realism.kernel_source_window
+    api.kernels_push(str(write_kernel(tmp_path / "s", _writes("one"), slug="source-kernel", title="Source Kernel")))
+    assert wait_for(api, source) == "COMPLETE"
+    kernel = write_kernel(tmp_path / "r", LIST_INPUTS, slug="reader-kernel", title="Reader Kernel",
+                          kernel_sources=[source])
+    early = api.kernels_push(str(kernel))  # right after its end: not attachable yet, and nothing older is
+    assert early.version_number == 1 and not early.invalid_kernel_sources
+    assert _inputs(api, reader) == {}
+    emulator.clock.advance(window + 0.01)
+    api.kernels_push(str(kernel))  # an even version: the older layout, <input>/<slug>/
+    assert _inputs(api, reader) == {"source-kernel/out.txt": "one"}
+    assert "source-kernel/__script__.py" in api.kernels_logs(reader)  # Kaggle's own files beside the outputs
+    api.kernels_push(str(write_kernel(tmp_path / "s", _writes("two"), slug="source-kernel", title="Source Kernel")))
+    assert wait_for(api, source) == "COMPLETE"
+    api.kernels_push(str(kernel))  # inside the window of version 2: version 1's outputs, as pinned at push
+    assert _inputs(api, reader) == {"notebooks/alice/source-kernel/out.txt": "one"}
+    emulator.clock.advance(window + 0.01)
+    api.kernels_push(str(write_kernel(tmp_path / "s", "raise SystemExit(1)\n", slug="source-kernel",
+                                      title="Source Kernel")))
+    assert wait_for(api, source) == "ERROR"
+    emulator.clock.advance(window + 0.01)
+    api.kernels_push(str(kernel))  # a failed version is never attached: the newest COMPLETE one is
+    assert _inputs(api, reader) == {"source-kernel/out.txt": "two"}
+
+
+def test_an_unfinished_kernel_or_the_kernel_itself_is_not_a_valid_source(api, emulator, tmp_path):
+    api.kernels_push(str(write_kernel(tmp_path / "f", "raise SystemExit(2)\n", slug="failed-kernel",
+                                      title="Failed Kernel")))
+    assert wait_for(api, f"{USER}/failed-kernel") == "ERROR"
+    reader = write_kernel(tmp_path / "r", LIST_INPUTS, slug="reader-kernel", title="Reader Kernel",
+                          kernel_sources=[f"{USER}/failed-kernel", f"{USER}/never-pushed"])
+    landed = api.kernels_push(str(reader))  # the version runs, without them (the client prints them)
+    assert landed.version_number == 1 and landed.invalid_kernel_sources == [f"{USER}/failed-kernel",
+                                                                            f"{USER}/never-pushed"]
+    assert _inputs(api, f"{USER}/reader-kernel") == {}
+    itself = write_kernel(tmp_path / "r", LIST_INPUTS, slug="reader-kernel", title="Reader Kernel",
+                          kernel_sources=[f"{USER}/reader-kernel"])
+    emulator.clock.advance(1)
+    refused = api.kernels_push(str(itself))  # a kernel's own outputs: refused by default (the less kind reading)
+    assert refused.version_number == 2 and refused.invalid_kernel_sources == [f"{USER}/reader-kernel"]
+    wait_for(api, f"{USER}/reader-kernel")
+    admin(emulator.url, "realism", {"self_source_refused": False})
+    emulator.clock.advance(1)
+    allowed = api.kernels_push(str(itself))
+    assert allowed.version_number == 3 and not allowed.invalid_kernel_sources
+    wait_for(api, f"{USER}/reader-kernel")
+    assert emulator.backend.get_version(USER, "reader-kernel", "v3")[1].kernel_source_versions == \
+        {f"{USER}/reader-kernel": 2}
+
+
+def test_working_keeps_at_most_the_output_cap_as_a_full_disk_would(api, emulator, tmp_path):
+    admin(emulator.url, "realism", {"output_cap_bytes": 300_000})
+    code = ("import os\ntry:\n    open('big.bin', 'wb').write(os.urandom(500_000))\nexcept OSError as exc:\n"
+            "    print('refused', exc.errno, flush=True)\n    os.remove('big.bin')\n"
+            "open('small.txt', 'w').write('kept')\n")
+    api.kernels_push(str(write_kernel(tmp_path / "k", code)))
+    ended = wait_for(api, f"{USER}/hello-kernel")
+    assert ended == "COMPLETE", (api.kernels_status(f"{USER}/hello-kernel").failure_message,
+                                 api.kernels_logs(f"{USER}/hello-kernel"))
+    assert "refused 27" in api.kernels_logs(f"{USER}/hello-kernel")  # EFBIG: the write past the cap failed
+    outputs(api, f"{USER}/hello-kernel", tmp_path / "out")
+    assert (tmp_path / "out/small.txt").read_text() == "kept" and not (tmp_path / "out/big.bin").exists()
+    # Outputs that are over the cap when the version ends (the cap lowered meanwhile, here) are not saved.
+    api.kernels_push(str(write_kernel(tmp_path / "k2", "import os\nopen('data.bin', 'wb').write(os.urandom(200_000))\n"
+                                      + WAIT_FOR_GO)))
+    data = emulator.backend.kernel_dir(USER, "hello-kernel", 2) / "working" / "data.bin"
+    eventually(lambda: data.exists() and data.stat().st_size == 200_000)
+    admin(emulator.url, "realism", {"output_cap_bytes": 100_000})
+    _signal(emulator, version=2)
+    assert wait_for(api, f"{USER}/hello-kernel") == "ERROR"
+    assert "exceeded" in api.kernels_status(f"{USER}/hello-kernel").failure_message
+    assert not data.exists()

@@ -18,7 +18,7 @@ import torch
 
 from kaggle_runner.config import load_preset
 from kaggle_runner.render import RenderError, kernel_source, render_kernel, render_script, script_to_notebook
-from tests.kernel_helpers import FAST, attach_checkpoint, flat_dataset, mount, render, run_kernel
+from tests.kernel_helpers import FAST, attach_checkpoint, attach_outputs, flat_dataset, mount, render, run_kernel
 
 pytestmark = pytest.mark.slow
 
@@ -245,6 +245,43 @@ def test_segments_of_n_steps_resume_exactly_where_an_uninterrupted_run_would_be(
         assert torch.equal(tensor, b["model"][name]), name
     assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
     assert (second.working / "best_model.pt").exists() and "Not restoring" not in second.stdout
+
+
+@pytest.mark.parametrize("layout", ["notebooks", "slug"])
+def test_a_segment_resumes_from_the_previous_versions_outputs_and_carries_the_chain_on(tmp_path, segment, layout):
+    """The outputs route: the previous version's outputs attached whole as a kernel source, under either layout.
+    The kernel finds the checkpoint by its path there and sha256, resumes bitwise, reuses the token arrays without
+    tokenizing, and carries best_model.pt and the token arrays into its own outputs for the next segment."""
+    straight = run_kernel(render(tmp_path / "straight"), tmp_path / "straight")
+    chain = attach_outputs(segment.working, tmp_path / "input", "alice/kaggle-runner-tiny", layout)
+    assert chain["file"] == "checkpoints/checkpoint_epoch1_step10.pt"
+    second = run_kernel(render(tmp_path / "second", ["segment_steps=10"], chain), tmp_path / "second",
+                        input_dir=tmp_path / "input")
+    assert second.returncode == 0, second.stdout[-2000:]
+    assert second.run_state()["resumed_from"]["global_step"] == 10 and second.run_state()["global_step"] == 20
+    assert "Data: reusing tokens" in second.stdout and "Not restoring" not in second.stdout
+    carried = second.manifest()["files"]
+    assert {rel for rel, info in carried.items() if info["kind"] == "token_cache"} == \
+        {rel for rel, info in segment.manifest()["files"].items() if info["kind"] == "token_cache"}
+    assert carried["best_model.pt"]["kind"] == "best"
+    a = load(straight.working / "checkpoints/checkpoint_epoch1_step20.pt")
+    b = load(second.working / "checkpoints/checkpoint_epoch1_step20.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_the_outputs_stay_within_their_budget_by_keeping_fewer_checkpoints(tmp_path):
+    budget = ["output_budget_gb=0.012", "max_checkpoints=4", "save_steps=2", "max_steps=10"]  # 12.3 MiB
+    run = run_kernel(render(tmp_path / "k", budget), tmp_path / "k")
+    assert run.returncode == 0, run.stdout[-2000:]
+    checkpoints = [rel for rel, info in run.manifest()["files"].items() if info["kind"] == "checkpoint"]
+    keeping = next(line for line in run.stdout.splitlines() if line.startswith("Outputs:"))
+    assert "more would not fit" in keeping and 1 <= len(checkpoints) < 4, keeping
+    total = sum(p.stat().st_size for p in run.working.rglob("*") if p.is_file())
+    assert total <= 0.012 * 2**30
+    refused = run_kernel(render(tmp_path / "r", ["output_budget_gb=0.001"]), tmp_path / "r")
+    assert refused.returncode == 1 and refused.run_state()["reason"] == "config_error"
+    assert "cannot hold one checkpoint" in refused.run_state()["message"]
 
 
 def _assert_stopped_before_any_work(run, reason):

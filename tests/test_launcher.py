@@ -145,7 +145,7 @@ def test_not_enough_quota_refuses_before_pushing(project, cli_runner, emulator):
 
 @pytest.mark.parametrize("override", ["n_head=7", "batch_size=0", "max_checkpoints=0", 'slug="Bad Slug"',
                                       'machine_shape="TPU9000"', "no_such_key=1", 'title="Other Title"',
-                                      "learning_rate=inf", "seed=-1"])
+                                      "learning_rate=inf", "seed=-1", "output_budget_gb=0.0001"])
 def test_bad_config_sends_nothing_and_records_nothing(project, cli_runner, emulator, override):
     result = cli_runner.invoke(cli, ["launch", "--set", override])
     assert result.exit_code == 1 and "Traceback" not in result.output

@@ -47,11 +47,24 @@ def conclude_segment(ctx: ChainContext, run: Run, segment: Segment) -> Wait | No
                             config.max_stalled_segments, quota_left, config.min_quota_hours, run.name,
                             segment.resume_retries, config.max_resume_retries)
     if decision.action == "resume":
-        ctx.store.transition(run.name, segment.idx, Phase.ENDED, Phase.ENDED_RESUME)
+        if run.resume_via == "outputs":
+            ctx.store.transition(run.name, segment.idx, Phase.ENDED, Phase.OUTPUTS_SETTLING)
+        else:
+            ctx.store.transition(run.name, segment.idx, Phase.ENDED, Phase.ENDED_RESUME, handoff_segment=segment.idx)
         ctx.store.set_state(run.name, RunState.RESUMING, decision.reason)
         ctx.console.say(f"Resuming: {decision.reason}")
         return None
     if decision.action == "repush":
+        source = _source_segment(ctx, run, segment)
+        if segment.resume_via == "outputs" and source is not None \
+                and chain.retry_route(segment.resume_via, segment.resume_retries + 1) == "dataset":
+            # The checkpoint is in the source kernel's newest outputs, which Kaggle did not attach twice: this
+            # once, it goes through this machine and the checkpoint dataset.
+            ctx.console.note(f"note: {decision.reason}, {chain.OUTPUTS_TRIES} times; this resume goes through the "
+                             f"checkpoint dataset {run.checkpoint_dataset_ref} instead")
+            ctx.store.transition(run.name, segment.idx, Phase.ENDED, Phase.ENDED_RESUME, handoff_segment=source.idx)
+            ctx.store.set_state(run.name, RunState.RESUMING, decision.reason)
+            return None
         ctx.store.transition(run.name, segment.idx, Phase.ENDED, Phase.REPUSH)
         ctx.console.note(f"note: {decision.reason}; waiting, then pushing again "
                          f"({segment.resume_retries + 1} of {config.max_resume_retries})")
@@ -75,11 +88,23 @@ def repush_segment(ctx: ChainContext, run: Run, segment: Segment) -> Wait | None
         ctx.console.say(f"Pushing the same resume again in {settle:.0f}s")
     if time.time() < segment.next_try_at:
         return Wait("waiting before pushing the same resume again", until=segment.next_try_at)
-    ctx.store.advance_segment(run.name, segment.idx, Phase.REPUSH, Segment(
-        run=run.name, idx=segment.idx + 1, phase=Phase.PUSHING, kernel_ref=segment.kernel_ref,
-        resume_from=segment.resume_from, resume_sha256=segment.resume_sha256, resume_step=segment.resume_step,
-        best_sha256=segment.best_sha256, resume_retries=segment.resume_retries + 1))
+    ctx.store.advance_segment(run.name, segment.idx, Phase.REPUSH, same_resume(segment, segment.resume_retries + 1))
     return None
+
+
+def same_resume(segment: Segment, retries: int) -> Segment:
+    """The next segment, pushing again exactly what `segment` was handed, on the same kernel."""
+    return Segment(run=segment.run, idx=segment.idx + 1, phase=Phase.PUSHING, kernel_ref=segment.kernel_ref,
+                   resume_from=segment.resume_from, resume_sha256=segment.resume_sha256,
+                   resume_step=segment.resume_step, best_sha256=segment.best_sha256, resume_retries=retries,
+                   resume_via=segment.resume_via, resume_source_ref=segment.resume_source_ref,
+                   resume_source_version=segment.resume_source_version)
+
+
+def _source_segment(ctx: ChainContext, run: Run, segment: Segment) -> Segment | None:
+    """The segment whose version's outputs hold the checkpoint `segment` was told to resume from."""
+    return next((s for s in ctx.store.segments(run.name) if s.kernel_ref == segment.resume_source_ref
+                 and s.kernel_version == segment.resume_source_version), None)
 
 
 def settle_seconds(ctx: ChainContext, run: Run) -> float:

@@ -126,9 +126,11 @@ def corpus_dataset_ref(run: Run) -> str:
 
 
 def chain_datasets(run: Run) -> set[str]:
-    """The datasets the chain itself uploads: Kaggle not seeing one yet is worth waiting for."""
-    return {run.checkpoint_dataset_ref, token_dataset_ref(run)} | (
-        {corpus_dataset_ref(run)} if config_of(run).data_dir else set())
+    """The sources the chain itself makes (its datasets, its kernels' outputs): Kaggle not seeing one yet is worth
+    waiting for."""
+    return {run.checkpoint_dataset_ref, token_dataset_ref(run), run.kernel_ref} | (
+        {corpus_dataset_ref(run)} if config_of(run).data_dir else set()) | (
+        {run.alternate_kernel_ref} if run.alternate_kernel_ref else set())
 
 
 def still_driving(ctx: ChainContext) -> None:

@@ -34,13 +34,22 @@ from kaggle_runner.store import Run, Segment
 MAX_CHECKPOINT_REUPLOADS = 2
 
 
+def handoff(ctx: ChainContext, run: Run, segment: Segment) -> Segment:
+    """The segment whose version's outputs this resume hands on: this one, or (when the outputs route did not
+    attach a checkpoint twice) the one whose outputs hold it."""
+    if segment.handoff_segment is None or segment.handoff_segment == segment.idx:
+        return segment
+    return ctx.store.segments(run.name)[segment.handoff_segment - 1]
+
+
 def download_for_resume(ctx: ChainContext, run: Run, segment: Segment) -> Wait | None:
     """Only what resuming needs: the newest checkpoint that verifies, and best_model.pt."""
-    folder = ctx.segment_dir(segment.idx)
+    source = handoff(ctx, run, segment)
+    folder = ctx.segment_dir(source.idx)
     manifest = artifacts.read_manifest(folder)
     moved = 0
     for rel in artifacts.checkpoints_newest_first(manifest):
-        ok, size = download_verified(ctx, segment, folder, rel, manifest["files"][rel])
+        ok, size = download_verified(ctx, source, folder, rel, manifest["files"][rel])
         moved += size
         if ok:
             break
@@ -56,7 +65,7 @@ def download_for_resume(ctx: ChainContext, run: Run, segment: Segment) -> Wait |
     if tokens and not _token_dataset_holds(ctx, run, tokens):
         wanted += tokens  # this segment tokenized: its arrays, for the chain's token dataset
     if wanted:
-        moved += ctx.gateway.download(segment.kernel_ref, segment.kernel_version or 0, folder,
+        moved += ctx.gateway.download(source.kernel_ref, source.kernel_version or 0, folder,
                                       artifacts.exact_pattern(wanted))
     info = manifest["files"][rel]
     best_sha = best["sha256"] if best and artifacts.verified(folder, artifacts.BEST_MODEL, best) else None
@@ -85,7 +94,7 @@ def upload_tokens(ctx: ChainContext, run: Run, segment: Segment) -> int:
     """The token arrays this segment wrote (it tokenized: no attached arrays matched its tokenizer and corpus)
     as the chain's token dataset: created, or a new version when the dataset holds other arrays (an earlier
     chain's, of another corpus). Arrays already there are not uploaded again."""
-    source = ctx.segment_dir(segment.idx)
+    source = ctx.segment_dir(handoff(ctx, run, segment).idx)
     tokens = [rel for rel in artifacts.token_files(artifacts.read_manifest(source))
               if (path := artifacts.confined(source, rel)) is not None and path.exists()]
     held = _token_dataset_holds(ctx, run, tokens) if tokens else True
@@ -118,7 +127,8 @@ def upload_for_resume(ctx: ChainContext, run: Run, segment: Segment) -> Wait | N
     token_bytes = upload_tokens(ctx, run, segment)
     folder = ctx.run_dir() / "checkpoint-dataset"
     ref = run.checkpoint_dataset_ref
-    size = artifacts.build_resume_dataset(ctx.segment_dir(segment.idx), folder, segment.resume_from or "", ref,
+    size = artifacts.build_resume_dataset(ctx.segment_dir(handoff(ctx, run, segment).idx), folder,
+                                          segment.resume_from or "", ref,
                                           artifacts.dataset_title(config.checkpoint_dataset_slug))
     current = ctx.gateway.dataset_version(ref)
     if segment.checkpoint_version_before is None:

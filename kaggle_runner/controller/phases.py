@@ -9,6 +9,7 @@ from kaggle_runner.controller.concluding import conclude_segment, repush_segment
 from kaggle_runner.controller.context import ChainContext, Wait
 from kaggle_runner.controller.dataset_route import download_for_resume, start_next_segment, upload_for_resume
 from kaggle_runner.controller.following import follow_segment, read_outputs
+from kaggle_runner.controller.outputs_route import open_next_via_outputs
 from kaggle_runner.controller.pushing import push_segment
 from kaggle_runner.states import Phase
 from kaggle_runner.store import Run, Segment
@@ -29,5 +30,7 @@ PHASES: dict[Phase, Step] = {
     Phase.RESUME_DOWNLOADED: Step(upload_for_resume, "upload it as a checkpoint dataset version"),
     Phase.RESUME_UPLOADED: Step(start_next_segment, "wait for the checkpoint dataset to be ready and settled, "
                                                     "then push"),
+    Phase.OUTPUTS_SETTLING: Step(open_next_via_outputs, "wait until Kaggle can attach the version's outputs, then "
+                                                       "push the next segment with them attached"),
     Phase.REPUSH: Step(repush_segment, "wait, then push the same resume again"),
 }

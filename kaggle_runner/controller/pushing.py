@@ -89,11 +89,14 @@ def _push(ctx: ChainContext, run: Run, segment: Segment, pushed_before: bool) ->
     config = config_of(run)
     if segment.idx > 1:  # later segments resume from the chain's checkpoint, never from a fixed path
         config = config.model_copy(update={"resume_from_checkpoint": None})
-    sources = [run.checkpoint_dataset_ref] if segment.resume_from else []
-    if segment.idx > 1 and ctx.gateway.dataset_status(token_dataset_ref(run)) == "ready":  # only when mountable
-        sources.append(token_dataset_ref(run))
-    folder = render_kernel(config, ctx.run_dir() / f"kernel-{segment.idx}", run.username, sources,
-                           chain_checkpoint=chain_checkpoint(run, segment)).folder
+    via_outputs = segment.resume_via == "outputs" and bool(segment.resume_from)
+    datasets = [run.checkpoint_dataset_ref] if segment.resume_from and not via_outputs else []
+    kernels = [segment.resume_source_ref] if via_outputs and segment.resume_source_ref else []
+    if segment.idx > 1 and not via_outputs and ctx.gateway.dataset_status(token_dataset_ref(run)) == "ready":
+        datasets.append(token_dataset_ref(run))  # the token dataset, only when mountable
+    folder = render_kernel(config, ctx.run_dir() / f"kernel-{segment.idx}", run.username, datasets,
+                           chain_checkpoint=chain_checkpoint(run, segment), kernel_sources=kernels,
+                           alternate=segment.kernel_ref == run.alternate_kernel_ref).folder
     kill_point(ctx.store, "before_push")
     still_driving(ctx)
     # Recorded before the push: a launcher killed from here on must look for the version before pushing.
@@ -198,12 +201,15 @@ def _quota_refresh(ctx: ChainContext) -> str | None:
 
 
 def chain_checkpoint(run: Run, segment: Segment) -> dict | None:
-    """What the kernel must resume from: the exact file, by name and checksum, in the chain's own dataset."""
+    """What the kernel must resume from: the exact file, by name and checksum, in the chain's checkpoint dataset
+    (flat names there) or in the source kernel's outputs (its path there)."""
     if not segment.resume_from:
         return None
-    return {"file": Path(segment.resume_from).name, "sha256": segment.resume_sha256,
-            "global_step": segment.resume_step, "dataset": run.checkpoint_dataset_ref,
-            "best_sha256": segment.best_sha256}
+    where = {"kernel": segment.resume_source_ref} if segment.resume_via == "outputs" else \
+        {"dataset": run.checkpoint_dataset_ref}
+    return {"file": segment.resume_from if "kernel" in where else Path(segment.resume_from).name,
+            "sha256": segment.resume_sha256, "global_step": segment.resume_step, "best_sha256": segment.best_sha256,
+            **where}
 
 
 def _record_push(ctx: ChainContext, run: Run, segment: Segment, result: PushResult) -> None:

@@ -80,6 +80,9 @@ def save_kernel(ctx: RequestContext, body: dict) -> dict:
     sources = body.get("datasetDataSources") or []
     if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
         raise BadRequest("datasetDataSources must be a list of owner/slug strings")
+    kernel_sources = body.get("kernelDataSources") or []
+    if not isinstance(kernel_sources, list) or not all(isinstance(s, str) for s in kernel_sources):
+        raise BadRequest("kernelDataSources must be a list of owner/slug strings")
     timeout = _int(body, "sessionTimeoutSeconds", 0) or None
     if timeout is not None and timeout < 0:
         raise BadRequest("sessionTimeoutSeconds must not be negative")
@@ -88,16 +91,18 @@ def save_kernel(ctx: RequestContext, body: dict) -> dict:
         "language": language, "kernel_type": kernel_type, "is_private": bool(body.get("isPrivate", False)),
         "enable_gpu": bool(body.get("enableGpu", False)), "enable_internet": bool(body.get("enableInternet", False)),
         "machine_shape": shape if isinstance(shape, str) and shape else None, "dataset_sources": sources,
+        "kernel_sources": kernel_sources,
         "session_timeout_seconds": timeout,
         "quick_save": body.get("kernelExecutionType") == "QUICK_SAVE",
     }
     try:
-        kernel, version, invalid = ctx.backend.save_kernel(owner, slug, body.get("newTitle"),
-                                                           _required(body, "text"), settings)
+        kernel, version, invalid, invalid_kernels = ctx.backend.save_kernel(owner, slug, body.get("newTitle"),
+                                                                            _required(body, "text"), settings)
     except SessionLimitReached as exc:  # Kaggle answers 200 with the refusal in `error`, version 0
         return {"error": str(exc), "versionNumber": 0}
     return {"ref": f"/code/{owner}/{slug}", "url": f"{ctx.base_url}/code/{owner}/{slug}",
-            "versionNumber": version.number, "kernelId": kernel.id, "invalidDatasetSources": invalid}
+            "versionNumber": version.number, "kernelId": kernel.id, "invalidDatasetSources": invalid,
+            "invalidKernelSources": invalid_kernels}
 
 
 def get_kernel_session_status(ctx: RequestContext, body: dict) -> dict:
@@ -150,7 +155,8 @@ def get_kernel(ctx: RequestContext, body: dict) -> dict:
                          "language": kernel.language, "kernelType": kernel.kernel_type,
                          "isPrivate": kernel.is_private, "enableGpu": version.enable_gpu,
                          "enableInternet": version.enable_internet, "machineShape": version.machine_shape or "",
-                         "datasetDataSources": version.dataset_sources, "currentVersionNumber": version.number},
+                         "datasetDataSources": version.dataset_sources, "kernelDataSources": version.kernel_sources,
+                         "currentVersionNumber": version.number},
             "blob": {"source": source, "language": kernel.language, "kernelType": kernel.kernel_type,
                      "slug": slug}}
 

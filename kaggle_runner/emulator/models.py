@@ -60,6 +60,9 @@ class Version:
     dataset_sources: list[str] = field(default_factory=list)
     # The dataset version each source was pinned to at push time (None: nothing mountable yet).
     dataset_versions: dict[str, int | None] = field(default_factory=dict)
+    # Kernels whose outputs this version reads, and the version of each pinned at push (None: none attachable).
+    kernel_sources: list[str] = field(default_factory=list)
+    kernel_source_versions: dict[str, int | None] = field(default_factory=dict)
     created_at: float = 0.0
     started_at: float | None = None
     ended_at: float | None = None  # the process exited

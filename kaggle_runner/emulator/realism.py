@@ -65,6 +65,17 @@ class Realism:
     # without a verified phone number gets none: the less kind reading, so off by default. Off, kernels
     # get an unreachable HTTP(S) proxy, so HTTP clients fail at once instead of using this machine's network.
     internet_allowed: bool = False
+    # A kernel source (kernel_sources: another kernel's outputs as input) attaches that kernel's newest COMPLETE
+    # version whose outputs have been saved this long (the one before it, inside the window), pinned at push;
+    # a kernel with no COMPLETE version is an invalid source (a user report: an ERROR-only kernel is "not a
+    # valid kernel source"). Killed and failed versions are never attached.
+    kernel_source_window: float = 2.0
+    # A kernel listing itself in kernel_sources gets it back in invalidKernelSources (the version runs without
+    # it). Thin evidence either way (kaggle-cli #464 shows such a file, nobody says whether it works): refused.
+    self_source_refused: bool = True
+    # /kaggle/working keeps at most 20 GiB: a write past it fails as on a full disk (EFBIG here, through the
+    # process's RLIMIT_FSIZE, on Linux), and a version whose outputs still exceed it at the end saves none.
+    output_cap_bytes: int = 20 * 2**30
 
     @classmethod
     def off(cls) -> Realism:
@@ -72,7 +83,8 @@ class Realism:
         return cls(pin_window=0.0, dataset_404_window=0.0, status_404_window=0.0, output_lag=0.0,
                    output_seconds_per_gb=0.0, rate_limit=0, cancel_refused=False, no_gpu=False,
                    mount_layout="datasets", sigterm_before_kill=True, never_pushed_403=False,
-                   weekly_gpu_seconds=0.0, quota_fields_absent=False, first_version_locks=False)
+                   weekly_gpu_seconds=0.0, quota_fields_absent=False, first_version_locks=False,
+                   kernel_source_window=0.0, self_source_refused=False)
 
     def update(self, spec: object) -> dict:
         """Apply a JSON subset (unknown keys and bad values are refused whole); return every value."""

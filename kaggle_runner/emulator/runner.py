@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from kaggle_runner.emulator.models import MAX_GPU_SESSIONS, TIMEOUT_MESSAGE, Kernel, Version
@@ -29,6 +31,38 @@ def allowed_environment(env: dict[str, str] | None = None, *extra: str) -> dict[
     return {k: v for k, v in env.items()
             if k in ALLOWED_ENV or k in extra or k.startswith(ALLOWED_ENV_PREFIXES)
             or (k.startswith("HF_") and k.endswith("OFFLINE"))}
+
+
+WATCH_SECONDS = 0.05  # how often (real time) a running version's process and working folder are looked at
+OUTPUT_CAP_MESSAGE = "Your notebook's output exceeded the {:.2f} GiB that /kaggle/working keeps; nothing was saved."
+OUTPUTS_NOT_SAVED = "The notebook's outputs could not be saved ({})."
+
+
+def _tree_size(folder: Path) -> int:
+    total = 0
+    for path in folder.rglob("*") if folder.is_dir() else ():
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return total
+
+
+def hold_to_cap(pid: int, working: Path, cap: int) -> None:
+    """Keep a running version's working folder under `cap` bytes, as a full disk would: the file being written
+    (the newest) may grow only by what the others leave free; past that, writes fail (EFBIG, through the
+    process's RLIMIT_FSIZE; Linux only, and only the kernel's own process, not processes it starts)."""
+    if cap <= 0 or not hasattr(resource, "prlimit"):
+        return
+    files = []
+    for path in working.rglob("*") if working.is_dir() else ():
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                info = path.stat()
+                files.append((info.st_mtime_ns, info.st_size))
+    total = sum(size for _, size in files)
+    growing = max(files)[1] if files else 0
+    with contextlib.suppress(OSError, ValueError):
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (max(1, cap - (total - growing)), resource.RLIM_INFINITY))
 
 
 def notebook_to_script(notebook_text: str) -> str:
@@ -69,6 +103,7 @@ class Runner:
         for path in (working, inputs, scratch):
             path.mkdir(parents=True, exist_ok=True)
         backend.mount_inputs(version, inputs)
+        backend.mount_kernel_sources(version, inputs)
         code = (folder / version.code_file).read_text(encoding="utf-8")
         script = folder / "__kernel__.py"
         script.write_text(notebook_to_script(code) if version.kernel_type == "notebook" else code)
@@ -102,6 +137,7 @@ class Runner:
                 log.write(json.dumps({"stream_name": "stdout", "time": 0.0, "data": note}) + "\n")
         process = subprocess.Popen([self.python, "-u", str(script)], cwd=working, env=env, stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        hold_to_cap(process.pid, working, backend.realism.output_cap_bytes)  # before the kernel's first write
         key = (f"{kernel.owner}/{kernel.slug}", version.number)
         with self.lock:
             self.processes[key] = process
@@ -134,18 +170,38 @@ class Runner:
             if not timed_out and backend.clock() - version.started_at > limit:
                 timed_out = True
                 self._terminate(process, sigterm=backend.realism.sigterm_before_kill)
-            backend.clock.wait_until(min(version.started_at + limit + 1e-3, backend.clock() + 0.1),
-                                     stop=lambda: process.poll() is not None)
+            hold_to_cap(process.pid, working, backend.realism.output_cap_bytes)
+            time.sleep(WATCH_SECONDS)
         for reader in readers:
             reader.join(timeout=5)
         with self.lock:
             self.processes.pop(key, None)
             cancelled = key in self.cancelled
+        try:
+            self._end(kernel, version, process, working, key, cancelled, timed_out)
+        except OSError as exc:  # the emulator's own disk is full (or gone): the outputs cannot be saved
+            shutil.rmtree(working, ignore_errors=True)
+            version.status, version.failure_message = KaggleStatus.ERROR, OUTPUTS_NOT_SAVED.format(exc.strerror)
+            version.terminal_at = version.terminal_at or backend.clock()
+            with contextlib.suppress(OSError):
+                backend.set_version_status(kernel, version, KaggleStatus.ERROR)
+        shutil.rmtree(working.parent / "scratch", ignore_errors=True)
+        self.start_queued()
+
+    def _end(self, kernel, version, process, working: Path, key, cancelled: bool, timed_out: bool) -> None:
+        backend = self.backend
         ended = backend.clock()
         backend.set_version_status(kernel, version, version.status, ended_at=ended)
         if backend.faults.stuck_running and not cancelled:
             with self.lock:
                 self.stuck[key] = process.returncode  # still RUNNING until someone cancels it
+            return
+        cap = backend.realism.output_cap_bytes
+        if cap > 0 and _tree_size(working) > cap:  # Kaggle saves at most the cap: none of it, reading it unkindly
+            shutil.rmtree(working, ignore_errors=True)
+            working.mkdir()
+            backend.set_version_status(kernel, version, KaggleStatus.ERROR, OUTPUT_CAP_MESSAGE.format(cap / 2**30),
+                                       ended_at=ended, exit_code=process.returncode)
             return
         self._upload_outputs(working)
         if cancelled:
@@ -164,8 +220,6 @@ class Runner:
                                        f"Your notebook hit an error: the process exited with code "
                                        f"{process.returncode}. See the log for details.",
                                        ended_at=ended, exit_code=process.returncode)
-        shutil.rmtree(working.parent / "scratch", ignore_errors=True)
-        self.start_queued()
 
     def _upload_outputs(self, working: Path) -> None:
         """Kaggle keeps the status RUNNING while it uploads the outputs: a fixed lag plus time per byte."""

@@ -231,14 +231,18 @@ class Backend(DatasetBackend):
                 kernel.title = title
             now = self.clock()
             pins = {s: self._mountable_version(self.datasets[self._dataset_ref(s)], now) for s in valid}
-            if valid and self.faults.stale_mounts > 0:
+            kernels, invalid_kernels = self._kernel_sources(ref, settings.get("kernel_sources") or [])
+            kernel_pins = {s: self._attachable_version(self.kernels[s], now) for s in kernels}
+            if (valid or kernels) and self.faults.stale_mounts > 0:  # as if pushed inside the pin windows
                 self.faults.stale_mounts -= 1
                 pins = {s: (len(self.datasets[self._dataset_ref(s)].versions) - 1) or None for s in valid}
+                kernel_pins = {s: self._attachable_version(self.kernels[s], now, skip_newest=True) for s in kernels}
             version = Version(number=len(kernel.versions) + 1, kernel_type=settings["kernel_type"],
                               code_file="train.ipynb" if settings["kernel_type"] == "notebook" else "train.py",
                               enable_gpu=settings["enable_gpu"], enable_internet=settings["enable_internet"],
                               machine_shape=settings["machine_shape"], dataset_sources=valid,
-                              dataset_versions=pins, session_timeout_seconds=settings["session_timeout_seconds"],
+                              dataset_versions=pins, kernel_sources=kernels, kernel_source_versions=kernel_pins,
+                              session_timeout_seconds=settings["session_timeout_seconds"],
                               created_at=now, session_id=self._new_session_id())
             folder = self.kernel_dir(owner, slug, version.number)
             folder.mkdir(parents=True, exist_ok=True)
@@ -250,7 +254,52 @@ class Backend(DatasetBackend):
             self._save()
         if self.runner and not settings.get("quick_save"):
             self.runner.start_queued()
-        return kernel, version, invalid
+        return kernel, version, invalid, invalid_kernels
+
+    def _kernel_sources(self, pushed: str, sources: list[str]) -> tuple[list[str], list[str]]:
+        """(attachable, invalid) kernel sources: the user's own kernels with a COMPLETE version; the pushed kernel
+        itself only where self-reference is allowed."""
+        valid, invalid = [], []
+        for source in sources:
+            kernel = self.kernels.get("/".join(source.split("/")[:2]))
+            usable = kernel is not None and kernel.owner == self.username and any(
+                v.status == KaggleStatus.COMPLETE for v in kernel.versions)
+            if source == pushed and self.realism.self_source_refused:
+                usable = False
+            (valid if usable else invalid).append(source)
+        return valid, invalid
+
+    def _attachable_version(self, kernel: Kernel, now: float, skip_newest: bool = False) -> int | None:
+        """The version of a kernel source a push made now attaches: the newest COMPLETE one whose outputs were saved
+        kernel_source_window ago (the one before, inside the window); never a killed or failed one."""
+        complete = [v for v in kernel.versions if v.status == KaggleStatus.COMPLETE and v.terminal_at is not None]
+        settled = [v for v in complete if now - v.terminal_at >= self.realism.kernel_source_window]
+        if skip_newest:
+            settled = [v for v in complete[:-1]]
+        return settled[-1].number if settled else None
+
+    def mount_kernel_sources(self, version: Version, input_dir: Path) -> None:
+        """Each kernel source's pinned version's outputs, in this version's layout: <input>/notebooks/<owner>/<slug>/
+        or <input>/<slug>/ (both seen in 2026), with Kaggle's own __script__.py beside them."""
+        layout = self.realism.layout_for(version.number)
+        with self.lock:
+            for source, number in version.kernel_source_versions.items():
+                if number is None:
+                    continue
+                owner, slug = source.split("/")[:2]
+                kernel = self.kernels[f"{owner}/{slug}"]
+                target = input_dir / "notebooks" / owner / slug if layout == "datasets" else input_dir / slug
+                target.mkdir(parents=True, exist_ok=True)
+                pinned = kernel.versions[number - 1]
+                for rel, path in self.output_files(owner, slug, pinned):
+                    (target / rel).parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(path, target / rel)
+                    except OSError:
+                        shutil.copyfile(path, target / rel)
+                code = self.kernel_dir(owner, slug, number) / pinned.code_file
+                if code.is_file():
+                    shutil.copyfile(code, target / "__script__.py")
 
     def gpu_sessions_in_use(self, statuses: tuple[str, ...] = ACTIVE) -> int:
         return sum(1 for k in self.kernels.values() for v in k.versions if v.status in statuses and v.enable_gpu)
