@@ -79,6 +79,13 @@ def chain_exit(run, detached: bool = False) -> None:
         sys.exit(code)
 
 
+def endpoint_option(fn):
+    """The endpoint this command may send credentials to; a run recorded against another is refused."""
+    return click.option("--endpoint", envvar="KAGGLE_RUNNER_API_ENDPOINT", metavar="URL",
+                        help="The Kaggle API host the run was launched against, if not api.kaggle.com "
+                             "(credentials go only where you say, never where the run store says).")(fn)
+
+
 def endpoint_options(fn):
     fn = click.option("--endpoint", envvar="KAGGLE_RUNNER_API_ENDPOINT", metavar="URL",
                       help="Talk to this Kaggle API host instead of api.kaggle.com (e.g. an emulator).")(fn)
@@ -157,11 +164,12 @@ def launch(config_path, name, overrides, detach, max_segments, notify_url, local
 @click.argument("run", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--all", "every", is_flag=True, help="Runs of every workspace you launched from.")
+@endpoint_option
 @workspace_option
 @handle_errors
-def status(run: str | None, as_json: bool, every: bool, workspace: str) -> None:
+def status(run: str | None, as_json: bool, every: bool, endpoint: str | None, workspace: str) -> None:
     """All runs as a table, or one run in detail (asking Kaggle when no process drives it)."""
-    from kaggle_runner.launcher import all_status, run_status
+    from kaggle_runner.run_views import all_status, run_status
 
     if every:
         result = all_status()
@@ -170,7 +178,7 @@ def status(run: str | None, as_json: bool, every: bool, workspace: str) -> None:
                    "launched them from (or --workspace); `kaggle-runner status --all` lists them all.")
         return
     else:
-        result = run_status(workspace, run, refresh=run is not None)
+        result = run_status(workspace, run, refresh=run is not None, endpoint=endpoint)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     else:
@@ -183,13 +191,14 @@ def status(run: str | None, as_json: bool, every: bool, workspace: str) -> None:
 @click.argument("run")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
               help="Where to put the outputs [default: outputs/RUN].")
+@endpoint_option
 @workspace_option
 @handle_errors
-def fetch(run: str, out_dir: str | None, workspace: str) -> None:
+def fetch(run: str, out_dir: str | None, endpoint: str | None, workspace: str) -> None:
     """Download a run's outputs, verified against the kernel's checksums; resumable."""
     from kaggle_runner.launcher import fetch_run
 
-    target = fetch_run(workspace, run, out_dir)
+    target = fetch_run(workspace, run, out_dir, endpoint=endpoint)
     click.echo(f"Outputs of {run} are in {target}")
 
 
@@ -198,24 +207,31 @@ def fetch(run: str, out_dir: str | None, workspace: str) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Stream the log of the running version until it ends.")
 @click.option("--segment", type=int, help="The log of segment N instead of the latest.")
 @click.option("--all", "every", is_flag=True, help="The logs of every segment, in order.")
+@click.option("--raw", is_flag=True, help="Keep the JSON event lines the launcher reads.")
+@endpoint_option
 @workspace_option
 @handle_errors
-def logs(run: str, follow: bool, segment: int | None, every: bool, workspace: str) -> None:
-    """Print the log of a run's current kernel version (or of one segment, or of all)."""
-    from kaggle_runner.launcher import print_logs
+def logs(run: str, follow: bool, segment: int | None, every: bool, raw: bool, endpoint: str | None,
+         workspace: str) -> None:
+    """Print the log of a run's current kernel version (or of one segment, or of all).
 
-    print_logs(workspace, run, follow=follow, segment=segment, every=every)
+    Terminal control sequences a kernel printed are stripped; its JSON event lines are left out unless --raw.
+    """
+    from kaggle_runner.run_views import print_logs
+
+    print_logs(workspace, run, follow=follow, segment=segment, every=every, raw=raw, endpoint=endpoint)
 
 
 @cli.command()
 @click.argument("run")
+@endpoint_option
 @workspace_option
 @handle_errors
-def cancel(run: str, workspace: str) -> None:
+def cancel(run: str, endpoint: str | None, workspace: str) -> None:
     """Stop a run: cancel its running kernel version and end its chain."""
     from kaggle_runner.launcher import cancel_run
 
-    click.echo(cancel_run(workspace, run))
+    click.echo(cancel_run(workspace, run, endpoint=endpoint))
 
 
 @cli.command()
@@ -224,9 +240,11 @@ def cancel(run: str, workspace: str) -> None:
 @click.option("--once", is_flag=True, help="One pass: move every run as far as it can go now, then exit (for cron, "
                                            "a timer or CI; exit 6: something is still in flight).")
 @notify_option
+@endpoint_option
 @workspace_option
 @handle_errors
-def watch(run: str | None, every: bool, once: bool, notify_url: str | None, workspace: str) -> None:
+def watch(run: str | None, every: bool, once: bool, notify_url: str | None, endpoint: str | None,
+          workspace: str) -> None:
     """Follow a run and drive its resume chain (what launch does after its first push).
 
     With --all, every unfinished run of the workspace (each still has one driver). With --once, one pass that
@@ -239,9 +257,9 @@ def watch(run: str | None, every: bool, once: bool, notify_url: str | None, work
     if every == bool(run):
         raise click.UsageError("name one RUN, or pass --all")
     if run:
-        chain_exit(watch_run(workspace, run, notify_url=notify_url, once=once))
+        chain_exit(watch_run(workspace, run, notify_url=notify_url, once=once, endpoint=endpoint))
         return
-    codes = [exit_code(r) for r in watch_all(workspace, notify_url=notify_url, once=once)]
+    codes = [exit_code(r) for r in watch_all(workspace, notify_url=notify_url, once=once, endpoint=endpoint)]
     worst = max(codes, default=0)  # EXIT_STILL_RUNNING (6): a run is still in flight
     if worst:
         sys.exit(worst)
@@ -272,10 +290,11 @@ def service(kind: str, resident: bool, every: int, workspace: str) -> None:
               help="Take the run's configuration from this file (keys an exact resume needs may not change).")
 @set_option
 @notify_option
+@endpoint_option
 @workspace_option
 @handle_errors
 def resume(run: str, max_segments: int | None, config_path: str | None, overrides: tuple[str, ...],
-           notify_url: str | None, workspace: str) -> None:
+           notify_url: str | None, endpoint: str | None, workspace: str) -> None:
     """Restart a stopped or failed chain from its newest checkpoint, then follow it.
 
     Fix what stopped it with -c FILE or --set KEY=VALUE (validated, and the kernel rendered again); keys that
@@ -284,7 +303,7 @@ def resume(run: str, max_segments: int | None, config_path: str | None, override
     from kaggle_runner.launcher import resume_run
 
     chain_exit(resume_run(workspace, run, max_segments=max_segments, config_path=config_path, overrides=overrides,
-                          notify_url=notify_url))
+                          notify_url=notify_url, endpoint=endpoint))
 
 
 @cli.command()
@@ -293,7 +312,7 @@ def resume(run: str, max_segments: int | None, config_path: str | None, override
 @handle_errors
 def quota(local: bool, endpoint: str | None, workspace: str) -> None:
     """GPU hours used and left this week."""
-    from kaggle_runner.launcher import quota_summary
+    from kaggle_runner.run_views import quota_summary
 
     click.echo(quota_summary(workspace, local=local, endpoint=endpoint))
 
@@ -414,14 +433,15 @@ def outputs_option(fn):
 @click.option("--seed", type=int, help="Seed the sampler: the same seed writes the same text.")
 @click.option("--best", is_flag=True, help="Use the best weights (lowest validation loss) instead of the final ones.")
 @outputs_option
+@endpoint_option
 @workspace_option
 @handle_errors
-def generate(run, prompt, tokens, temperature, top_k, seed, best, outputs, workspace) -> None:
+def generate(run, prompt, tokens, temperature, top_k, seed, best, outputs, endpoint, workspace) -> None:
     """Continue PROMPT with a run's trained model, on this machine's CPU (fetches the outputs if needed)."""
     from kaggle_runner.generate import generate as generate_text
 
     result = generate_text(workspace, run, prompt, tokens=tokens, temperature=temperature, top_k=top_k, seed=seed,
-                           best=best, outputs=outputs)
+                           best=best, outputs=outputs, endpoint=endpoint)
     for note in result.notes:
         click.echo(note, err=True)
     click.echo(result.text)
@@ -432,13 +452,14 @@ def generate(run, prompt, tokens, temperature, top_k, seed, best, outputs, works
 @click.option("-o", "--output", "html_path", type=click.Path(dir_okay=False),
               help="The HTML page to write; the PNG goes beside it [default: outputs/RUN/report.html].")
 @outputs_option
+@endpoint_option
 @workspace_option
 @handle_errors
-def report(run: str, html_path: str | None, outputs: str | None, workspace: str) -> None:
+def report(run: str, html_path: str | None, outputs: str | None, endpoint: str | None, workspace: str) -> None:
     """A run at a glance: loss curves across segments, learning rate, tokens/s, samples, segment table."""
     from kaggle_runner.report import write_report
 
-    page, chart = write_report(workspace, run, html_path, outputs)
+    page, chart = write_report(workspace, run, html_path, outputs, endpoint)
     click.echo(f"Wrote {page} and {chart}")
 
 

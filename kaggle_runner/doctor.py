@@ -384,12 +384,12 @@ class Doctor:
 def run_doctor(workspace: str | Path, local: bool = False, endpoint: str | None = None,
                console: Console | None = None) -> dict:
     """Run every check (a few minutes against Kaggle, seconds locally); save and return what was measured."""
-    from kaggle_runner.launcher import _gateway  # the one way commands connect, --local included
+    from kaggle_runner.connect import gateway_for  # the one way commands connect, --local included
 
     console = console or Console()
     workspace = Path(workspace)
     workspace.mkdir(parents=True, exist_ok=True)
-    gateway = _gateway(workspace, local, endpoint, console.note)
+    gateway = gateway_for(workspace, local, endpoint, console.note)
     doctor = Doctor(gateway, workspace, console, ProbePace.for_target(kaggle=not local and not endpoint))
     doctor.credentials()
     doctor.quota()

@@ -199,7 +199,7 @@ def _quiet_transformers() -> None:
 
 def generate(workspace: str | Path, name: str, prompt: str, tokens: int = 100, temperature: float = 0.8,
              top_k: int = 40, seed: int | None = None, best: bool = False,
-             outputs: str | Path | None = None) -> Generation:
+             outputs: str | Path | None = None, endpoint: str | None = None) -> Generation:
     """Sample from run `name`'s final model (or best weights), fetching its outputs first if they are not here."""
     _require_local()
     if tokens < 1:
@@ -209,7 +209,7 @@ def generate(workspace: str | Path, name: str, prompt: str, tokens: int = 100, t
     if not needed.is_file():
         from kaggle_runner.launcher import fetch_run
 
-        fetch_run(workspace, name, str(folder))
+        fetch_run(workspace, name, str(folder), endpoint=endpoint)
         if not needed.is_file():
             raise KaggleRunnerError(
                 f"run {name} has no best weights yet (best_model.pt is written at the first evaluation)" if best

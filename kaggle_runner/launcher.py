@@ -1,26 +1,22 @@
-"""The user commands over runs: launch, watch, resume, status, fetch, logs, cancel, quota.
+"""The user commands that act on runs: launch, watch, resume, fetch, cancel (run_views.py: status, logs, quota).
 
-Each is one library call for the CLI. Driving a run's chain is the controller's job (controller.py);
-these set a run up, hand it to the controller, or read and act on what the store and Kaggle say.
+Each is one library call for the CLI. Driving a run's chain is the controller's job (controller/); these set
+a run up, hand it to the controller, or act on what the store and Kaggle say. connect.py decides where
+requests go.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import json
-import os
 import re
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from urllib.parse import urlparse
 
 from kaggle_runner import artifacts, corpus, waits
 from kaggle_runner.config import RunConfig, build_config, load_config
+from kaggle_runner.connect import context_for, gateway_for
 from kaggle_runner.controller import (
-    PHASES,
     ChainContext,
     ChainPace,
     cancel_version,
@@ -29,15 +25,13 @@ from kaggle_runner.controller import (
     look_at_small_outputs,
     quota_left_hours,
 )
-from kaggle_runner.credentials import find_credentials
 from kaggle_runner.dataset_readiness import wait_for_dataset
 from kaggle_runner.display import Console
 from kaggle_runner.errors import KaggleRunnerError
-from kaggle_runner.kaggle_api import KaggleGateway, kagglesdk_warning
-from kaggle_runner.local import ensure_background_emulator, local_credentials
-from kaggle_runner.states import Actor, KaggleStatus, Phase, RunState
+from kaggle_runner.kaggle_api import KaggleGateway
+from kaggle_runner.states import Actor, Phase, RunState
 from kaggle_runner.store import Run, Segment, Store
-from kaggle_runner.workspace import known_workspaces, remember_workspace
+from kaggle_runner.workspace import remember_workspace
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Exit codes of launch, watch and resume: 0 only when training completed (or, detached, the push landed).
@@ -70,45 +64,6 @@ def check_run_name(name: str) -> str:
     return name
 
 
-# -- connecting ------------------------------------------------------------------------------------------
-def check_endpoint(endpoint: str | None, allow_http: bool = False) -> None:
-    """Credentials go to the endpoint: never over plain http to a host that is not this machine, unasked."""
-    if not endpoint:
-        return
-    parsed = urlparse(endpoint)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise KaggleRunnerError(f"--endpoint {endpoint!r} is not an http(s) URL")
-    if parsed.scheme == "https" or allow_http:
-        return
-    host = parsed.hostname
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback:
-        raise KaggleRunnerError(f"--endpoint {endpoint} is plain http to {host}, which would send your Kaggle "
-                                "credentials unencrypted; use https, or set KAGGLE_RUNNER_ALLOW_HTTP=1 if you mean it")
-
-
-def _gateway(workspace: Path, local: bool, endpoint: str | None, notify: Callable[[str], None]) -> KaggleGateway:
-    if local:
-        url = ensure_background_emulator(workspace)
-        return KaggleGateway(url, local_credentials(workspace), notify=notify)
-    check_endpoint(endpoint, allow_http=os.environ.get("KAGGLE_RUNNER_ALLOW_HTTP") == "1")
-    credentials = find_credentials()  # clear errors for missing or world-readable files, before any request
-    warning = kagglesdk_warning()
-    if warning:
-        notify(warning)
-    return KaggleGateway(endpoint, credentials if credentials.username else None, notify=notify)
-
-
-def _context(workspace: str | Path, run: Run, console: Console | None = None) -> ChainContext:
-    console = console or Console()
-    store = Store(workspace)
-    gateway = _gateway(store.workspace, bool(run.local), run.endpoint, console.note)
-    return ChainContext(store, run.name, gateway, console, ChainPace.for_run(run))
-
-
 # -- launch ----------------------------------------------------------------------------------------------
 def launch(config_path: str, overrides=(), name: str | None = None, detach: bool = False, local: bool = False,
            endpoint: str | None = None, workspace: str | Path = ".kaggle-runner", console: Console | None = None,
@@ -126,7 +81,7 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
     if (why := config.outputs_fit()) is not None:
         raise KaggleRunnerError(f"{why}: raise output_budget_gb (at most 20) or train a smaller model")
     store = Store(workspace)
-    gateway = _gateway(store.workspace, local, endpoint, console.note)
+    gateway = gateway_for(store.workspace, local, endpoint, console.note)
     username = gateway.username
     if not username:
         raise KaggleRunnerError("the Kaggle client did not report a username for these credentials")
@@ -241,14 +196,14 @@ def on_corpus(config: RunConfig, username: str) -> RunConfig:
 
 
 def watch_run(workspace: str | Path, name: str, console: Console | None = None, notify_url: str | None = None,
-              once: bool = False) -> Run:
+              once: bool = False, endpoint: str | None = None) -> Run:
     """Drive the run to its end, or with `once` as far as it can go now (then return it, maybe still running)."""
     run = Store(workspace, create=False).get_run(name)
     CURRENT_RUN["name"] = name
     if run.final:
         (console or Console()).say(f"Run {name} is {run.state}: {run.reason}")
         return run
-    ctx = _context(workspace, run, console)
+    ctx = context_for(workspace, run, console, endpoint)
     ctx.notify_url, ctx.once = notify_url, once
     run = drive(ctx)
     if once and not run.final:
@@ -259,7 +214,7 @@ def watch_run(workspace: str | Path, name: str, console: Console | None = None, 
 
 
 def watch_all(workspace: str | Path, console: Console | None = None, notify_url: str | None = None,
-              once: bool = False) -> list[Run]:
+              once: bool = False, endpoint: str | None = None) -> list[Run]:
     """Drive every unfinished run of the workspace in one process (each still has one driver): side by side, or
     with `once` one pass over each in turn."""
     import threading
@@ -277,7 +232,7 @@ def watch_all(workspace: str | Path, console: Console | None = None, notify_url:
 
     def one(run: Run) -> None:
         try:
-            results[run.name] = watch_run(workspace, run.name, console, notify_url, once)
+            results[run.name] = watch_run(workspace, run.name, console, notify_url, once, endpoint)
         except Exception as exc:  # noqa: BLE001 - one run's trouble must not end the others; said in one line
             console.note(f"run {run.name}: {exc}")
             results[run.name] = Store(workspace).get_run(run.name)
@@ -316,7 +271,7 @@ def _resume_config(run: Run, config_path: str | None, overrides) -> str:
 
 def resume_run(workspace: str | Path, name: str, max_segments: int | None = None,
                console: Console | None = None, config_path: str | None = None, overrides=(),
-               notify_url: str | None = None) -> Run:
+               notify_url: str | None = None, endpoint: str | None = None) -> Run:
     store = Store(workspace, create=False)
     run = store.get_run(name)
     CURRENT_RUN["name"] = name
@@ -328,7 +283,7 @@ def resume_run(workspace: str | Path, name: str, max_segments: int | None = None
     segments = store.segments(name)
     last = segments[-1]
     limit = max(max_segments or 0, run.max_segments, len(segments) + 1)
-    ctx = _context(workspace, run, console)
+    ctx = context_for(workspace, run, console, endpoint)
     folder = ctx.segment_dir(last.idx)
     if last.kernel_version and not (folder / artifacts.MANIFEST).exists() and last.kaggle_status is not None:
         # Kaggle may list a version's outputs long after it ended: look again before concluding there is no
@@ -366,47 +321,15 @@ def _latest_with_version(store: Store, name: str) -> Segment:
     return segments[-1]
 
 
-def fetch_run(workspace: str | Path, name: str, out_dir: str | None = None, console: Console | None = None) -> Path:
+def fetch_run(workspace: str | Path, name: str, out_dir: str | None = None, console: Console | None = None,
+              endpoint: str | None = None) -> Path:
     run = Store(workspace).get_run(name)
-    ctx = _context(workspace, run, console)
+    ctx = context_for(workspace, run, console, endpoint)
     segment = _latest_with_version(ctx.store, name)
     return fetch_outputs(ctx, run, segment, Path(out_dir) if out_dir else Path("outputs") / name)
 
 
-def print_logs(workspace: str | Path, name: str, follow: bool = False, console: Console | None = None,
-               segment: int | None = None, every: bool = False) -> None:
-    """The log of the run's latest kernel version, of segment N (`segment`), or of every segment (`every`)."""
-    store = Store(workspace, create=False)
-    run = store.get_run(name)
-    ctx = _context(workspace, run, console)
-    pushed = [s for s in store.segments(name) if s.kernel_version]
-    if not pushed:
-        raise KaggleRunnerError(f"run {name} has no kernel version yet")
-    if segment is not None:
-        chosen = [s for s in pushed if s.idx == segment]
-        if not chosen:
-            raise KaggleRunnerError(f"run {name} has no segment {segment} with a kernel version (segments: "
-                                    f"{', '.join(str(s.idx) for s in pushed)})")
-    else:
-        chosen = pushed if every else pushed[-1:]
-    if follow:
-        for event in ctx.gateway.log_stream(chosen[-1].kernel_ref, chosen[-1].kernel_version):
-            ctx.console.raw(str(event.get("data", "")))
-        return
-    for part in chosen:
-        if len(chosen) > 1:
-            ctx.console.raw(f"===== segment {part.idx}, version {part.kernel_version} =====\n")
-        text = ctx.gateway.log(part.kernel_ref, part.kernel_version)
-        try:
-            events = json.loads(text)
-            text = "".join(str(e.get("data", "")) for e in events if isinstance(e, dict)) \
-                if isinstance(events, list) else text
-        except ValueError:
-            pass
-        ctx.console.raw(text)
-
-
-def cancel_run(workspace: str | Path, name: str, console: Console | None = None) -> str:
+def cancel_run(workspace: str | Path, name: str, console: Console | None = None, endpoint: str | None = None) -> str:
     store = Store(workspace)
     run = store.get_run(name)
     if run.final:
@@ -415,7 +338,7 @@ def cancel_run(workspace: str | Path, name: str, console: Console | None = None)
     segment = store.last_segment(name)
     if segment.phase != Phase.RUNNING:
         return f"Cancelled run {name}; no kernel version was running."
-    ctx = _context(workspace, run, console)
+    ctx = context_for(workspace, run, console, endpoint)
     problem = cancel_version(ctx, segment)
     if problem:
         return (f"Cancelled run {name}, but Kaggle did not stop version {segment.kernel_version} ({problem}); "
@@ -423,91 +346,3 @@ def cancel_run(workspace: str | Path, name: str, console: Console | None = None)
     return f"Cancelled run {name} and its kernel version {segment.kernel_version}."
 
 
-def _hours(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds / 3600:.2f} h"
-
-
-def quota_summary(workspace: str | Path, local: bool = False, endpoint: str | None = None) -> str:
-    gateway = _gateway(Path(workspace), local, endpoint, Console().note)
-    quota = gateway.quota()
-    used, total = quota["used_seconds"], quota["total_seconds"]
-    left = None if used is None or total is None else max(0.0, total - used)
-    reserved = f" (of which {_hours(quota['reserved_seconds'])} held by running sessions)" \
-        if quota.get("reserved_seconds") else ""
-    return (f"GPU quota: {_hours(used)} used{reserved} of {_hours(total)} this week, {_hours(left)} left; "
-            f"resets {quota['refresh'] or 'weekly'} (UTC)")
-
-
-def run_status(workspace: str | Path, name: str | None = None, refresh: bool = False) -> dict | list[dict]:
-    if name is None and not (Path(workspace) / "runs.sqlite").exists():
-        return []  # nothing launched here; the CLI says where runs live, and nothing is created
-    store = Store(workspace, create=False)
-    if name is None:
-        return [_describe(store, run) for run in store.list_runs()]
-    description = _describe(store, store.get_run(name), detail=True)
-    if refresh:
-        description.update(_live(workspace, store, store.get_run(name)))
-    return description
-
-
-def all_status() -> list[dict]:
-    """Runs of every workspace this user launched from (`status --all`)."""
-    rows = []
-    for workspace in known_workspaces():
-        try:
-            store = Store(workspace, create=False)
-        except KaggleRunnerError:
-            continue
-        rows += [{**_describe(store, run), "workspace": workspace} for run in store.list_runs()]
-    return rows
-
-
-def _live(workspace: str | Path, store: Store, run: Run) -> dict:
-    """What Kaggle says now about a run nobody drives, so a detached run does not look stuck at step 0."""
-    segment = store.last_segment(run.name)
-    if run.final or store.driver(run.name) is not None or segment.phase != Phase.RUNNING:
-        return {}
-    try:
-        ctx = _context(workspace, run, Console(quiet=True))
-        seen = ctx.gateway.status(segment.kernel_ref, segment.kernel_version)
-    except KaggleRunnerError as exc:
-        return {"live": f"could not ask Kaggle ({exc})"}
-    if seen is None:
-        return {"live": "Kaggle does not show the version yet", "kaggle_status": None}
-    status, message = seen
-    known = KaggleStatus.read(status)
-    hint = f"; `kaggle-runner watch {run.name}` drives it on" if known and known.terminal else ""
-    return {"kaggle_status": status, "live": f"Kaggle says {status}" + (f": {message}" if message else "") + hint}
-
-
-def _describe(store: Store, run: Run, detail: bool = False) -> dict:
-    segments = store.segments(run.name)
-    last = segments[-1] if segments else None
-    gpu_seconds = sum(((s.ended_at or time.time()) - (s.running_at or s.pushed_at)) for s in segments
-                      if s.pushed_at)
-    step = PHASES.get(Phase(last.phase)) if last and last.phase in Phase._value2member_map_ else None
-    driver = store.driver(run.name)
-    description = {
-        "name": run.name, "state": run.state, "reason": run.reason, "kernel": run.kernel_ref,
-        "checkpoint_dataset": run.checkpoint_dataset_ref, "local": bool(run.local), "segment": last.idx if last else 0,
-        "kernel_version": last.kernel_version if last else None,
-        "kaggle_status": last.kaggle_status if last else None,
-        "global_step": max((s.global_step or 0 for s in segments), default=0),
-        "total_steps": last.total_steps if last else None, "epoch": last.epoch if last else None,
-        "train_loss": next((s.train_loss for s in reversed(segments) if s.train_loss is not None), None),
-        "val_loss": next((s.val_loss for s in reversed(segments) if s.val_loss is not None), None),
-        "checkpoint": next((s.resume_from for s in reversed(segments) if s.resume_from), None),
-        "gpu_hours": round(gpu_seconds / 3600, 4),
-        "driver": driver.describe() if driver else None,
-        "next_action": step.next_action if step and not run.final else "none",
-        "resume_via": run.resume_via,
-        "segments": [{"index": s.idx, "kernel": s.kernel_ref, "kernel_version": s.kernel_version,
-                      "kaggle_status": s.kaggle_status, "waiting_for": s.wait_reason, "resume_via": s.resume_via,
-                      "global_step": s.global_step, "phase": s.phase, "resume_from": s.resume_from,
-                      "resume_retries": s.resume_retries, "session_id": s.session_id,
-                      "bytes_downloaded": s.bytes_downloaded, "bytes_uploaded": s.bytes_uploaded,
-                      "upload_seconds": s.upload_seconds, "failure_message": s.failure_message} for s in segments],
-    }
-    if detail:
-        description["events"] = store.events(run.name)[-20:]
-    return description

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from kaggle_runner import artifacts, untrusted
 from kaggle_runner.errors import KaggleRunnerError
 
 REPORT_EXTRA = "pip install 'kaggle-runner[report]'"
@@ -58,8 +59,8 @@ def load_history(path: Path) -> History:
         return parse_history(json.loads(path.read_text()))
     except OSError as exc:
         raise KaggleRunnerError(f"cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise KaggleRunnerError(f"{path} is not valid JSON ({exc}); fetch the run again") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: brackets nested deeper than a parser goes
+        raise KaggleRunnerError(f"{path} is not valid JSON ({str(exc)[:100]}); fetch the run again") from None
 
 
 def _pyplot():
@@ -75,7 +76,11 @@ def _pyplot():
 
 
 def _number(value) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    """A step or a loss from the kernel's history as a float, or None when it is not a number; NaN and the
+    infinities stay as NaN (a gap in a curve), and an integer too large for a float is not a number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return math.nan
+    return untrusted.finite(value)
 
 
 def _series(entries: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -93,7 +98,7 @@ def _series(entries: list[dict], key: str) -> tuple[list[float], list[float]]:
 # -- the chain: segments, boundaries, durations ------------------------------------------------------------
 def segment_rows(workspace: str | Path, name: str) -> tuple[dict, list[dict]]:
     """run_status's description and its segments, each with duration_seconds (from the store if status lacks it)."""
-    from kaggle_runner.launcher import run_status
+    from kaggle_runner.run_views import run_status
     from kaggle_runner.store import Store
 
     status = run_status(workspace, name)
@@ -148,12 +153,8 @@ def _duration(seconds: float | None) -> str:
 
 
 def best_weights(outputs: Path) -> dict | None:
-    """Where best_model.pt is from (global_step, val_loss), as the kernel's manifest records it."""
-    try:
-        info = json.loads((outputs / "manifest.json").read_text())["files"]["best_model.pt"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return info if isinstance(info, dict) else None
+    """Where best_model.pt is from (global_step, val_loss), as the kernel's manifest records it (checked)."""
+    return artifacts.read_manifest(outputs)["files"].get(artifacts.BEST_MODEL)
 
 
 # -- the chart ------------------------------------------------------------------------------------------------
@@ -295,7 +296,7 @@ report written {datetime.now():%Y-%m-%d %H:%M}</p>
 
 
 def write_report(workspace: str | Path, name: str, html_path: str | Path | None = None,
-                 outputs: str | Path | None = None) -> tuple[Path, Path]:
+                 outputs: str | Path | None = None, endpoint: str | None = None) -> tuple[Path, Path]:
     """Write the run's report page and chart; returns (html, png). Fetches the outputs if no history is here."""
     _pyplot()  # the missing extra is said before anything is fetched
     folder = Path(outputs) if outputs else Path("outputs") / name
@@ -304,7 +305,7 @@ def write_report(workspace: str | Path, name: str, html_path: str | Path | None 
     if not history_path.is_file():
         from kaggle_runner.launcher import fetch_run
 
-        fetch_run(workspace, name, str(folder))
+        fetch_run(workspace, name, str(folder), endpoint=endpoint)
     history = load_history(history_path) if history_path.is_file() else History()
     html_file = Path(html_path) if html_path else folder / "report.html"
     png_file = html_file.with_suffix(".png")

@@ -26,6 +26,7 @@ from kaggle_runner.contract import (
 )
 
 STOP = {"signal": False}
+MALFORMED = {"on": False}
 
 
 def directives(config):
@@ -60,8 +61,10 @@ def record(manifest, rel, **info):
 
 def finish(status, reason, step, total, message="", resumed=None):
     assert reason in STOP_REASONS, reason
-    write(RUN_STATE, {"status": status, "reason": reason, "message": message, "global_step": step,
-                             "total_steps": total, "epoch": 1, "resumed_from": resumed})
+    malformed = MALFORMED["on"] and not resumed  # "global_step": "five", as a broken kernel could write it
+    write(RUN_STATE, {"status": status, "reason": reason, "message": message,
+                      "global_step": "five" if malformed else step,
+                      "total_steps": total, "epoch": 1, "resumed_from": resumed})
     emit("end", status=status, reason=reason, global_step=step)
     return 0 if reason in ("complete", "time_budget", "step_budget", "interrupted") else 1
 
@@ -78,6 +81,7 @@ def main(config):
     started = time.time()
     wanted_behaviour = directives(config)
     step_seconds = float(wanted_behaviour.get("step", 0.05))
+    MALFORMED["on"] = bool(wanted_behaviour.get("malformed"))
     signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=True))
     emit("session", container=os.environ.get("KAGGLE_CONTAINER_NAME"), python=sys.version.split()[0])
     total = config["max_steps"] or 40
@@ -113,6 +117,11 @@ def main(config):
         if step % config["log_steps"] == 0:
             emit("progress", global_step=step, total_steps=total, epoch=1, loss=1.0 / step, lr=0.001,
                  tokens_per_second=1000.0, eta_seconds=(total - step) * step_seconds)
+            if wanted_behaviour.get("hostile"):  # values no store column or terminal should take as they are
+                emit("progress", global_step=[1, 2], total_steps={"n": 5}, epoch="one", loss="x", lr=None,
+                     tokens_per_second="fast", eta_seconds=1e300)
+                emit("session", container="kernel-session-" + "9" * 400)
+                print("\x1b]0;pwned\x07\x1b]52;c;ZXZpbA==\x07\x1b[2Jtitle and clipboard", flush=True)
             history.append(history_entry("train", step, history, resumed, started))
         if step % config["eval_steps"] == 0:
             history.append(history_entry("eval", step, history, resumed, started))
@@ -131,6 +140,11 @@ def main(config):
             Path(RUN_STATE).write_text('{"status": "incompl')
         return code
     save(manifest, step, weight, history, config["max_checkpoints"])
+    if wanted_behaviour.get("hostile"):  # manifest entries a careful launcher drops, and a 400-digit history step
+        manifest["files"]["bogus.pt"] = {"sha256": "zz", "size": "big", "kind": "checkpoint", "global_step": {"n": 5}}
+        manifest["files"]["odd.pt"] = {"sha256": "0" * 64, "size": 1, "kind": "checkpoint", "global_step": [1, 2]}
+        write(MANIFEST, manifest)
+        history.append({"kind": "eval", "step": 10**400, "val_loss": 10**400, "epoch": 1})
     write(f"{FINAL_MODEL_DIR}/config.json", {"step": step, "weight": weight})
     record(manifest, f"{FINAL_MODEL_DIR}/config.json", kind="final_model")
     history.append({"kind": "sample", "step": step, "epoch": 1, "text": f"stub sample at step {step}: <&>"})

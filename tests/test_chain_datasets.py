@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kaggle_runner.cli import cli
-from kaggle_runner.launcher import run_status
+from kaggle_runner.run_views import run_status
 from tests.chain_helpers import SLUG, STUB_CHAIN, final_stub_weight, sets, stub_weight
 from tests.emulator_helpers import USER, admin
 
@@ -76,8 +76,8 @@ def _drive_with_a_short_readiness_deadline(name: str):
     """The same driver `watch` runs, with the deadline for a dataset's readiness cut from minutes to seconds."""
     from dataclasses import replace
 
+    from kaggle_runner.connect import context_for as _context
     from kaggle_runner.controller import drive
-    from kaggle_runner.launcher import _context
     from kaggle_runner.store import Store
 
     ctx = _context(".kaggle-runner", Store(".kaggle-runner").get_run(name))

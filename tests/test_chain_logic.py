@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kaggle_runner.cli import cli
-from kaggle_runner.launcher import run_status
+from kaggle_runner.run_views import run_status
 from kaggle_runner.states import Phase
 from tests.chain_helpers import SLUG, STUB_CHAIN, final_stub_weight, sets, stub_weight
 from tests.emulator_helpers import USER, admin

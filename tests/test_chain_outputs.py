@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kaggle_runner.cli import cli
-from kaggle_runner.launcher import run_status
+from kaggle_runner.run_views import run_status
 from tests.chain_helpers import SLUG, STUB_CHAIN, final_stub_weight, launcher, sets, start_launcher, stub_weight
 from tests.emulator_helpers import USER, admin
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kaggle_runner.cli import cli
-from kaggle_runner.launcher import run_status
+from kaggle_runner.run_views import run_status
 from tests.chain_helpers import STUB_CHAIN, sets
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from kaggle_runner.cli import cli
 from kaggle_runner.config import load_preset
 from kaggle_runner.emulator.server import EmulatorServer
-from kaggle_runner.launcher import run_status
 from kaggle_runner.render import render_kernel
+from kaggle_runner.run_views import run_status
 from tests.chain_helpers import REAL_CHAIN as CHAIN
 from tests.chain_helpers import sets
 from tests.emulator_helpers import KEY, USER, admin

@@ -11,8 +11,8 @@ import torch
 
 from kaggle_runner.cli import cli
 from kaggle_runner.config import load_preset
-from kaggle_runner.launcher import run_status
 from kaggle_runner.render import render_kernel
+from kaggle_runner.run_views import run_status
 from tests.chain_helpers import REAL_CHAIN, sets
 from tests.emulator_helpers import USER
 from tests.kernel_helpers import run_kernel

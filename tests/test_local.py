@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kaggle_runner.cli import cli
-from kaggle_runner.launcher import run_status
+from kaggle_runner.run_views import run_status
 from tests.chain_helpers import REAL_CHAIN as CHAIN
 from tests.chain_helpers import sets
 from tests.emulator_helpers import USER

@@ -17,7 +17,7 @@ import pytest
 
 from kaggle_runner import artifacts, chain
 from kaggle_runner.cli import cli
-from kaggle_runner.launcher import run_status
+from kaggle_runner.run_views import run_status
 from tests.chain_helpers import STUB_CHAIN, sets
 from tests.emulator_helpers import KEY
 

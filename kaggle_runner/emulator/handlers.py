@@ -22,6 +22,7 @@ from kaggle_runner.emulator.models import (
     check_name,
 )
 from kaggle_runner.emulator.state import Backend
+from kaggle_runner.states import KaggleStatus
 
 
 @dataclass
@@ -108,8 +109,14 @@ def save_kernel(ctx: RequestContext, body: dict) -> dict:
 def get_kernel_session_status(ctx: RequestContext, body: dict) -> dict:
     _, version = ctx.backend.get_version(_name(body, "userName"), _name(body, "kernelSlug"),
                                          body.get("versionLabel"))
-    if ctx.backend.clock() - version.created_at < ctx.backend.realism.status_404_window:
+    realism, age = ctx.backend.realism, ctx.backend.clock() - version.created_at
+    if age < realism.status_404_window:
         raise NotFound(NO_RUNS_MESSAGE)  # the run does not exist yet, straight after a push
+    injected = ctx.backend.take_status_name()
+    if injected is not None:
+        return {"status": injected}
+    if age < realism.status_404_window + realism.new_script_window and version.status not in TERMINAL:
+        return {"status": KaggleStatus.NEW_SCRIPT.value}
     reply = {"status": version.status}
     if version.failure_message:
         reply["failureMessage"] = version.failure_message

@@ -131,3 +131,6 @@ class Faults:
     # The next N pushes that name datasets mount each at the version before its newest (nothing, for a first
     # version), as a push inside the pin window does, however long ago the versions were made.
     stale_mounts: int = 0
+    # The next GetKernelSessionStatus answers carry these status names, one each, before the real status: what a
+    # status Kaggle has never sent before looks like to a launcher.
+    status_names: list[str] = field(default_factory=list)

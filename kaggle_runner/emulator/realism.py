@@ -26,6 +26,9 @@ class Realism:
     dataset_404_window: float = 0.5
     # GetKernelSessionStatus answers 404 "No runs found for this kernel" this long after a push.
     status_404_window: float = 1.0
+    # After that, GetKernelSessionStatus answers NEW_SCRIPT (kagglesdk's seventh status, "saved, not run yet")
+    # this long: one public tool reports seeing it briefly right after a push.
+    new_script_window: float = 0.5
     # GetKernel does not show a version this long after its push: the previous version is "current", and a
     # kernel with no earlier version is unknown (403/404). No direct evidence: off by default.
     kernel_404_window: float = 0.0
@@ -80,7 +83,7 @@ class Realism:
     @classmethod
     def off(cls) -> Realism:
         """The kind emulator: no windows, lags, limits or refusals; datasets at <input>/datasets/."""
-        return cls(pin_window=0.0, dataset_404_window=0.0, status_404_window=0.0, output_lag=0.0,
+        return cls(pin_window=0.0, dataset_404_window=0.0, status_404_window=0.0, new_script_window=0.0, output_lag=0.0,
                    output_seconds_per_gb=0.0, rate_limit=0, cancel_refused=False, no_gpu=False,
                    mount_layout="datasets", sigterm_before_kill=True, never_pushed_403=False,
                    weekly_gpu_seconds=0.0, quota_fields_absent=False, first_version_locks=False,

@@ -147,9 +147,18 @@ class Backend(DatasetBackend):
                         "stuck_running", "unattachable", "unattachable_refused", "stale_mounts"):
                 if key in spec:
                     setattr(self.faults, key, type(getattr(self.faults, key))(spec[key]))
+            names = spec.get("status_names", [])
+            if not isinstance(names, list) or not all(isinstance(n, str) and n.isascii() and len(n) < 64
+                                                      for n in names):
+                raise BadRequest("status_names must be a list of short names")
+            self.faults.status_names.extend(names)
             if "hold_queued" in spec and not self.faults.hold_queued and self.runner:
                 self.runner.start_queued()
             return asdict(self.faults)
+
+    def take_status_name(self) -> str | None:
+        with self.lock:
+            return self.faults.status_names.pop(0) if self.faults.status_names else None
 
     def take_download_drop(self) -> bool:
         with self.lock:

@@ -1,0 +1,136 @@
+"""What comes back is untrusted, and credentials go only where the user says: a kernel's hostile events,
+manifest entries, history and log text; a status Kaggle never sent before; a store edited by another local
+user; notifications that must arrive and must not wander. Each test fails on the code before it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from kaggle_runner.cli import cli
+from kaggle_runner.run_views import run_status
+from tests.chain_helpers import STUB_CHAIN, final_stub_weight, launcher, sets, stub_weight
+from tests.emulator_helpers import admin
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_hostile_kernel_reaches_neither_the_store_nor_the_terminal(stub_project, cli_runner):
+    good = cli_runner.invoke(cli, ["launch", "--name", "good", *sets([*STUB_CHAIN, "max_steps=5"])])
+    assert good.exit_code == 0, good.output
+    hostile = cli_runner.invoke(cli, ["launch", "--name", "hostile",
+                                      *sets([*STUB_CHAIN, 'sample_prompt="stub: hostile"'])])
+    assert hostile.exit_code == 0 and "Traceback" not in hostile.output, hostile.output
+    assert "\x1b" not in hostile.output
+    status = cli_runner.invoke(cli, ["status"])
+    assert status.exit_code == 0 and "good" in status.output and "hostile" in status.output, status.output
+    assert not list(Path(".kaggle-runner").glob("runs.damaged-*"))  # the store was never taken for damaged
+    assert run_status(".kaggle-runner", "hostile")["global_step"] == 20  # the real steps, the junk dropped
+    assert final_stub_weight(stub_project / "outputs/hostile", 20) == stub_weight(20)
+    logs = cli_runner.invoke(cli, ["logs", "hostile"])
+    assert logs.exit_code == 0 and "title and clipboard" in logs.output
+    assert "\x1b" not in logs.output and "\x07" not in logs.output  # no title, no clipboard, no clear screen
+    assert '{"event"' not in logs.output and '{"event"' in cli_runner.invoke(cli, ["logs", "hostile", "--raw"]).output
+    report = cli_runner.invoke(cli, ["report", "hostile"])  # a 400-digit step in the history
+    assert report.exit_code == 0 and "Traceback" not in report.output, report.output
+
+
+def test_a_malformed_number_in_run_state_counts_as_missing(stub_project, cli_runner):
+    result = cli_runner.invoke(cli, ["launch", "--name", "five",
+                                     *sets([*STUB_CHAIN, 'sample_prompt="stub: malformed"'])])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert final_stub_weight(stub_project / "outputs/five", 20) == stub_weight(20)
+
+
+def test_a_status_kaggle_never_sent_before_means_not_started_yet(stub_project, emulator, cli_runner):
+    admin(emulator.url, "faults", {"status_names": ["SOMETHING_NEW"] * 3})
+    result = cli_runner.invoke(cli, ["launch", "--name", "new", *sets([*STUB_CHAIN, "max_steps=5"])])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("a status kaggle-runner does not know") == 1, result.output
+
+
+@pytest.fixture
+def listener():
+    """An HTTP server on this machine that records every request's path and Authorization header."""
+    seen: list[tuple[str, str | None]] = []
+
+    class Record(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the name http.server calls
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_GET = do_POST  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Record)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+
+
+def test_credentials_never_go_to_an_endpoint_the_store_names(stub_project, cli_runner, listener, monkeypatch):
+    result = cli_runner.invoke(cli, ["launch", "--name", "mine", *sets([*STUB_CHAIN, "max_steps=5"])])
+    assert result.exit_code == 0, result.output
+    elsewhere, seen = listener
+    db = sqlite3.connect(".kaggle-runner/runs.sqlite")
+    db.execute("UPDATE runs SET endpoint = ? WHERE name = 'mine'", (elsewhere,))  # another local user's edit
+    db.commit()
+    db.close()
+    for command in (["logs", "mine"], ["status", "mine"], ["fetch", "mine", "-o", "again"], ["cancel", "mine"]):
+        refused = cli_runner.invoke(cli, command)
+        assert "Traceback" not in refused.output, refused.output
+    monkeypatch.delenv("KAGGLE_RUNNER_API_ENDPOINT")  # and with no endpoint given at all: Kaggle's, not the store's
+    refused = cli_runner.invoke(cli, ["logs", "mine"])
+    assert refused.exit_code == 1 and "credentials go only where you say" in refused.output, refused.output
+    assert seen == []  # not one request, with or without credentials
+    cli_runner.invoke(cli, ["logs", "mine", "--endpoint", elsewhere])  # said now: the user's choice
+    assert seen and all(auth for _, auth in seen)
+
+
+def test_the_last_notification_arrives_redirects_are_not_followed_and_the_url_is_not_printed(stub_project, listener):
+    received: list[bytes] = []
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path.startswith("/moved"):
+                self.send_response(302)
+                self.send_header("Location", listener[0] + "/redirected")
+                self.end_headers()
+                return
+            time.sleep(1.5)  # the last post must still arrive, though the chain is over before it answers
+            received.append(body)
+            self.send_response(404 if self.path.startswith("/gone") else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        result = launcher("launch", "--name", "told", "--notify", f"{url}/secret-topic-123",
+                          *sets([*STUB_CHAIN, "max_steps=5"]))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert any(json.loads(body)["event"] == "completed" for body in received), received
+        moved = launcher("launch", "--name", "moved", "--notify", f"{url}/moved", *sets([*STUB_CHAIN, "max_steps=5",
+                                                                                        'slug="moved-runner"',
+                                                                                        'title="Moved Runner"']))
+        assert moved.returncode == 0 and not [p for p, _ in listener[1] if p == "/redirected"]
+        gone = launcher("launch", "--name", "gone", "--notify", f"{url}/gone-secret-456",
+                        *sets([*STUB_CHAIN, "max_steps=5", 'slug="gone-runner"', 'title="Gone Runner"']))
+        assert "was refused (HTTP 404)" in gone.stderr and "gone-secret-456" not in gone.stdout + gone.stderr
+    finally:
+        server.shutdown()
