@@ -450,7 +450,8 @@ def generate(run, prompt, tokens, temperature, top_k, seed, best, outputs, endpo
 @cli.command()
 @click.argument("run")
 @click.option("-o", "--output", "html_path", type=click.Path(dir_okay=False),
-              help="The HTML page to write; the PNG goes beside it [default: outputs/RUN/report.html].")
+              help="The HTML page to write, the PNG beside it; a path ending in .png gets the chart alone "
+                   "[default: outputs/RUN/report.html].")
 @outputs_option
 @endpoint_option
 @workspace_option
@@ -460,7 +461,7 @@ def report(run: str, html_path: str | None, outputs: str | None, endpoint: str |
     from kaggle_runner.report import write_report
 
     page, chart = write_report(workspace, run, html_path, outputs, endpoint)
-    click.echo(f"Wrote {page} and {chart}")
+    click.echo(f"Wrote {page} and {chart}" if page else f"Wrote {chart}")
 
 
 def main() -> None:

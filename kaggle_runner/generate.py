@@ -49,6 +49,52 @@ def run_outputs(name: str, outputs: str | Path | None = None) -> Path:
     return Path(outputs) if outputs else Path("outputs") / name
 
 
+# -- what may be loaded ---------------------------------------------------------------------------------------
+# Weights load only from safetensors: a pickle (.bin, .pt) can run code when it is read.
+PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MIN_TORCH_FOR_PAYLOADS = (2, 6)  # weights_only=True loads are bypassable before 2.6 (CVE-2025-32434)
+
+
+def check_model_folder(folder: Path) -> None:
+    """A model folder from a kernel's outputs is untrusted: no code in it, no remote code asked for, no pickled
+    weights, and a model type transformers itself ships. Refused in one line, never prompted."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    code = sorted(p.name for p in folder.rglob("*") if p.is_file() and p.suffix == ".py")
+    if code:
+        raise KaggleRunnerError(f"{folder} holds Python code ({', '.join(code[:3])}): kaggle-runner never runs code "
+                                "from a kernel's outputs")
+    pickled = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PICKLES)
+    if pickled:
+        raise KaggleRunnerError(f"{folder} holds pickled weights ({', '.join(pickled[:3])}), which can run code when "
+                                "loaded; kaggle-runner loads only safetensors (what the kernel writes)")
+    for name in ("config.json", "tokenizer_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            settings = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError):
+            raise KaggleRunnerError(f"{path} is not a JSON object; fetch the run again") from None
+        if not isinstance(settings, dict):
+            raise KaggleRunnerError(f"{path} is not a JSON object; fetch the run again")
+        if "auto_map" in settings:
+            raise KaggleRunnerError(f"{path} asks for the model's own code (auto_map): kaggle-runner never runs code "
+                                    "from a kernel's outputs")
+        if name == "config.json" and settings.get("model_type") not in CONFIG_MAPPING_NAMES:
+            raise KaggleRunnerError(f"{path} names model type {str(settings.get('model_type'))[:40]!r}, which "
+                                    "transformers does not ship: kaggle-runner loads only built-in model types")
+
+
+def _check_torch_for_payloads() -> None:
+    import torch
+
+    numbers = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2] if part.isdigit())
+    if numbers < MIN_TORCH_FOR_PAYLOADS:
+        raise KaggleRunnerError(f"torch {torch.__version__} cannot load best_model.pt safely (its weights_only loads "
+                                "are bypassable before 2.6, CVE-2025-32434): pip install 'torch>=2.6'")
+
+
 # -- best_model.pt as a Hugging Face folder ---------------------------------------------------------------
 def _config_from_payload(payload: dict):
     """The kernel's GPT2Config, rebuilt from the payload when final_model/ is not there yet (a run in progress)."""
@@ -96,8 +142,11 @@ def best_model_folder(outputs: str | Path) -> Path:
     try:
         if json.loads((target / STAMP).read_text())["source_sha256"] == digest:
             return target
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         pass
+    _check_torch_for_payloads()
+    if final.is_dir():
+        check_model_folder(final)
     try:
         payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # a torn file, or not a torch payload at all
@@ -106,16 +155,17 @@ def best_model_folder(outputs: str | Path) -> Path:
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
         raise KaggleRunnerError(f"{source} is not the kernel's best-model payload (no 'model' state dict)")
     if (final / "config.json").is_file():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(final))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(final, trust_remote_code=False),
+                                                 trust_remote_code=False)
     else:
-        model = AutoModelForCausalLM.from_config(_config_from_payload(payload))
+        model = AutoModelForCausalLM.from_config(_config_from_payload(payload), trust_remote_code=False)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:
         raise KaggleRunnerError(f"best_model.pt does not fit the model in {final}/config.json: "
                                 f"{str(exc).splitlines()[0]}") from None
     if (final / "tokenizer.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(final)
+        tokenizer = AutoTokenizer.from_pretrained(final, trust_remote_code=False)
     else:
         tokenizer = _tokenizer_from_payload(payload, int(model.config.n_positions))
     staging = Path(tempfile.mkdtemp(prefix=f".{BEST_FOLDER}.", dir=outputs))
@@ -151,11 +201,13 @@ def sample(folder: str | Path, prompt: str, tokens: int = 100, temperature: floa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_folder(Path(folder))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder).float().eval()
-    except (OSError, ValueError) as exc:
-        raise KaggleRunnerError(f"cannot load the model in {folder}: {str(exc).splitlines()[0]}") from None
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, use_safetensors=True)
+        model = model.float().eval()
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise KaggleRunnerError(f"cannot load the model in {folder}: {(str(exc).splitlines() or [''])[0]}") from None
     notes = []
     context = context_length(model, tokenizer)
     ids = tokenizer.encode(prompt, add_special_tokens=False)

@@ -229,7 +229,7 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def render_html(status: dict, rows: list[dict], history: History, best: dict | None, png: bytes,
-                outputs: Path) -> str:
+                outputs: Path, notice: str | None = None) -> str:
     e = html.escape
     name = status["name"]
     val_steps, val_loss = _series(history.eval, "val_loss")
@@ -282,6 +282,7 @@ def render_html(status: dict, rows: list[dict], history: History, best: dict | N
 <p class=meta>kernel {e(str(status.get('kernel') or ''))}{' (local emulator)' if status.get('local') else ''};
 report written {datetime.now():%Y-%m-%d %H:%M}</p>
 <p>{' · '.join(summary)}</p>
+{f'<p class=meta>{e(notice)}</p>' if notice else ''}
 <img alt="loss, learning rate and tokens per second of run {e(name)} by global step"
      src="data:image/png;base64,{image}">
 <h2>Segments</h2>
@@ -296,22 +297,40 @@ report written {datetime.now():%Y-%m-%d %H:%M}</p>
 
 
 def write_report(workspace: str | Path, name: str, html_path: str | Path | None = None,
-                 outputs: str | Path | None = None, endpoint: str | None = None) -> tuple[Path, Path]:
-    """Write the run's report page and chart; returns (html, png). Fetches the outputs if no history is here."""
+                 outputs: str | Path | None = None, endpoint: str | None = None) -> tuple[Path | None, Path]:
+    """Write the run's report page and chart; returns (html, png), or (None, png) when `html_path` names a .png:
+    then the chart alone goes there. Fetches the outputs if no history is here; a run whose outputs cannot be
+    fetched (it failed before writing any) is reported from what the chain read of it."""
     _pyplot()  # the missing extra is said before anything is fetched
     folder = Path(outputs) if outputs else Path("outputs") / name
     status, rows = segment_rows(workspace, name)  # an unknown run fails here, before any request
-    history_path = folder / HISTORY_NAME
+    history_path, notice = folder / HISTORY_NAME, None
     if not history_path.is_file():
         from kaggle_runner.launcher import fetch_run
 
-        fetch_run(workspace, name, str(folder), endpoint=endpoint)
+        try:
+            fetch_run(workspace, name, str(folder), endpoint=endpoint)
+        except KaggleRunnerError as exc:
+            notice = f"The outputs could not be fetched: {exc}. This report shows what the chain read."
+    if not history_path.is_file():
+        history_path = _history_the_chain_read(Path(workspace), name) or history_path
     history = load_history(history_path) if history_path.is_file() else History()
-    html_file = Path(html_path) if html_path else folder / "report.html"
-    png_file = html_file.with_suffix(".png")
+    target = Path(html_path) if html_path else folder / "report.html"
+    png_only = target.suffix.lower() == ".png"
+    png_file = target if png_only else target.with_suffix(".png")
     best = best_weights(folder)
     png = draw_chart(history, segment_boundaries(rows, history), best, f"Run {name}")
-    html_file.parent.mkdir(parents=True, exist_ok=True)
+    png_file.parent.mkdir(parents=True, exist_ok=True)
     png_file.write_bytes(png)
-    html_file.write_text(render_html(status, rows, history, best, png, folder), encoding="utf-8")
-    return html_file, png_file
+    if png_only:
+        return None, png_file
+    target.write_text(render_html(status, rows, history, best, png, folder, notice), encoding="utf-8")
+    return target, png_file
+
+
+def _history_the_chain_read(workspace: Path, name: str) -> Path | None:
+    """The newest training_history.json the chain downloaded while deciding (runs/NAME/segment-N/)."""
+    found = [(int(p.parent.name.removeprefix("segment-")), p)
+             for p in (workspace / "runs" / name).glob(f"segment-*/{HISTORY_NAME}")
+             if p.parent.name.removeprefix("segment-").isdigit()]
+    return max(found)[1] if found else None

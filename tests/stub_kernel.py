@@ -147,6 +147,9 @@ def main(config):
         history.append({"kind": "eval", "step": 10**400, "val_loss": 10**400, "epoch": 1})
     write(f"{FINAL_MODEL_DIR}/config.json", {"step": step, "weight": weight})
     record(manifest, f"{FINAL_MODEL_DIR}/config.json", kind="final_model")
+    for i in range(int(wanted_behaviour.get("files", 0))):  # many small outputs, as a sharded model has
+        write(f"{FINAL_MODEL_DIR}/shard-{i:03d}.json", {"shard": i})
+        record(manifest, f"{FINAL_MODEL_DIR}/shard-{i:03d}.json", kind="final_model")
     history.append({"kind": "sample", "step": step, "epoch": 1, "text": f"stub sample at step {step}: <&>"})
     write(HISTORY, history)
     record(manifest, HISTORY, kind="history")

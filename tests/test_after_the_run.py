@@ -179,3 +179,34 @@ def test_unknown_run_is_one_line(tmp_path, cli_runner, monkeypatch):
     result = cli_runner.invoke(cli, ["report", "nope"])
     assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output
     assert result.output.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("plant", ["auto_map", "python_file", "unknown_type", "pickled_weights"])
+def test_generate_never_runs_code_from_the_outputs_and_never_asks(tmp_path, trained, cli_runner, plant):
+    outputs = tmp_path / "outputs"
+    shutil.copytree(trained, outputs)
+    final = outputs / "final_model"
+    config = json.loads((final / "config.json").read_text())
+    if plant == "auto_map":  # transformers would ask "Do you wish to run the custom code? [y/N]"
+        config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
+        (final / "evil.json").write_text("{}")
+    elif plant == "python_file":
+        (final / "evil.py").write_text("import os; os.system('touch pwned')\n")
+    elif plant == "unknown_type":
+        config["model_type"] = "evil-remote-model"
+    else:  # a pickle runs code when it is loaded
+        (final / "pytorch_model.bin").write_bytes(b"\x80\x04cos\nsystem\n(S'touch pwned'\ntR.")
+    (final / "config.json").write_text(json.dumps(config))
+    for best in ([], ["--best"]):
+        result = cli_runner.invoke(cli, ["generate", "run", "Hello", "--outputs", str(outputs), *best], input="y\n")
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "[y/N]" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not Path("pwned").exists() and not (outputs / "best_model").exists()
+
+
+def test_best_weights_need_a_torch_whose_safe_loads_are_safe(tmp_path, trained, cli_runner, monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    outputs = tmp_path / "outputs"
+    shutil.copytree(trained, outputs)
+    result = cli_runner.invoke(cli, ["generate", "run", "Hello", "--outputs", str(outputs), "--best"])
+    assert result.exit_code == 1 and "CVE-2025-32434" in result.output and "2.6" in result.output, result.output

@@ -134,3 +134,32 @@ def test_the_last_notification_arrives_redirects_are_not_followed_and_the_url_is
         assert "was refused (HTTP 404)" in gone.stderr and "gone-secret-456" not in gone.stdout + gone.stderr
     finally:
         server.shutdown()
+
+
+def test_fetch_lists_the_outputs_once_whatever_their_number(stub_project, emulator, cli_runner):
+    result = cli_runner.invoke(cli, ["launch", "--name", "many", *sets([*STUB_CHAIN, "max_steps=5",
+                                                                       'sample_prompt="stub: files=60"'])])
+    assert result.exit_code == 0, result.output
+    emulator.app.calls.clear()
+    fetched = cli_runner.invoke(cli, ["fetch", "many", "-o", "again"])
+    assert fetched.exit_code == 0, fetched.output
+    assert len(list(Path("again/final_model").glob("shard-*.json"))) == 60
+    assert emulator.app.calls["ListKernelSessionOutput"] <= 10, emulator.app.calls  # not once or more per file
+
+
+def test_a_run_that_failed_before_writing_outputs_is_said_so_and_reported(stub_project, cli_runner):
+    failed = cli_runner.invoke(cli, ["launch", "--name", "broken", *sets([
+        *STUB_CHAIN, 'dataset="text-files"', 'text_files_path="missing/*.txt"'])])
+    assert failed.exit_code == 3, failed.output
+    for command in (["fetch", "broken"], ["generate", "broken", "Hello"]):
+        result = cli_runner.invoke(cli, command)
+        assert result.exit_code == 1 and "left no manifest.json" in result.output, result.output
+        assert "free space" not in result.output and "Traceback" not in result.output
+        assert not Path("outputs/broken").exists() and not list(Path("outputs").glob(".broken.staging"))
+    report = cli_runner.invoke(cli, ["report", "broken"])  # what exists is what the user wants now
+    assert report.exit_code == 0, report.output
+    page = Path("outputs/broken/report.html").read_text()
+    assert "could not be fetched" in page and "text_files_path" in page
+    chart = cli_runner.invoke(cli, ["report", "broken", "-o", "chart.png"])  # the suffix decides
+    assert chart.exit_code == 0 and Path("chart.png").read_bytes().startswith(b"\x89PNG")
+    assert not Path("chart.html").exists()

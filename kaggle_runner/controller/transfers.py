@@ -36,46 +36,42 @@ def fetch_outputs(ctx: ChainContext, run: Run, segment: Segment, target: Path) -
 
 
 def _fetch_outputs(ctx: ChainContext, run: Run, segment: Segment, target: Path) -> Path:
+    """One listing and one download call, whatever the number of files (each call lists every page again)."""
     ref, version = segment.kernel_ref, segment.kernel_version or 0
-    target.mkdir(parents=True, exist_ok=True)
+    files, _ = ctx.gateway.list_output(ref, version)
+    listed = {f.name for f in files}
+    if contract.MANIFEST not in listed:
+        raise KaggleRunnerError(f"version {version} of {ref} left no {contract.MANIFEST}, so no output of it can be "
+                                f"checked (it may have failed before writing any); `kaggle-runner logs {run.name}` "
+                                "shows why")
     staging = target.parent / f".{target.name}.staging"
     staging.mkdir(parents=True, exist_ok=True)
-    files, _ = ctx.gateway.list_output(ref, version)
     ctx.gateway.download(ref, version, staging, artifacts.exact_pattern([contract.MANIFEST]), force=True)
     manifest = artifacts.read_manifest(staging)
-    listed = {f.name for f in files}
-    wanted, skipped = [], []
-    for rel, info in manifest["files"].items():
-        if info.get("kind") == "token_cache":  # the chain's, not a training output
-            continue
-        (wanted if rel in listed else skipped).append(rel)
+    wanted = [rel for rel, info in manifest["files"].items()
+              if info.get("kind") != "token_cache" and rel in listed]  # token arrays: the chain's, not an output
     unlisted = sorted(n for n in listed - set(manifest["files"]) - {contract.MANIFEST, contract.RUN_STATE}
                       if not n.startswith(f"{contract.TOKEN_CACHE_DIR}/") and not n.endswith(".log"))
     if unlisted:
         ctx.console.note(f"note: skipped {len(unlisted)} output file(s) the kernel's manifest does not list "
                          f"(e.g. {unlisted[0]!r})")
-    total = sum(manifest["files"][rel]["size"] for rel in wanted)
-    done = 0
-    with ctx.console.transfer("fetching", total) as update:
-        for rel in wanted:
-            info = manifest["files"][rel]
-            final = artifacts.confined(target, rel)
-            if final is None:
-                continue
-            if artifacts.verified(target, rel, info):
-                done += info["size"]
-                update(rel, done)
-                continue
-            with watching_size(staging / rel, lambda size, rel=rel, base=done: update(rel, base + size)):
-                ctx.gateway.download(ref, version, staging, artifacts.exact_pattern([rel]), force=True)
-            done += info["size"]
-            update(rel, done)
-            if not artifacts.verified(staging, rel, info):
-                (staging / rel).unlink(missing_ok=True)
-                raise KaggleRunnerError(f"{rel} does not match the kernel's checksum after downloading; "
-                                        f"run `kaggle-runner fetch {run.name}` again")
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / rel, final)
+    todo = [rel for rel in wanted if artifacts.confined(target, rel) is not None
+            and not artifacts.verified(target, rel, manifest["files"][rel])]
+    if todo:
+        total = sum(manifest["files"][rel]["size"] for rel in todo)
+        with ctx.console.transfer("fetching", total) as update, \
+                watching_size(staging, lambda size: update(f"{len(todo)} file(s)", size)):
+            ctx.gateway.download(ref, version, staging, artifacts.exact_pattern(todo), force=True)
+    for rel in todo:
+        if not artifacts.verified(staging, rel, manifest["files"][rel]):
+            (staging / rel).unlink(missing_ok=True)
+            raise KaggleRunnerError(f"{rel} does not match the kernel's checksum after downloading; "
+                                    f"run `kaggle-runner fetch {run.name}` again")
+    target.mkdir(parents=True, exist_ok=True)
+    for rel in todo:
+        final = artifacts.confined(target, rel)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, final)
     os.replace(staging / contract.MANIFEST, target / contract.MANIFEST)
     for log in staging.glob("*.log"):
         os.replace(log, target / log.name)
@@ -85,13 +81,14 @@ def _fetch_outputs(ctx: ChainContext, run: Run, segment: Segment, target: Path) 
 
 @contextmanager
 def watching_size(path: Path, report: Callable[[int], None]) -> Iterator[None]:
-    """Report a file's size as it grows while the client downloads it (the client itself runs quiet)."""
+    """Report a file's (or a folder's) size as it grows while the client downloads it (the client runs quiet)."""
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.wait(0.25):
             with suppress(OSError):
-                report(path.stat().st_size)
+                report(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir()
+                       else path.stat().st_size)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()

@@ -7,6 +7,7 @@ The official client reaches RPCs at {base}/v1/{service}/{Method} (PROD-style end
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import hmac
 import json
@@ -99,6 +100,7 @@ class EmulatorApp:
         self.bucket = TokenBucket(backend.realism, backend.clock)
         self.base_url = ""  # set once the server knows its port
         self.request_count = 0  # lets tests prove that bad input sent nothing
+        self.calls: collections.Counter[str] = collections.Counter()  # RPCs served, by method
 
     # -- authentication ------------------------------------------------------------------------------
     def authenticate(self, request: Request) -> str:
@@ -149,6 +151,7 @@ class EmulatorApp:
         if handler is None:
             raise NotFound(f"Method {service}/{method} is not served by the emulator")
         user = self.authenticate(request)
+        self.calls[method] += 1
         self.backend.check_fault(method)
         answer = handler(RequestContext(self.backend, self.base_url, user, self.sign), body)
         self.backend.check_fault(method, after=True)
