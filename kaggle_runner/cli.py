@@ -108,7 +108,8 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--preset", type=click.Choice(["tiny", "seed", "finetune"]), default="seed", show_default=True,
-              help="tiny: trains on a CPU in a minute; seed: the seed notebook's model on WikiText-103.")
+              help="tiny: trains on a CPU in a minute; seed: the seed notebook's model on WikiText-103; finetune: "
+                   "a pretrained model (SmolLM2-135M) fine-tuned on your text.")
 @click.option("-o", "--output", default=DEFAULT_CONFIG, show_default=True, type=click.Path(dir_okay=False),
               help="Where to write the configuration.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
@@ -174,8 +175,8 @@ def status(run: str | None, as_json: bool, every: bool, endpoint: str | None, wo
     if every:
         result = all_status()
     elif run is None and not (Path(workspace) / "runs.sqlite").exists():
-        click.echo(f"No runs here: {workspace} does not exist in {Path.cwd()}. Runs live in the folder you "
-                   "launched them from (or --workspace); `kaggle-runner status --all` lists them all.")
+        click.echo("[]" if as_json else f"No runs here: {workspace} does not exist in {Path.cwd()}. Runs live in "
+                   "the folder you launched them from (or --workspace); `kaggle-runner status --all` lists them all.")
         return
     else:
         result = run_status(workspace, run, refresh=run is not None, endpoint=endpoint)

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from slugify import slugify
 
 from kaggle_runner.errors import KaggleRunnerError
@@ -36,6 +36,7 @@ class RunConfig(BaseModel):
 
     # Non-finite numbers (inf, nan) are refused everywhere: a learning rate of inf trains nothing but NaNs.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    _unknown_sections: list[str] = PrivateAttr(default_factory=list)  # load_config's: warnings() says them
 
     # [model]
     n_embd: int = Field(256, gt=0)
@@ -266,7 +267,8 @@ class RunConfig(BaseModel):
                 f"output_budget_gb = {self.output_budget_gb} (Kaggle saves at most 20 GiB of /kaggle/working)")
 
     def warnings(self) -> list[str]:
-        notes = []
+        notes = [f"section [{name}] is not one of [{'], ['.join(SECTIONS)}] (a typo?); its keys were read all the "
+                 "same, since keys are unique across sections" for name in self._unknown_sections]
         if self.machine_shape in RETIRED_MACHINE_SHAPES:
             notes.append(f"machine_shape {self.machine_shape!r} is retired: "
                          f"{RETIRED_MACHINE_SHAPES[self.machine_shape]}")
@@ -314,11 +316,24 @@ def _flatten(document: dict[str, Any], source: str) -> dict[str, Any]:
     return flat
 
 
+SECTIONS = ("model", "training", "checkpoints", "data", "kaggle", "chain")
+
+
 def parse_toml(text: str, source: str) -> dict[str, Any]:
     try:
         return _flatten(tomllib.loads(text), source)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
+
+
+def unknown_sections(text: str) -> list[str]:
+    """Section names of a config that the reference does not have: their keys count all the same (sections are
+    for reading), but a misspelled one ([trainning]) deserves a word."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return []
+    return [name for name, body in document.items() if isinstance(body, dict) and name not in SECTIONS]
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -372,7 +387,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    return build_config(parse_toml(text, str(path)), overrides, source=str(path))
+    config = build_config(parse_toml(text, str(path)), overrides, source=str(path))
+    config._unknown_sections = unknown_sections(text)
+    return config
 
 
 def load_preset(name: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

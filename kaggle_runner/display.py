@@ -89,6 +89,9 @@ def _shown(value) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
+SHORT_REASON = 40  # characters of a run's reason the status table shows in its column
+
+
 def print_status(result: dict | list[dict]) -> None:
     console = RichConsole(highlight=False)
     if isinstance(result, list):
@@ -104,13 +107,20 @@ def print_status(result: dict | list[dict]) -> None:
         for header in ("state", "seg", "ver", "kaggle", "step", "val loss"):
             table.add_column(header, no_wrap=True, min_width=len(header))
         table.add_column("reason", overflow="fold", min_width=10)
+        below = []  # long reasons (the chain's say what to do) go under the table, whole, not folded in it
         for run in result:
             step = f"{run['global_step']}/{run['total_steps']}" if run["total_steps"] else str(run["global_step"])
             val = f"{run['val_loss']:.4f}" if run["val_loss"] is not None else ""
             where = [run["workspace"]] if "workspace" in run else []
+            reason = run["reason"] or ""
+            if len(reason) > SHORT_REASON:
+                below.append(f"[{len(below) + 1}] {run['name']}: {reason}")
+                reason = f"[{len(below)}]"
             table.add_row(*where, run["name"], run["state"], str(run["segment"]), str(run["kernel_version"] or ""),
-                          run["kaggle_status"] or "", step, val, run["reason"])
+                          run["kaggle_status"] or "", step, val, reason)
         console.print(table)
+        for line in below:
+            console.print(line, markup=False)
         return
     run = result
     lines = [

@@ -8,6 +8,7 @@ requests go.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from datetime import datetime
@@ -22,14 +23,16 @@ from kaggle_runner.controller import (
     cancel_version,
     drive,
     fetch_outputs,
+    look_at,
     look_at_small_outputs,
     quota_left_hours,
 )
 from kaggle_runner.dataset_readiness import wait_for_dataset
 from kaggle_runner.display import Console
 from kaggle_runner.errors import KaggleRunnerError
-from kaggle_runner.kaggle_api import KaggleGateway
-from kaggle_runner.states import Actor, Phase, RunState
+from kaggle_runner.kaggle_api import KaggleApiError, KaggleGateway
+from kaggle_runner.logfollow import checked_event, session_id_from
+from kaggle_runner.states import Actor, KaggleStatus, Phase, RunState
 from kaggle_runner.store import Run, Segment, Store
 from kaggle_runner.workspace import remember_workspace
 
@@ -330,19 +333,64 @@ def fetch_run(workspace: str | Path, name: str, out_dir: str | None = None, cons
 
 
 def cancel_run(workspace: str | Path, name: str, console: Console | None = None, endpoint: str | None = None) -> str:
+    """Mark the run cancelled (the chain stops) and stop its running version on Kaggle: by the session id the
+    driver learned, or, for a run nobody follows, the one this reads from the version's log, waiting a bounded
+    time for the kernel's session event. KaggleRunnerError when the version could not be stopped; `cancel`
+    again tries again."""
     store = Store(workspace)
     run = store.get_run(name)
-    if run.final:
+    if run.final and run.state != RunState.CANCELLED:
         return f"Run {name} is already {run.state}."
-    store.set_state(name, RunState.CANCELLED, "cancelled by the user", by=Actor.CANCEL)
+    if run.state != RunState.CANCELLED:
+        store.set_state(name, RunState.CANCELLED, "cancelled by the user", by=Actor.CANCEL)
     segment = store.last_segment(name)
-    if segment.phase != Phase.RUNNING:
+    if segment.phase != Phase.RUNNING or not segment.kernel_version:
         return f"Cancelled run {name}; no kernel version was running."
     ctx = context_for(workspace, run, console, endpoint)
+    where = f"stop it at {look_at(run, segment.kernel_ref)}"
+    try:
+        seen = ctx.gateway.status(segment.kernel_ref, segment.kernel_version)
+    except KaggleApiError as exc:
+        raise KaggleRunnerError(f"cancelled run {name}, but could not ask Kaggle about version "
+                                f"{segment.kernel_version} ({exc}); {where}") from None
+    known = KaggleStatus.read(seen[0]) if seen else None
+    if known is not None and known.terminal:
+        return f"Cancelled run {name}; its version {segment.kernel_version} had already ended ({known.value})."
+    session = segment.session_id or _session_from_log(ctx, segment)
+    if session is None:
+        raise KaggleRunnerError(f"cancelled run {name}, but version {segment.kernel_version} has not reported its "
+                                f"session id within {ctx.pace.status_visible:.0f}s, and Kaggle cancels only by it; "
+                                f"{where}, or run `kaggle-runner cancel {name}` again")
+    store.update_segment(name, segment.idx, session_id=session)
+    segment.session_id = session
     problem = cancel_version(ctx, segment)
     if problem:
-        return (f"Cancelled run {name}, but Kaggle did not stop version {segment.kernel_version} ({problem}); "
-                f"stop it at https://www.kaggle.com/code/{run.kernel_ref} to save GPU quota.")
+        raise KaggleRunnerError(f"cancelled run {name}, but Kaggle did not stop version {segment.kernel_version} "
+                                f"({problem}); {where}")
     return f"Cancelled run {name} and its kernel version {segment.kernel_version}."
 
 
+def _session_from_log(ctx: ChainContext, segment: Segment) -> str | None:
+    """The session id from the kernel's session event, read from the version's log (the kernel prints it first),
+    looking again until it shows or the status-visible window has passed."""
+    def look() -> str | None:
+        try:
+            text = ctx.gateway.log(segment.kernel_ref, segment.kernel_version or 0)
+        except KaggleApiError:
+            return None
+        try:
+            records = json.loads(text)
+            lines = "".join(str(r.get("data", "")) for r in records if isinstance(r, dict)).splitlines() \
+                if isinstance(records, list) else text.splitlines()
+        except (ValueError, RecursionError):
+            lines = text.splitlines()
+        for line in lines:
+            event = checked_event(line)
+            if event is not None and event["event"] == "session" and session_id_from(event.get("container")):
+                return session_id_from(event.get("container"))
+        return None
+
+    try:
+        return waits.poll(look, ctx.pace.poll, ctx.pace.max_poll, ctx.pace.status_visible)
+    except waits.WaitTimedOut:
+        return None

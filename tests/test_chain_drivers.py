@@ -44,9 +44,24 @@ def test_a_refused_cancel_says_where_to_stop_the_version(stub_project, cli_runne
         [*STUB_CHAIN, "max_steps=1000", "segment_steps=1000", 'sample_prompt="stub: step=0.5"'])])
     assert result.exit_code == 0, result.output
     cancelled = cli_runner.invoke(cli, ["cancel", "stuck"])
-    assert cancelled.exit_code == 0, cancelled.output
-    assert "did not stop version 1" in cancelled.output and f"kaggle.com/code/{USER}/{SLUG}" in cancelled.output
+    assert cancelled.exit_code == 1, cancelled.output  # it could not: not a success
+    assert "did not stop version 1" in cancelled.output and emulator.url in cancelled.output
+    assert "kaggle.com" not in cancelled.output  # an emulator's version has no page there
     admin(emulator.url, "realism", {"cancel_refused": False})
+    again = cli_runner.invoke(cli, ["cancel", "stuck"])  # a cancelled run whose version runs on: try again
+    assert again.exit_code == 0 and "Cancelled run stuck and its kernel version 1" in again.output, again.output
+    eventually(lambda: versions_of(emulator)[0].status == "CANCEL_ACKNOWLEDGED", what="the cancel")
+
+
+def test_cancel_stops_a_detached_run_that_nobody_follows(stub_project, cli_runner, emulator):
+    result = cli_runner.invoke(cli, ["launch", "--name", "alone", "--detach", *sets(
+        [*STUB_CHAIN, "max_steps=1000", "segment_steps=1000", 'sample_prompt="stub: step=0.5"'])])
+    assert result.exit_code == 0, result.output
+    cancelled = cli_runner.invoke(cli, ["cancel", "alone"])  # no driver ever read the kernel's session event
+    assert cancelled.exit_code == 0 and "Cancelled run alone and its kernel version 1" in cancelled.output, \
+        cancelled.output
+    eventually(lambda: versions_of(emulator)[0].status == "CANCEL_ACKNOWLEDGED", what="the cancel")
+    assert run_status(".kaggle-runner", "alone")["state"] == "cancelled"
 
 
 def test_the_launcher_cancels_a_version_kaggle_reports_running_past_its_limit(stub_project, cli_runner, emulator):

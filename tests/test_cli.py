@@ -110,3 +110,55 @@ def test_a_disk_error_is_one_line_not_a_traceback(cli_runner, tmp_path):
     result = cli_runner.invoke(cli, ["init", "--preset", "tiny", "-o", str(tmp_path / "a-file" / "x.toml")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("Error: ") and "a-file" in result.output, result.output
+
+
+def test_output_for_scripts_and_for_80_columns(cli_runner, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    empty = cli_runner.invoke(cli, ["status", "--json"])
+    assert empty.exit_code == 0 and json.loads(empty.output) == []  # a script reads a list, even an empty one
+    assert "finetune" in cli_runner.invoke(cli, ["init", "--help"]).output
+    from kaggle_runner.display import print_status
+
+    monkeypatch.setenv("COLUMNS", "80")
+    reason = ("reached max_segments (6) at step 300; continue with `kaggle-runner resume "
+              "kaggle-runner-tiny-20261127-181114 --max-segments 8`")
+    print_status([{"name": "kaggle-runner-tiny-20261127-181114", "state": "stopped", "segment": 6,
+                   "kernel_version": 6, "kaggle_status": "COMPLETE", "global_step": 300, "total_steps": 900,
+                   "val_loss": 5.5, "reason": reason}])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert max(len(line) for line in lines) <= 80 and len(lines) <= 8, lines  # not dozens of folded lines
+    assert any(line.startswith("[1] kaggle-runner-tiny") for line in lines)
+    assert "--max-segments 8" in " ".join(lines)  # the whole reason, once, under the table
+
+
+def test_a_misspelled_section_is_said_and_its_keys_still_count(tmp_path):
+    from kaggle_runner.config import load_config, preset_text
+
+    path = tmp_path / "kaggle-runner.toml"
+    path.write_text(preset_text("tiny").replace("[training]", "[trainning]"))
+    config = load_config(path)
+    assert config.epochs == 1 and any("[trainning]" in w and "typo" in w for w in config.warnings())
+
+
+def test_service_files_carry_real_paths_safely(tmp_path, monkeypatch, cli_runner):
+    import shlex
+
+    project = tmp_path / "my 100% project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    timer = cli_runner.invoke(cli, ["service", "systemd"])
+    assert timer.exit_code == 0 and "OnUnitActiveSec=5min" in timer.output and "SuccessExitStatus=6" in timer.output
+    exec_line = next(line for line in timer.output.splitlines() if line.startswith("ExecStart="))
+    assert '"--once"' in exec_line and "my 100%% project" in exec_line  # quoted; % is a systemd specifier
+    assert "WorkingDirectory=" + str(project).replace("%", "%%") in timer.output
+    cron = cli_runner.invoke(cli, ["service", "cron", "--every", "10"]).output.strip()
+    assert cron.startswith("*/10 * * * * ") and "\\%" in cron and "%" not in cron.replace("\\%", "")
+    assert "--once" in shlex.split(cron.replace("\\%", "%"))  # the shell reads back the arguments whole
+    resident = cli_runner.invoke(cli, ["service", "launchd", "--resident"])
+    assert "<key>KeepAlive</key>" in resident.output and "--once" not in resident.output
+    bad = tmp_path / "evil\nExecStartPre=touch pwned"
+    bad.mkdir()
+    monkeypatch.chdir(bad)
+    refused = cli_runner.invoke(cli, ["service", "systemd"])
+    assert refused.exit_code == 1 and "control character" in refused.output and "ExecStartPre" not in \
+        refused.output.split("control character")[1]

@@ -15,11 +15,11 @@ losing a checkpoint, or uploading again what already landed. docs/chain.md draws
 """
 
 from kaggle_runner.controller.concluding import quota_left_hours
-from kaggle_runner.controller.context import ChainContext, ChainPace, Wait, config_of
+from kaggle_runner.controller.context import ChainContext, ChainPace, Wait, config_of, look_at
 from kaggle_runner.controller.driver import drive
 from kaggle_runner.controller.following import cancel_version, look_at_small_outputs
 from kaggle_runner.controller.phases import PHASES
 from kaggle_runner.controller.transfers import fetch_outputs
 
 __all__ = ["PHASES", "ChainContext", "ChainPace", "Wait", "cancel_version", "config_of", "drive", "fetch_outputs",
-           "look_at_small_outputs", "quota_left_hours"]
+           "look_at", "look_at_small_outputs", "quota_left_hours"]

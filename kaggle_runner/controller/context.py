@@ -133,6 +133,15 @@ def chain_datasets(run: Run) -> set[str]:
         {run.alternate_kernel_ref} if run.alternate_kernel_ref else set())
 
 
+def look_at(run: Run, kernel_ref: str) -> str:
+    """Where the user can look at (and stop) a kernel by hand: its page on Kaggle, or the emulator serving it."""
+    if run.local:
+        return "the local emulator (`kaggle-runner emulator stop` stops every version it runs)"
+    if run.endpoint:
+        return f"{run.endpoint}, which serves it"
+    return f"https://www.kaggle.com/code/{kernel_ref}"
+
+
 def still_driving(ctx: ChainContext) -> None:
     """Right before a side effect: renew the lease, and stop if another process took the run over meanwhile
     (this one may have been suspended past the heartbeat's limit)."""

@@ -14,7 +14,7 @@ import json
 import time
 
 from kaggle_runner import artifacts, chain, contract, untrusted
-from kaggle_runner.controller.context import ChainContext, Wait, config_of, end_run, kill_point
+from kaggle_runner.controller.context import ChainContext, Wait, config_of, end_run, kill_point, look_at
 from kaggle_runner.kaggle_api import KaggleApiError
 from kaggle_runner.logfollow import LogFollower, session_id_from
 from kaggle_runner.states import KaggleStatus, Phase, RunState
@@ -44,7 +44,7 @@ def follow_segment(ctx: ChainContext, run: Run, segment: Segment) -> Wait | None
             end_run(ctx, run, segment, Phase.RUNNING, RunState.FAILED,
                     f"Kaggle has not shown a run of {ref} version {version} for "
                     f"{ctx.pace.status_visible / 60:.0f} minutes after the push; look at "
-                    f"https://www.kaggle.com/code/{ref}, then `kaggle-runner resume {run.name}`")
+                    f"{look_at(run, ref)}, then `kaggle-runner resume {run.name}`")
             return None
         return Wait(f"Kaggle does not show version {version} yet")
     name, message = seen
@@ -75,8 +75,8 @@ def follow_segment(ctx: ChainContext, run: Run, segment: Segment) -> Wait | None
         ctx.store.update_segment(run.name, segment.idx, overrun_cancelled=1)
         problem = cancel_version(ctx, ctx.store.segments(run.name)[segment.idx - 1])
         if problem:
-            ctx.console.note(f"note: Kaggle did not stop it ({problem}); stop it at "
-                             f"https://www.kaggle.com/code/{ref} to save GPU quota")
+            ctx.console.note(f"note: Kaggle did not stop it ({problem}); stop it at {look_at(run, ref)} to save "
+                             "GPU quota")
     return Wait(f"version {version} is {status.lower()}")
 
 
