@@ -25,6 +25,7 @@ from kaggle_runner.credentials import Credentials
 from kaggle_runner.errors import KaggleRunnerError
 from kaggle_runner.kaggle_errors import (
     MAX_RETRY_DELAY,
+    DatasetSlugTaken,
     GpuSessionsBusy,
     KaggleApiError,
     OutputFile,
@@ -42,8 +43,8 @@ from kaggle_runner.kaggle_errors import (
     status_of,
 )
 
-__all__ = ["GpuSessionsBusy", "KaggleApiError", "KaggleGateway", "OutputFile", "PushRefused", "PushResult",
-           "PushUncertain", "QuotaExhausted", "QuotaProjected", "SourcesNotAttached", "kagglesdk_warning"]
+__all__ = ["DatasetSlugTaken", "GpuSessionsBusy", "KaggleApiError", "KaggleGateway", "OutputFile", "PushRefused",
+           "PushResult", "PushUncertain", "QuotaExhausted", "QuotaProjected", "SourcesNotAttached", "kagglesdk_warning"]
 
 PROD_ENDPOINT = "https://api.kaggle.com"
 # The kagglesdk versions whose private hooks (below) this module was tested with; pyproject pins the range.
@@ -368,7 +369,8 @@ class KaggleGateway:
         return response.error_message or None
 
     def quota(self) -> dict[str, Any]:
-        """GPU quota: used (ended sessions plus time reserved by running ones), total, reset; None = unknown."""
+        """GPU quota: used plus held back (timeUsed counts running sessions so far, timeReserved what each may still
+        take, about 12 h minus its elapsed time), total, reset; None = unknown."""
         from kagglesdk.kernels.types.kernels_api_service import ApiGetAcceleratorQuotaStatisticsRequest
 
         response = self.rpc("reading the GPU quota", "kernels.kernels_api_client.get_accelerator_quota_statistics",
@@ -436,11 +438,17 @@ class KaggleGateway:
         return not sys.stderr.isatty()
 
     def create_dataset(self, folder: Path) -> None:
-        response = self.call("creating the dataset",
-                             lambda: self._api.dataset_create_new(str(folder), public=False,
-                                                                  quiet=self._quiet_upload()))
+        try:
+            response = self.call("creating the dataset",
+                                 lambda: self._api.dataset_create_new(str(folder), public=False,
+                                                                      quiet=self._quiet_upload()))
+        except KaggleApiError as exc:
+            if exc.status == 409 or "already in use" in str(exc):
+                raise DatasetSlugTaken(str(exc), exc.status, transient=False) from None
+            raise
         if response.status != "ok" and response.error:
-            raise KaggleApiError(f"Kaggle refused the dataset: {response.error}")
+            kind = DatasetSlugTaken if "already in use" in response.error else KaggleApiError
+            raise kind(f"Kaggle refused the dataset: {response.error}")
 
     def create_dataset_version(self, folder: Path, notes: str, delete_old_versions: bool = False) -> None:
         response = self.call("uploading a dataset version",

@@ -48,6 +48,11 @@ class QuotaProjected(PushRefused):
     its elapsed time): the refusal clears when one of them ends, so this is a wait, not a weekly stop."""
 
 
+class DatasetSlugTaken(KaggleApiError):
+    """Creating a dataset was refused because its slug is in use: after an interrupted create, the create
+    had landed (GetDatasetStatus can answer 404 for a while after one)."""
+
+
 class SourcesNotAttached(PushRefused):
     """Kaggle did not attach dataset `sources` it was asked to: they do not exist, or it does not see them yet.
 

@@ -1,8 +1,10 @@
 """The background emulator that --local starts for a workspace, and its local-only credentials.
 
 Those credentials are the emulator's own (a random key, 0600 in the workspace), never a Kaggle account's.
-The emulator starts with an allow-listed environment, so neither it nor the kernels it runs (which could
-read its /proc/<pid>/environ) ever see a real KAGGLE_KEY or token.
+The emulator starts with an allow-listed environment, so no real KAGGLE_KEY or token is handed to it or to
+the kernels it runs. That keeps credentials out of the emulator's files, URLs and logs; it is not a sandbox.
+A kernel is a process of the same user: it can read ~/.kaggle/kaggle.json by its absolute path and the
+launcher's /proc/<pid>/environ. Run only kernels you would run as yourself (docs/emulator.md says more).
 """
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ def quota_summary(workspace: str | Path, local: bool = False, endpoint: str | No
     quota = gateway.quota()
     used, total = quota["used_seconds"], quota["total_seconds"]
     left = None if used is None or total is None else max(0.0, total - used)
-    reserved = f" (of which {_hours(quota['reserved_seconds'])} held by running sessions)" \
+    # Kaggle measures a new session against used + held back, so "left" is what a push may still start.
+    reserved = f" (of which {_hours(quota['reserved_seconds'])} held back by running sessions)" \
         if quota.get("reserved_seconds") else ""
     return (f"GPU quota: {_hours(used)} used{reserved} of {_hours(total)} this week, {_hours(left)} left; "
             f"resets {quota['refresh'] or 'weekly'} (UTC)")

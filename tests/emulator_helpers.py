@@ -92,7 +92,7 @@ def wait_for(api, ref: str, timeout: float = 60) -> str:
     """The version's terminal status, once it has one."""
     def ended() -> str | None:
         status = status_of(api, ref)
-        return status if status not in (None, "QUEUED", "RUNNING", "CANCEL_REQUESTED") else None
+        return status if status not in (None, "NEW_SCRIPT", "QUEUED", "RUNNING", "CANCEL_REQUESTED") else None
 
     return eventually(ended, timeout, getattr(api, "emulator_clock", None), f"the end of {ref}")
 

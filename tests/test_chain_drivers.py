@@ -78,18 +78,20 @@ def test_the_launcher_cancels_a_version_kaggle_reports_running_past_its_limit(st
     assert status["state"] == "stopped" and "max_segments" in status["reason"]
 
 
-def _launch_while_both_gpu_sessions_are_busy(emulator, monkeypatch, release: Path):
-    """The user's other notebooks hold both GPU sessions until `release` exists; launch reaches its refusal."""
+def _launch_while_gpu_sessions_are_held(emulator, monkeypatch, release: Path,
+                                        blockers: tuple[str, ...] = ("one", "two"),
+                                        refusal: str = "Maximum batch GPU session count of 2 reached"):
+    """The user's other notebooks hold GPU sessions until `release` exists; launch reaches its refusal."""
     blocker = f"import pathlib, time\nwhile not pathlib.Path({str(release)!r}).exists():\n    time.sleep(0.2)\n"
     api = official_client(emulator.url, monkeypatch)
-    for name in ("one", "two"):
+    for name in blockers:
         assert not api.kernels_push(str(write_kernel(release.parent / name, blocker, slug=f"other-{name}",
                                                      title=f"Other {name}"))).error
     process = start_launcher("launch", "--name", "waits", *sets([*STUB_CHAIN, "max_steps=5"]))
     seen = []
     for line in process.stdout:
         seen.append(line)
-        if "Maximum batch GPU session count of 2 reached" in line:
+        if refusal in line:
             break
     assert "Waiting for one of your GPU sessions to end" in seen[-1], "".join(seen)
     assert process.poll() is None and run_status(".kaggle-runner", "waits")["state"] == "running"
@@ -97,7 +99,7 @@ def _launch_while_both_gpu_sessions_are_busy(emulator, monkeypatch, release: Pat
 
 
 def test_a_push_waits_while_both_gpu_sessions_are_busy(stub_project, emulator, monkeypatch, tmp_path):
-    process = _launch_while_both_gpu_sessions_are_busy(emulator, monkeypatch, tmp_path / "release")
+    process = _launch_while_gpu_sessions_are_held(emulator, monkeypatch, tmp_path / "release")
     (tmp_path / "release").touch()
     rest, _ = process.communicate(timeout=120)
     assert process.returncode == 0, rest
@@ -105,8 +107,21 @@ def test_a_push_waits_while_both_gpu_sessions_are_busy(stub_project, emulator, m
     assert status["state"] == "complete" and [s["kernel_version"] for s in status["segments"]] == [1]
 
 
+def test_a_push_waits_while_running_sessions_hold_back_the_weeks_quota(stub_project, emulator, monkeypatch,
+                                                                       tmp_path):
+    # One running session holds back its 12 h limit minus its elapsed time: past a 6 h week, a new session
+    # is refused until it ends. A wait, not a stop until the weekly reset.
+    admin(emulator.url, "realism", {"weekly_gpu_seconds": 6 * 3600})
+    process = _launch_while_gpu_sessions_are_held(emulator, monkeypatch, tmp_path / "release", ("one",),
+                                                  "projected to exceed maximum weekly GPU quota")
+    (tmp_path / "release").touch()
+    rest, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, rest
+    assert run_status(".kaggle-runner", "waits")["state"] == "complete"
+
+
 def test_cancel_stops_a_launch_waiting_for_a_gpu_session(stub_project, emulator, monkeypatch, tmp_path, cli_runner):
-    process = _launch_while_both_gpu_sessions_are_busy(emulator, monkeypatch, tmp_path / "release")
+    process = _launch_while_gpu_sessions_are_held(emulator, monkeypatch, tmp_path / "release")
     cancelled = cli_runner.invoke(cli, ["cancel", "waits"])
     assert cancelled.exit_code == 0 and "no kernel version was running" in cancelled.output, cancelled.output
     rest, _ = process.communicate(timeout=60)

@@ -436,10 +436,14 @@ def test_status_answers_no_runs_found_right_after_a_push(api, emulator, tmp_path
     with pytest.raises(requests.HTTPError) as early:
         api.kernels_status(f"{USER}/hello-kernel")
     assert early.value.response.status_code == 404 and "No runs found for this kernel" in str(early.value)
+    realism = emulator.backend.realism
+    emulator.clock.advance(realism.status_404_window + 0.01)
+    assert status_of(api, f"{USER}/hello-kernel") == "NEW_SCRIPT"  # saved, not run yet: kagglesdk's seventh
+    emulator.clock.advance(realism.new_script_window)
     assert wait_for(api, f"{USER}/hello-kernel") == "COMPLETE"
     admin(emulator.url, "realism", {"status_404_window": 0})
     api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
-    assert api.kernels_status(f"{USER}/hello-kernel").status.name in ("QUEUED", "RUNNING", "COMPLETE")
+    assert api.kernels_status(f"{USER}/hello-kernel").status.name in ("NEW_SCRIPT", "QUEUED", "RUNNING", "COMPLETE")
 
 
 def test_a_never_pushed_kernel_is_permission_denied(api, emulator, tmp_path):
@@ -479,6 +483,29 @@ def test_weekly_gpu_quota_refuses_gpu_pushes_and_quota_reports_reserved_time(api
     assert "timeReserved" not in quota()
     admin(emulator.url, "realism", {"weekly_gpu_seconds": 0})
     assert api.kernels_push(str(tmp_path / "k")).version_number == 2
+
+
+def test_running_sessions_reserve_the_rest_of_their_limit_and_a_push_past_it_is_refused(api, emulator, tmp_path):
+    """Field notes (2026-10-08): each running GPU session holds back its limit minus its elapsed time, and a
+    push that would take the week past its quota counting those reserves is refused until one ends."""
+    limit = emulator.backend.session_limit  # 60 s here, 12 h on Kaggle
+    admin(emulator.url, "realism", {"weekly_gpu_seconds": 36})  # 0.01 h: more than used, less than reserved
+    api.kernels_push(str(write_kernel(tmp_path / "k", WAIT_FOR_GO)))
+    first = emulator.backend.get_version(USER, "hello-kernel", "v1")[1]
+    eventually(lambda: first.started_at)
+    emulator.clock.advance(10)
+    url = f"{emulator.url}/v1/kernels.KernelsApiService/GetAcceleratorQuotaStatistics"
+    gpu = requests.post(url, json={}, auth=(USER, KEY), timeout=10).json()["gpuQuota"]
+    assert float(gpu["timeReserved"][:-1]) == pytest.approx(limit - 10, abs=0.5)  # its limit minus elapsed
+    assert float(gpu["timeUsed"][:-1]) == pytest.approx(10, abs=0.5)
+    other = write_kernel(tmp_path / "other", HELLO, slug="other-kernel", title="Other Kernel")
+    refused = api.kernels_push(str(other))
+    assert refused.version_number == 0 and refused.error == (
+        "Session cannot start because currently running sessions are projected to exceed maximum weekly GPU "
+        "quota of 0.01. Cancelling running sessions may allow starting new sessions.")
+    _signal(emulator)
+    wait_for(api, f"{USER}/hello-kernel")
+    assert api.kernels_push(str(other)).version_number == 1  # the reserve went with the session
 
 
 def test_a_new_version_does_not_stop_the_running_one(api, emulator, tmp_path):
@@ -557,7 +584,8 @@ def test_cancel_takes_only_the_random_session_id_the_kernel_sees(api, emulator, 
         _cancel(api, kernel.id * 1000 + version.number)
     admin(emulator.url, "realism", {"cancel_refused": True})
     assert "denied" in _cancel(api, session_id)
-    emulator.clock.advance(emulator.backend.realism.status_404_window + 0.01)
+    realism = emulator.backend.realism
+    emulator.clock.advance(realism.status_404_window + realism.new_script_window + 0.01)
     assert status_of(api, ref) == "RUNNING"
     admin(emulator.url, "realism", {"cancel_refused": False})
     assert not _cancel(api, session_id)
@@ -723,7 +751,10 @@ def test_trust_kernels_get_an_allow_listed_environment(api, emulator, tmp_path, 
     line = next(e["data"] for e in json.loads(api.kernels_logs(f"{USER}/hello-kernel")) if e["data"].startswith("env:"))
     names = set(line.split()[1:])
     assert {n for n in names if n.startswith("KAGGLE")} == {
-        "KAGGLE_CONTAINER_NAME", "KAGGLE_RUNNER_INPUT_DIR", "KAGGLE_RUNNER_SCRATCH_DIR", "KAGGLE_RUNNER_EMULATED_GPU"}
+        "KAGGLE_CONTAINER_NAME", "KAGGLE_RUNNER_INPUT_DIR", "KAGGLE_RUNNER_SCRATCH_DIR", "KAGGLE_RUNNER_EMULATED_GPU",
+        # what a Kaggle batch session sets, with harmless values, so code that detects Kaggle behaves the same
+        "KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "KAGGLE_DATA_PROXY_URL", "KAGGLE_DATA_PROXY_PROJECT",
+        "KAGGLE_DATA_PROXY_TOKEN", "KAGGLE_USER_SECRETS_TOKEN", "KAGGLE_KERNEL_INTEGRATIONS"}
     assert "AWS_SECRET_ACCESS_KEY" not in names and "PATH" in names
 
 
@@ -898,3 +929,45 @@ def test_working_keeps_at_most_the_output_cap_as_a_full_disk_would(api, emulator
     assert wait_for(api, f"{USER}/hello-kernel") == "ERROR"
     assert "exceeded" in api.kernels_status(f"{USER}/hello-kernel").failure_message
     assert not data.exists()
+
+
+def test_a_version_whose_outputs_cannot_be_saved_ends_in_error_not_running_forever(api, emulator, tmp_path):
+    admin(emulator.url, "faults", {"disk_full": 1})
+    api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
+    assert wait_for(api, f"{USER}/hello-kernel") == "ERROR"
+    status = api.kernels_status(f"{USER}/hello-kernel")
+    assert "could not be saved (No space left on device)" in status.failure_message
+    api.kernels_push(str(tmp_path / "k"))  # the emulator goes on serving once space is back
+    assert wait_for(api, f"{USER}/hello-kernel") == "COMPLETE"
+
+
+def test_a_kernel_sees_the_batch_session_kaggle_gives_and_detects_it(api, emulator, tmp_path):
+    code = ("import os\nfrom kagglesdk.kaggle_env import is_in_kaggle_notebook\n"
+            "print('run type:', os.environ['KAGGLE_KERNEL_RUN_TYPE'], 'in kaggle:', is_in_kaggle_notebook())\n")
+    api.kernels_push(str(write_kernel(tmp_path / "k", code)))
+    assert wait_for(api, f"{USER}/hello-kernel") == "COMPLETE"
+    assert "run type: Batch in kaggle: True" in api.kernels_logs(f"{USER}/hello-kernel")
+
+
+def test_a_body_is_read_only_from_a_known_caller_and_only_so_large(emulator):
+    import socket
+    from urllib.parse import urlsplit
+
+    target = urlsplit(emulator.url)
+
+    def answer(headers: str, body: bytes = b"") -> bytes:
+        with socket.create_connection((target.hostname, target.port), timeout=10) as sock:
+            sock.sendall(f"POST /v1/kernels.KernelsApiService/ListKernels HTTP/1.1\r\nHost: x\r\n{headers}"
+                         "Content-Type: application/json\r\n\r\n".encode() + body)
+            reply = b""
+            while chunk := sock.recv(65536):  # it answers without waiting for 400 MiB that never come
+                reply += chunk
+            return reply
+
+    assert answer("Content-Length: 419430400\r\n", b"{").split(b" ")[1] == b"401"
+    import base64
+    auth = "Authorization: Basic " + base64.b64encode(f"{USER}:{KEY}".encode()).decode() + "\r\n"
+    assert answer(auth + "Content-Length: 419430400\r\n", b"{").split(b" ")[1] == b"413"
+    nested = b"[" * 100_000 + b"]" * 100_000
+    reply = answer(auth + f"Content-Length: {len(nested)}\r\n", nested)
+    assert reply.split(b" ")[1] == b"400" and b"<html" not in reply.lower() and b"not JSON" in reply

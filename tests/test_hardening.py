@@ -49,6 +49,7 @@ def test_a_malformed_number_in_run_state_counts_as_missing(stub_project, cli_run
 
 
 def test_a_status_kaggle_never_sent_before_means_not_started_yet(stub_project, emulator, cli_runner):
+    admin(emulator.url, "realism", {"new_script_window": 3})  # kagglesdk 0.1.38's NEW_SCRIPT for a while
     admin(emulator.url, "faults", {"status_names": ["SOMETHING_NEW"] * 3})
     result = cli_runner.invoke(cli, ["launch", "--name", "new", *sets([*STUB_CHAIN, "max_steps=5"])])
     assert result.exit_code == 0, result.output

@@ -25,7 +25,7 @@ from kaggle_runner.controller.context import (
 )
 from kaggle_runner.controller.transfers import download_verified
 from kaggle_runner.dataset_readiness import DatasetLook, look_at_dataset, not_ready
-from kaggle_runner.kaggle_api import KaggleApiError
+from kaggle_runner.kaggle_api import DatasetSlugTaken, KaggleApiError
 from kaggle_runner.states import Phase, RunState
 from kaggle_runner.store import Run, Segment
 
@@ -148,7 +148,14 @@ def upload_for_resume(ctx: ChainContext, run: Run, segment: Segment) -> Wait | N
     still_driving(ctx)
     started = time.time()
     if current is None and segment.checkpoint_version_before == 0:
-        ctx.gateway.create_dataset(folder)
+        try:
+            ctx.gateway.create_dataset(folder)
+        except DatasetSlugTaken:
+            # It did not exist when this segment first looked: this segment's create landed before an
+            # interruption, and Kaggle does not show the new dataset yet.
+            ctx.console.note("note: the checkpoint upload had landed before an interruption; not uploading again")
+            ctx.store.transition(run.name, segment.idx, Phase.RESUME_DOWNLOADED, Phase.RESUME_UPLOADED)
+            return None
     else:
         try:
             ctx.gateway.create_dataset_version(folder, f"{run.name} segment {segment.idx}: {segment.resume_from}",

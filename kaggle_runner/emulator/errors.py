@@ -39,6 +39,10 @@ class Conflict(ApiError):
     status = 409
 
 
+class PayloadTooLarge(ApiError):
+    status = 413
+
+
 class InjectedFault(ApiError):
     """A fault a test asked for: the status and message Kaggle's front end sends for it."""
 

@@ -35,6 +35,12 @@ def weekly_quota_message(seconds: float) -> str:
     return f"Maximum weekly GPU quota of {seconds / 3600:.2f} hours reached."
 
 
+def projected_quota_message(seconds: float) -> str:
+    """Field notes of 2026-10-08: running sessions' reserved time counts against the week before it is used."""
+    return (f"Session cannot start because currently running sessions are projected to exceed maximum weekly GPU "
+            f"quota of {seconds / 3600:g}. Cancelling running sessions may allow starting new sessions.")
+
+
 def check_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not NAME.fullmatch(value):
         raise BadRequest(f"Invalid {what} {value!r}")
@@ -134,3 +140,5 @@ class Faults:
     # The next GetKernelSessionStatus answers carry these status names, one each, before the real status: what a
     # status Kaggle has never sent before looks like to a launcher.
     status_names: list[str] = field(default_factory=list)
+    # The next N versions to end find the emulator's disk full when their outputs are saved (ENOSPC).
+    disk_full: int = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import resource
@@ -33,6 +34,15 @@ def allowed_environment(env: dict[str, str] | None = None, *extra: str) -> dict[
             or (k.startswith("HF_") and k.endswith("OFFLINE"))}
 
 
+# What a Kaggle batch session ("Save & Run All", or a pushed version) sets, so that code which detects Kaggle
+# (kagglehub's and kagglesdk's is_in_kaggle_notebook, Kaggle's docker-python) behaves the same under --local.
+# Names from a dumped batch environment and Kaggle's docker-python; the values are harmless stand-ins: the
+# proxy and the site are an address nothing answers on, the tokens open nothing.
+UNREACHABLE = "http://127.0.0.1:9"
+BATCH_SESSION = {"KAGGLE_KERNEL_RUN_TYPE": "Batch", "KAGGLE_URL_BASE": UNREACHABLE,
+                 "KAGGLE_DATA_PROXY_URL": UNREACHABLE, "KAGGLE_DATA_PROXY_PROJECT": "kaggle-runner-emulator",
+                 "KAGGLE_DATA_PROXY_TOKEN": "emulated", "KAGGLE_USER_SECRETS_TOKEN": "emulated",
+                 "KAGGLE_KERNEL_INTEGRATIONS": ""}
 WATCH_SECONDS = 0.05  # how often (real time) a running version's process and working folder are looked at
 OUTPUT_CAP_MESSAGE = "Your notebook's output exceeded the {:.2f} GiB that /kaggle/working keeps; nothing was saved."
 OUTPUTS_NOT_SAVED = "The notebook's outputs could not be saved ({})."
@@ -109,7 +119,7 @@ class Runner:
         script.write_text(notebook_to_script(code) if version.kernel_type == "notebook" else code)
         env = allowed_environment()
         env.update(KAGGLE_RUNNER_INPUT_DIR=str(inputs), KAGGLE_RUNNER_SCRATCH_DIR=str(scratch),
-                   KAGGLE_CONTAINER_NAME=f"kernel-session-{version.session_id}",
+                   KAGGLE_CONTAINER_NAME=f"kernel-session-{version.session_id}", **BATCH_SESSION,
                    PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
         # A home of the emulator's own, as a Kaggle session's /root: never the user's, where credentials live.
         home = backend.data_dir / "kernel-home"
@@ -121,9 +131,9 @@ class Runner:
         env["HF_HUB_CACHE"] = os.environ.get("HF_HUB_CACHE") or str(hf_home / "hub")
         env["HF_DATASETS_CACHE"] = os.environ.get("HF_DATASETS_CACHE") or str(hf_home / "datasets")
         if not (version.enable_internet and backend.realism.internet_allowed):
-            unreachable = "http://127.0.0.1:9"  # the discard port: connections are refused at once
-            env.update(HTTP_PROXY=unreachable, HTTPS_PROXY=unreachable, http_proxy=unreachable,
-                       https_proxy=unreachable, NO_PROXY="", no_proxy="")
+            # the discard port: connections are refused at once
+            env.update(HTTP_PROXY=UNREACHABLE, HTTPS_PROXY=UNREACHABLE, http_proxy=UNREACHABLE,
+                       https_proxy=UNREACHABLE, NO_PROXY="", no_proxy="")
         gpu = version.enable_gpu and not backend.realism.no_gpu
         if gpu:  # the GPU asked for, emulated on the CPU; absent when the session "came without one"
             env["KAGGLE_RUNNER_EMULATED_GPU"] = version.machine_shape or DEFAULT_GPU
@@ -204,6 +214,8 @@ class Runner:
                                        ended_at=ended, exit_code=process.returncode)
             return
         self._upload_outputs(working)
+        if backend.take_disk_full():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if cancelled:
             backend.set_version_status(kernel, version, KaggleStatus.CANCEL_ACKNOWLEDGED, ended_at=ended,
                                        exit_code=process.returncode)

@@ -29,7 +29,14 @@ from werkzeug.utils import send_file
 from werkzeug.wrappers import Request, Response
 
 from kaggle_runner.emulator.clock import SystemClock
-from kaggle_runner.emulator.errors import ApiError, BadRequest, NotFound, PermissionDenied, Unauthenticated
+from kaggle_runner.emulator.errors import (
+    ApiError,
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    Unauthenticated,
+)
 from kaggle_runner.emulator.handlers import RPCS, RequestContext
 from kaggle_runner.emulator.realism import Realism, TokenBucket
 from kaggle_runner.emulator.runner import Runner
@@ -39,6 +46,7 @@ from kaggle_runner.states import KaggleStatus
 API_VERSION = "1"
 CONTENT_RANGE = re.compile(r"bytes (?:(\d+)-(\d+)|\*)/(\d+)")
 DOWNLOAD_URL_TTL = 3600  # seconds an output-file URL stays valid
+MAX_BODY = 64 * 2**20  # the largest JSON body served (a pushed script with the files it carries fits well under)
 UPLOAD_URL_TTL = 7 * 24 * 3600  # the client resumes an upload for up to 6 days
 log = logging.getLogger(__name__)
 
@@ -77,9 +85,13 @@ URLS = Map([
 
 
 def _json_body(request: Request) -> object:
+    """The request's JSON, read only once the caller is known: at most MAX_BODY bytes (413 past it, unread)."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise PayloadTooLarge(f"Request body over {MAX_BODY // 2**20} MiB")
+    request.max_content_length = MAX_BODY  # a body without a length is cut off there too
     try:
         return json.loads(request.get_data() or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: brackets nested deeper than the parser goes
         raise BadRequest("Request body is not JSON") from None
 
 
@@ -140,17 +152,18 @@ class EmulatorApp:
         return json_response({"ok": True, "username": self.backend.username})
 
     def on_rpc(self, request: Request, service: str, method: str) -> Response:
+        introspect = (service, method) == ("security.OAuthService", "IntrospectToken")
+        user = self.backend.username if introspect else self.authenticate(request)  # before the body is read
+        handler = RPCS.get((service, method))
+        if handler is None and not introspect:
+            raise NotFound(f"Method {service}/{method} is not served by the emulator")
         body = _json_body(request)
         if not isinstance(body, dict):
             raise BadRequest("Request body must be a JSON object")
-        if (service, method) == ("security.OAuthService", "IntrospectToken"):
+        if introspect:
             active = bool(self._token) and hmac.compare_digest(str(body.get("token", "")).encode(),
                                                                (self._token or "").encode())
             return json_response({"active": active, "username": self.backend.username if active else ""})
-        handler = RPCS.get((service, method))
-        if handler is None:
-            raise NotFound(f"Method {service}/{method} is not served by the emulator")
-        user = self.authenticate(request)
         self.calls[method] += 1
         self.backend.check_fault(method)
         answer = handler(RequestContext(self.backend, self.base_url, user, self.sign), body)
@@ -282,10 +295,11 @@ class EmulatorApp:
                 self._rate_limit(request)
             endpoint, values = adapter.match()
             return getattr(self, f"on_{endpoint}")(request, **values)
-        except ApiError as error:
-            return json_response(error.body(), status=error.status, headers=error.headers)
+        except ApiError as error:  # the body may be unread (401, 413): the connection closes after the answer
+            return json_response(error.body(), status=error.status, headers={**error.headers, "Connection": "close"})
         except HTTPException as error:
-            return json_response({"code": error.code, "message": error.description}, status=error.code or 500)
+            return json_response({"code": error.code, "message": error.description}, status=error.code or 500,
+                                 headers={"Connection": "close"})
         except (ValueError, TypeError, KeyError, AttributeError, UnicodeError) as error:
             # Malformed input that slipped past the checks: a one-line 400, never a traceback.
             log.debug("malformed request to %s", request.path, exc_info=True)
@@ -296,7 +310,8 @@ class EmulatorApp:
         """Kaggle's rate limit: a token bucket over every API request, reads included."""
         wait = self.bucket.take()
         if wait > 0:
-            request.get_data()  # drain the body so the client reads our status, not a reset
+            if (request.content_length or 0) <= MAX_BODY:
+                request.get_data()  # drain the body so the client reads our status, not a reset
             raise ApiError("Too Many Requests", status=429,
                                  headers={"Retry-After": str(max(1, math.ceil(wait)))})
 

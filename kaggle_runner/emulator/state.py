@@ -38,6 +38,7 @@ from kaggle_runner.emulator.models import (
     SessionLimitReached,
     Version,
     check_name,
+    projected_quota_message,
     weekly_quota_message,
 )
 from kaggle_runner.emulator.realism import Realism
@@ -144,7 +145,7 @@ class Backend(DatasetBackend):
                 for method, statuses in spec.get(kind, {}).items():
                     getattr(self.faults, kind).setdefault(method, []).extend(int(s) for s in statuses)
             for key in ("drop_downloads", "dataset_delay", "hold_queued", "drop_outputs_on_timeout",
-                        "stuck_running", "unattachable", "unattachable_refused", "stale_mounts"):
+                        "stuck_running", "unattachable", "unattachable_refused", "stale_mounts", "disk_full"):
                 if key in spec:
                     setattr(self.faults, key, type(getattr(self.faults, key))(spec[key]))
             names = spec.get("status_names", [])
@@ -159,6 +160,13 @@ class Backend(DatasetBackend):
     def take_status_name(self) -> str | None:
         with self.lock:
             return self.faults.status_names.pop(0) if self.faults.status_names else None
+
+    def take_disk_full(self) -> bool:
+        with self.lock:
+            if self.faults.disk_full > 0:
+                self.faults.disk_full -= 1
+                return True
+            return False
 
     def take_download_drop(self) -> bool:
         with self.lock:
@@ -218,8 +226,11 @@ class Backend(DatasetBackend):
             if gpu_session and self.gpu_sessions_in_use() >= MAX_GPU_SESSIONS:
                 raise SessionLimitReached(GPU_SESSION_LIMIT_MESSAGE)
             weekly = self.realism.weekly_gpu_seconds
-            if gpu_session and weekly > 0 and sum(self.gpu_seconds()) >= weekly:
+            used, reserved = self.gpu_seconds()
+            if gpu_session and weekly > 0 and used >= weekly:
                 raise SessionLimitReached(weekly_quota_message(weekly))
+            if gpu_session and weekly > 0 and used + reserved >= weekly:
+                raise SessionLimitReached(projected_quota_message(weekly))
             valid, invalid = [], []
             for source in settings["dataset_sources"]:
                 (valid if self._dataset_ref(source) in self.datasets else invalid).append(source)
@@ -380,19 +391,18 @@ class Backend(DatasetBackend):
         return start.timestamp(), start + timedelta(days=7)
 
     def gpu_seconds(self) -> tuple[float, float]:
-        """This quota week's GPU time: (used by ended sessions, held by running ones so far)."""
+        """This quota week's GPU time: (used, by ended sessions and running ones so far; reserved, what each
+        running session may still take: its session limit minus its elapsed time, as Kaggle's timeReserved)."""
         with self.lock:
             start, _ = self.quota_window()
             used = reserved = 0.0
             for kernel in self.kernels.values():
                 for v in kernel.versions:
                     if v.enable_gpu and v.started_at:
-                        seconds = max(0.0, (v.ended_at or self.clock()) - max(v.started_at, start))
+                        elapsed = max(0.0, (v.ended_at or self.clock()) - max(v.started_at, start))
+                        used += elapsed
                         if v.ended_at is None:
-                            reserved += seconds
-                        else:
-                            used += seconds
+                            limit = float(v.session_timeout_seconds or self.session_limit)
+                            reserved += max(0.0, limit - (self.clock() - v.started_at))
             return used, reserved
 
-    def gpu_seconds_used(self) -> float:
-        return sum(self.gpu_seconds())
