@@ -111,6 +111,9 @@ class RunConfig(BaseModel):
     # A session without a usable GPU (Kaggle sometimes gives a CPU, or a GPU torch cannot use) ends at once
     # with reason no_gpu, unless a CPU is acceptable.
     allow_cpu: bool = False
+    # Kaggle updates its images every few weeks. "original": each kernel keeps the image its first version ran on,
+    # so a chain's segments train on the same torch; "latest": every version takes the newest image.
+    docker_image_pinning_type: Literal["original", "latest"] = "original"
 
     # [chain]
     max_segments: int = Field(6, ge=1)
@@ -282,7 +285,7 @@ class RunConfig(BaseModel):
         launcher_only = {"machine_shape", "is_private", "kernel_type", "dataset_sources",
                          "max_segments", "max_stalled_segments", "min_quota_hours", "segment_grace_seconds",
                          "dataset_settle_seconds", "max_resume_retries", "notify_url", "notify_format",
-                         "data_dir", "resume_via", "outputs_settle_seconds"}
+                         "data_dir", "resume_via", "outputs_settle_seconds", "docker_image_pinning_type"}
         return {k: v for k, v in self.model_dump().items() if k not in launcher_only}
 
 

@@ -165,6 +165,7 @@ def kernel_metadata(config: RunConfig, username: str, code_file: str, dataset_so
         "enable_tpu": False,
         "enable_internet": config.enable_internet,
         "machine_shape": config.machine_shape,
+        "docker_image_pinning_type": config.docker_image_pinning_type,
         "dataset_sources": list(dataset_sources or []),
         "competition_sources": [],
         "kernel_sources": list(kernel_sources or []),

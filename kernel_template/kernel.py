@@ -1432,21 +1432,30 @@ def check_gpu(config: dict) -> None:
                          "whatever device the session has.")
 
 
-def announce_session() -> None:
-    """Who and what this session is: the launcher reads the session id (for cancel) from the container name."""
+def installed_version(package: str) -> str | None:
     from importlib import metadata
 
-    def version(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
+
+def image_facts() -> dict:
+    """The image this session runs on: Kaggle updates its images every few weeks, and a chain whose later
+    segment lands on another one should be told. BUILD_DATE and GIT_COMMIT are what Kaggle's docker-python
+    images set; the versions are what training depends on."""
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "transformers": installed_version("transformers"), "build_date": os.environ.get("BUILD_DATE"),
+            "git_commit": os.environ.get("GIT_COMMIT")}
+
+
+def announce_session() -> None:
+    """Who and what this session is: the launcher reads the session id (for cancel) from the container name."""
     cuda = torch.cuda.is_available()
-    emit("session", container=os.environ.get("KAGGLE_CONTAINER_NAME"), python=platform.python_version(),
-         torch=str(torch.__version__), transformers=version("transformers"), datasets=version("datasets"),
-         gpu=torch.cuda.get_device_name(0) if cuda else None, gpu_count=torch.cuda.device_count() if cuda else 0,
-         emulated_gpu=os.environ.get("KAGGLE_RUNNER_EMULATED_GPU"))
+    emit("session", container=os.environ.get("KAGGLE_CONTAINER_NAME"), **image_facts(),
+         datasets=installed_version("datasets"), gpu=torch.cuda.get_device_name(0) if cuda else None,
+         gpu_count=torch.cuda.device_count() if cuda else 0, emulated_gpu=os.environ.get("KAGGLE_RUNNER_EMULATED_GPU"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1676,6 +1685,7 @@ def write_run_state(status: str, reason: str, state: TrainingState | None, messa
         "newest_checkpoint": state.newest_checkpoint if state else None,
         "best_val_loss": state.best_val_loss if state else None,
         "resumed_from": state.resumed_from if state else None,
+        "image": image_facts(),
         "updated_at": time.time(),
     })
 

@@ -64,7 +64,8 @@ def finish(status, reason, step, total, message="", resumed=None):
     malformed = MALFORMED["on"] and not resumed  # "global_step": "five", as a broken kernel could write it
     write(RUN_STATE, {"status": status, "reason": reason, "message": message,
                       "global_step": "five" if malformed else step,
-                      "total_steps": total, "epoch": 1, "resumed_from": resumed})
+                      "total_steps": total, "epoch": 1, "resumed_from": resumed,
+                      "image": {"python": sys.version.split()[0], "build_date": os.environ.get("BUILD_DATE")}})
     emit("end", status=status, reason=reason, global_step=step)
     return 0 if reason in ("complete", "time_budget", "step_budget", "interrupted") else 1
 

@@ -120,7 +120,7 @@ def test_generate_fetches_the_outputs_when_they_are_not_here(fetched, cli_runner
     shutil.rmtree(fetched / "outputs/r")
     calls = []
 
-    def fake_fetch(workspace, name, out_dir=None, console=None):
+    def fake_fetch(workspace, name, out_dir=None, console=None, endpoint=None):
         calls.append((name, out_dir))
         shutil.copytree(trained, out_dir)
         return Path(out_dir)

@@ -15,8 +15,8 @@ import pytest
 
 from kaggle_runner.cli import cli
 from kaggle_runner.run_views import run_status
-from tests.chain_helpers import STUB_CHAIN, final_stub_weight, launcher, sets, stub_weight
-from tests.emulator_helpers import admin
+from tests.chain_helpers import SLUG, STUB_CHAIN, final_stub_weight, launcher, sets, start_launcher, stub_weight
+from tests.emulator_helpers import USER, admin
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +54,28 @@ def test_a_status_kaggle_never_sent_before_means_not_started_yet(stub_project, e
     result = cli_runner.invoke(cli, ["launch", "--name", "new", *sets([*STUB_CHAIN, "max_steps=5"])])
     assert result.exit_code == 0, result.output
     assert result.output.count("a status kaggle-runner does not know") == 1, result.output
+
+
+@pytest.mark.parametrize("pinning", ["original", "latest"])
+def test_an_image_update_under_a_chain_is_kept_out_unless_asked_for_and_said(stub_project, emulator, pinning):
+    pinned = f'docker_image_pinning_type="{pinning}"'
+    process = start_launcher("launch", "--name", "image", *sets([*STUB_CHAIN, pinned]))
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "Segment 1: pushed" in line:
+            break
+    admin(emulator.url, "realism", {"latest_image": "20261204"})  # Kaggle updates its image mid-chain
+    rest, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, "".join(seen) + rest
+    kernel = emulator.backend.get_kernel(USER, SLUG)
+    assert kernel.image_pinning == pinning  # kernel-metadata.json asked for it
+    images = [v.image for v in kernel.versions]
+    said = "segment 2 ran on another image than segment 1 (build_date 20261120 -> 20261204)" in rest
+    if pinning == "original":
+        assert images == ["20261120", "20261120"] and not said, rest
+    else:
+        assert images == ["20261120", "20261204"] and said, rest
 
 
 @pytest.fixture

@@ -220,6 +220,11 @@ def _losses(run):
 def test_segments_of_n_steps_resume_exactly_where_an_uninterrupted_run_would_be(tmp_path, segment):
     first = segment
     assert first.run_state()["reason"] == "step_budget" and first.run_state()["global_step"] == 10
+    import platform
+
+    import torch
+    image = first.run_state()["image"]  # what the launcher compares across segments: an image update shows
+    assert image["python"] == platform.python_version() and image["torch"] == str(torch.__version__)
     assert first.events("end")[0]["reason"] == "step_budget"
     straight = run_kernel(render(tmp_path / "straight"), tmp_path / "straight")
     assert straight.returncode == 0, straight.stdout[-2000:]

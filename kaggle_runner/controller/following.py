@@ -182,3 +182,33 @@ def _record_end(ctx: ChainContext, run: Run, segment: Segment) -> None:
     message = segment.failure_message
     ctx.console.say(f"Segment {segment.idx}: version {segment.kernel_version} ended {segment.kaggle_status}{detail}"
                     + (f": {message}" if message else ""))
+    change = image_change(ctx.store.segments(run.name)[:segment.idx - 1], run_state)
+    if change:
+        pinning = config_of(run).docker_image_pinning_type
+        why = ("docker_image_pinning_type = \"latest\" takes each new image" if pinning == "latest" else
+               "Kaggle updated its image in between, and a kernel keeps only the image of its own first version "
+               "(the outputs route's second kernel started later)")
+        ctx.console.note(f"note: segment {segment.idx} ran on another image than segment {change[0]} ({change[1]}); "
+                         f"{why}")
+
+
+IMAGE_FACTS = ("python", "torch", "transformers", "build_date")
+
+
+def _image(run_state: dict | None) -> dict[str, str]:
+    image = (run_state or {}).get("image")
+    if not isinstance(image, dict):
+        return {}
+    return {key: value for key in IMAGE_FACTS if (value := untrusted.text(image.get(key), 40))}
+
+
+def image_change(earlier: list[Segment], run_state: dict | None) -> tuple[int, str] | None:
+    """How this segment's image differs from the first earlier segment that reported one: (that segment, what
+    changed, as "torch 2.5.1 -> 2.6.0"); None when it is the same, or either side did not say."""
+    now = _image(run_state)
+    first = next(((s.idx, image) for s in earlier if (image := _image(s.run_state))), None)
+    if not now or first is None:
+        return None
+    changed = [f"{key} {first[1][key]} -> {now[key]}" for key in IMAGE_FACTS
+               if key in now and key in first[1] and now[key] != first[1][key]]
+    return (first[0], ", ".join(changed)) if changed else None

@@ -87,6 +87,9 @@ def save_kernel(ctx: RequestContext, body: dict) -> dict:
     timeout = _int(body, "sessionTimeoutSeconds", 0) or None
     if timeout is not None and timeout < 0:
         raise BadRequest("sessionTimeoutSeconds must not be negative")
+    pinning = body.get("dockerImagePinningType") or None
+    if pinning not in (None, "original", "latest"):
+        raise BadRequest("dockerImagePinningType must be original or latest")
     shape = body.get("machineShape")
     settings = {
         "language": language, "kernel_type": kernel_type, "is_private": bool(body.get("isPrivate", False)),
@@ -95,6 +98,7 @@ def save_kernel(ctx: RequestContext, body: dict) -> dict:
         "kernel_sources": kernel_sources,
         "session_timeout_seconds": timeout,
         "quick_save": body.get("kernelExecutionType") == "QUICK_SAVE",
+        "image_pinning": pinning,
     }
     try:
         kernel, version, invalid, invalid_kernels = ctx.backend.save_kernel(owner, slug, body.get("newTitle"),

@@ -75,6 +75,7 @@ class Version:
     terminal_at: float | None = None  # the status became terminal (outputs uploaded)
     exit_code: int | None = None
     session_id: int = 0  # random, unguessable; the kernel sees it only in KAGGLE_CONTAINER_NAME
+    image: str = ""  # the image's build date this version runs on (the kernel sees it as BUILD_DATE)
 
 
 @dataclass
@@ -87,6 +88,10 @@ class Kernel:
     kernel_type: str = "script"
     is_private: bool = True
     versions: list[Version] = field(default_factory=list)
+    # The image the kernel's first version ran on, and the pinning its pushes asked for ("original" keeps that
+    # image; "latest", or never asked, takes the newest): a setting that sticks until a push names another.
+    original_image: str | None = None
+    image_pinning: str | None = None
 
 
 @dataclass

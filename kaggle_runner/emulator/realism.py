@@ -8,6 +8,7 @@ evidence for each field.
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -79,6 +80,9 @@ class Realism:
     # /kaggle/working keeps at most 20 GiB: a write past it fails as on a full disk (EFBIG here, through the
     # process's RLIMIT_FSIZE, on Linux), and a version whose outputs still exceed it at the end saves none.
     output_cap_bytes: int = 20 * 2**30
+    # The newest image (its build date, which a kernel sees as BUILD_DATE, as Kaggle's docker-python images set):
+    # what a new kernel starts on and what "latest" pinning takes. Setting it is an image update.
+    latest_image: str = "20261120"
 
     @classmethod
     def off(cls) -> Realism:
@@ -102,9 +106,12 @@ class Realism:
             if kind is bool:
                 if not isinstance(value, bool):
                     raise BadRequest(f"{key} must be true or false")
-            elif kind is str:
+            elif key == "mount_layout":
                 if value not in MOUNT_LAYOUTS:
                     raise BadRequest(f"{key} must be one of {', '.join(MOUNT_LAYOUTS)}")
+            elif kind is str:
+                if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,40}", value):
+                    raise BadRequest(f"{key} must be a short name of letters, digits, '.', '_' or '-'")
             else:
                 if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
                         or value < 0 or (kind is int and value != int(value)):

@@ -120,6 +120,7 @@ class Runner:
         env = allowed_environment()
         env.update(KAGGLE_RUNNER_INPUT_DIR=str(inputs), KAGGLE_RUNNER_SCRATCH_DIR=str(scratch),
                    KAGGLE_CONTAINER_NAME=f"kernel-session-{version.session_id}", **BATCH_SESSION,
+                   BUILD_DATE=version.image, GIT_COMMIT=f"emulated-{version.image}",
                    PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
         # A home of the emulator's own, as a Kaggle session's /root: never the user's, where credentials live.
         home = backend.data_dir / "kernel-home"

@@ -249,6 +249,9 @@ class Backend(DatasetBackend):
                 self.kernels[ref] = kernel
             elif title:
                 kernel.title = title
+            if kernel.original_image is None:
+                kernel.original_image = self.realism.latest_image
+            kernel.image_pinning = settings.get("image_pinning") or kernel.image_pinning
             now = self.clock()
             pins = {s: self._mountable_version(self.datasets[self._dataset_ref(s)], now) for s in valid}
             kernels, invalid_kernels = self._kernel_sources(ref, settings.get("kernel_sources") or [])
@@ -263,7 +266,9 @@ class Backend(DatasetBackend):
                               machine_shape=settings["machine_shape"], dataset_sources=valid,
                               dataset_versions=pins, kernel_sources=kernels, kernel_source_versions=kernel_pins,
                               session_timeout_seconds=settings["session_timeout_seconds"],
-                              created_at=now, session_id=self._new_session_id())
+                              created_at=now, session_id=self._new_session_id(),
+                              image=kernel.original_image if kernel.image_pinning == "original"
+                              else self.realism.latest_image)
             folder = self.kernel_dir(owner, slug, version.number)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / version.code_file).write_text(text, encoding="utf-8")
