@@ -31,6 +31,7 @@ from kaggle_runner.dataset_readiness import wait_for_dataset
 from kaggle_runner.display import Console
 from kaggle_runner.errors import KaggleRunnerError
 from kaggle_runner.kaggle_api import KaggleApiError, KaggleGateway
+from kaggle_runner.local import hub_downloads_offline
 from kaggle_runner.logfollow import checked_event, session_id_from
 from kaggle_runner.states import Actor, KaggleStatus, Phase, RunState
 from kaggle_runner.store import Run, Segment, Store
@@ -81,6 +82,10 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
         console.note(f"warning: {warning}")
     if not local:
         check_paths_reach_kaggle(config, Path(config_path).parent)
+    else:
+        for problem in hub_downloads_offline(config, Path(config_path).parent):
+            console.note(f"warning: the local emulator gives kernels no internet, and {problem} (or the first "
+                         "segment stops saying so)")
     if (why := config.outputs_fit()) is not None:
         raise KaggleRunnerError(f"{why}: raise output_budget_gb (at most 20) or train a smaller model")
     store = Store(workspace)

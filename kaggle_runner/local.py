@@ -64,10 +64,11 @@ def _startup_lock(folder: Path):
 
 
 def emulator_environment(key: str) -> dict[str, str]:
-    """What the background emulator may inherit: the allow-list (no KAGGLE_*), plus its own key."""
+    """What the background emulator may inherit: the allow-list (no KAGGLE_*), plus its own key and where this
+    machine's Hugging Face caches are (paths only: it hands kernels the caches, never HF_HOME and its token)."""
     from kaggle_runner.emulator.runner import allowed_environment
 
-    return {**allowed_environment(), KEY_VARIABLE: key}
+    return {**allowed_environment(None, "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE"), KEY_VARIABLE: key}
 
 
 def ensure_background_emulator(workspace: Path, startup_timeout: float = 60) -> str:
@@ -122,3 +123,34 @@ def stop_background_emulator(workspace: Path) -> str:
         time.sleep(0.1)
     info_path.unlink(missing_ok=True)
     return f"Stopped the local emulator at {info['url']} (its data stays in the workspace)."
+
+
+def hub_downloads_offline(config, config_dir: Path) -> list[str]:
+    """What a --local kernel of this config would fetch from the Hugging Face hub and cannot (the emulator gives
+    kernels no internet), leaving out what this machine's hub cache already holds: one line each, saying what to
+    use instead."""
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache/huggingface")
+               / "hub")
+
+    def cached(kind: str, repo: str) -> bool:
+        return (hub / f"{kind}--{repo.replace('/', '--')}").is_dir()
+
+    def here(value: str) -> bool:
+        path = Path(value).expanduser()
+        return (path if path.is_absolute() else config_dir / path).exists()
+
+    missing = []
+    if config.init_from and not here(config.init_from) and not cached("models", config.init_from):
+        missing.append(f"init_from {config.init_from!r} is a Hugging Face hub id: set it to a save_pretrained "
+                       "folder on this machine")
+    if not config.init_from and config.tokenizer == "gpt2" and not cached("models", "gpt2"):
+        missing.append('tokenizer "gpt2" comes from the hub: set tokenizer = "bpe" (trained on your data)')
+    if config.dataset in ("wikitext-2", "wikitext-103") and not config.data_dir \
+            and not cached("datasets", "Salesforce/wikitext"):
+        missing.append(f"dataset {config.dataset!r} comes from the hub: set data_dir to a folder of text files, or "
+                       'dataset = "stdlib-docs"')
+    if config.dataset.startswith("hf:") and not config.data_dir and not here(config.dataset[3:]) \
+            and not cached("datasets", config.dataset[3:]):
+        missing.append(f"dataset {config.dataset!r} comes from the hub: use a folder saved with save_to_disk")
+    return missing
+

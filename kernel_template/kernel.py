@@ -168,14 +168,11 @@ def load_pretrained(config: dict, what: str):
         except Exception as exc:
             raise KernelStop("config_error", f"init_from {source!r} holds no loadable {what} "
                              f"({type(exc).__name__}: {str(exc)[:300]})") from None
-    try:  # without internet one try says enough (the hub client retries on its own too)
-        return with_retries(f"Downloading {what} {source}", load,
-                            attempts=4 if config.get("enable_internet", True) else 1)
+    try:
+        return with_retries(f"Downloading {what} {source}", load, attempts=download_attempts(config))
     except Exception as exc:
-        hint = offline_hint(config) or "This kernel runs without internet (enable_internet = false)."
         raise KernelStop("config_error", f"could not load {what} {source!r} from the Hugging Face hub "
-                         f"({type(exc).__name__}: {str(exc)[:300]}). {hint} A model can also be attached as "
-                         "a Kaggle dataset holding its save_pretrained folder: set init_from to that folder.") from None
+                         f"({type(exc).__name__}: {str(exc)[:300]}). {offline_hint(config)}") from None
 
 
 def pretrained_tokenizer(config: dict):
@@ -345,11 +342,31 @@ def with_retries(what: str, fn, attempts: int = 4, first_delay: float = 5.0):
             time.sleep(delay)
 
 
-def offline_hint(config: dict) -> str:
+def no_internet(config: dict) -> str | None:
+    """Why this session has no internet, when that is known before trying: then one try says enough (a
+    failure that cannot succeed is not retried), and the advice fits the cause."""
     if not config.get("enable_internet", True):
-        return ""
-    return ("Turn internet on (enable_internet = true in kaggle-runner.toml), or attach the data as a Kaggle "
-            "dataset and set dataset = \"text-files\" with text_files_path pointing into it.")
+        return "enable_internet = false"
+    return os.environ.get("KAGGLE_RUNNER_NO_INTERNET") or None  # set by the local emulator, which has none
+
+
+def download_attempts(config: dict) -> int:
+    return 1 if no_internet(config) else 4  # the hub clients retry on their own too
+
+
+def offline_hint(config: dict) -> str:
+    """What to do about a download that failed, for where this session runs."""
+    if os.environ.get("KAGGLE_RUNNER_NO_INTERNET"):
+        return (f"This session has no internet ({os.environ['KAGGLE_RUNNER_NO_INTERNET']}), so nothing comes "
+                "from the Hugging Face hub: set init_from to a save_pretrained folder on this machine (a hub "
+                "model already in this machine's Hugging Face cache works too), and train on data_dir or "
+                "dataset = \"hf:<a folder saved with save_to_disk>\".")
+    if not config.get("enable_internet", True):
+        return ("This kernel runs without internet (enable_internet = false): attach what it needs as a Kaggle "
+                "dataset (a save_pretrained folder for init_from; text files for dataset = \"text-files\").")
+    return ("Turn internet on (enable_internet = true in kaggle-runner.toml; Kaggle gives internet only to "
+            "phone-verified accounts), or attach the model or data as a Kaggle dataset: a save_pretrained "
+            "folder for init_from, text files for dataset = \"text-files\" with text_files_path pointing into it.")
 
 
 def stdlib_documents() -> dict[str, list[str]]:
@@ -420,7 +437,7 @@ def wikitext_documents(config: dict) -> dict[str, list[str]]:
         return load_dataset("Salesforce/wikitext", WIKITEXT[name])
 
     try:
-        data = with_retries(f"Downloading {name}", load)
+        data = with_retries(f"Downloading {name}", load, attempts=download_attempts(config))
     except Exception as exc:
         raise KernelStop("data_error", f"could not download {name} from the Hugging Face hub "
                          f"({type(exc).__name__}: {exc}). {offline_hint(config)}") from None
@@ -539,7 +556,7 @@ def hf_documents(config: dict) -> dict[str, list[str]]:
             data = load_dataset(folder, subset)
         else:
             data = with_retries(f"Downloading dataset {name}", lambda: load_dataset(name, subset),
-                                attempts=4 if config.get("enable_internet", True) else 1)
+                                attempts=download_attempts(config))
     except Exception as exc:
         where = f"folder {folder}" if folder else f"{name} ({subset or 'default'} config) from the Hugging Face hub"
         raise KernelStop("data_error", f"could not load dataset {where} ({type(exc).__name__}: {str(exc)[:300]}). "
@@ -595,7 +612,8 @@ def gpt2_tokenizer(config: dict):
 
     try:
         return with_retries("Downloading the GPT-2 tokenizer",
-                            lambda: AutoTokenizer.from_pretrained("gpt2").backend_tokenizer)
+                            lambda: AutoTokenizer.from_pretrained("gpt2").backend_tokenizer,
+                            attempts=download_attempts(config))
     except Exception as exc:
         raise KernelStop("data_error", f"could not download the GPT-2 tokenizer ({type(exc).__name__}). "
                          f"{offline_hint(config)} Or set tokenizer = \"bpe\" to train one offline.") from None

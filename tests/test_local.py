@@ -38,6 +38,40 @@ def test_local_launch_is_the_readme_demo(tmp_path, monkeypatch, cli_runner):
     assert "Stopped the local emulator" in stopped.output
 
 
+@pytest.mark.slow
+def test_the_finetune_preset_under_local_is_told_the_emulator_has_no_internet(tmp_path, monkeypatch, cli_runner):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))  # nothing of the hub's on this machine
+    cli_runner.invoke(cli, ["init", "--preset", "finetune"])
+    try:
+        result = cli_runner.invoke(cli, ["launch", "--local", "--name", "tuned", *sets(["max_steps=2"])])
+        assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+        assert ("warning: the local emulator gives kernels no internet, and init_from 'HuggingFaceTB/SmolLM2-135M' "
+                "is a Hugging Face hub id") in result.output
+        assert "dataset 'wikitext-2' comes from the hub" in result.output
+        # the kernel says the same, once: no retries of what cannot succeed, no advice to turn on what is on
+        assert "This session has no internet (the local Kaggle emulator gives its kernels no internet)" \
+            in result.output
+        assert "Turn internet on" not in result.output
+        logs = cli_runner.invoke(cli, ["logs", "tuned"]).output
+        assert "could not download wikitext-2" in logs and "retry 1/" not in logs, logs
+    finally:
+        cli_runner.invoke(cli, ["emulator", "stop"])
+
+
+def test_what_the_hub_cache_already_holds_is_no_warning(tmp_path, monkeypatch):
+    from kaggle_runner.config import load_preset
+    from kaggle_runner.local import hub_downloads_offline
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    finetune = load_preset("finetune")
+    assert len(hub_downloads_offline(finetune, tmp_path)) == 2  # the model and WikiText-2
+    (tmp_path / "hub/models--HuggingFaceTB--SmolLM2-135M").mkdir(parents=True)
+    (tmp_path / "hub/datasets--Salesforce--wikitext").mkdir(parents=True)
+    assert hub_downloads_offline(finetune, tmp_path) == []
+    assert hub_downloads_offline(load_preset("tiny"), tmp_path) == []  # the README's demo needs nothing
+
+
 def _write_corpus(folder: Path, files: int = 30) -> None:
     """Text of made-up sentences, deterministic: enough for a few training windows of the tiny model."""
     import random

@@ -135,6 +135,9 @@ class Runner:
             # the discard port: connections are refused at once
             env.update(HTTP_PROXY=UNREACHABLE, HTTPS_PROXY=UNREACHABLE, http_proxy=UNREACHABLE,
                        https_proxy=UNREACHABLE, NO_PROXY="", no_proxy="")
+            if version.enable_internet:  # asked for and not given: say why, so the kernel neither retries nor
+                # advises turning on what is on (Kaggle's unverified accounts get no such word)
+                env["KAGGLE_RUNNER_NO_INTERNET"] = "the local Kaggle emulator gives its kernels no internet"
         gpu = version.enable_gpu and not backend.realism.no_gpu
         if gpu:  # the GPU asked for, emulated on the CPU; absent when the session "came without one"
             env["KAGGLE_RUNNER_EMULATED_GPU"] = version.machine_shape or DEFAULT_GPU
