@@ -368,6 +368,10 @@ class KaggleGateway:
                             request)
         return response.error_message or None
 
+    def delete_kernel(self, ref: str) -> None:
+        """Every version of the kernel goes (Kaggle deletes no single version)."""
+        self.call(f"deleting kernel {ref}", lambda: self._api.kernels_delete(ref, no_confirm=True))
+
     def quota(self) -> dict[str, Any]:
         """GPU quota: used plus held back (timeUsed counts running sessions so far, timeReserved what each may still
         take, about 12 h minus its elapsed time), total, reset; None = unknown."""

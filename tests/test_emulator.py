@@ -122,6 +122,8 @@ def test_kernel_reads_an_attached_dataset(api, emulator, tmp_path):
     api.kernels_push(str(write_kernel(tmp_path / "k", code, dataset_sources=[f"{USER}/my-dataset"])))
     assert wait_for(api, f"{USER}/hello-kernel") == "COMPLETE"
     assert "read: 1 2 3" in api.kernels_logs(f"{USER}/hello-kernel")
+    version = emulator.backend.kernel_dir(USER, "hello-kernel", 1)
+    assert (version / "working").is_dir() and not (version / "input").exists()  # a session's inputs end with it
 
 
 def test_dataset_create_version_status_and_delete_old_versions(api, emulator, tmp_path):

@@ -8,10 +8,18 @@ import os
 import secrets
 import shutil
 import tarfile
+import zipfile
 from pathlib import Path
 
 from kaggle_runner.emulator.errors import BadRequest, Conflict, NotFound, PermissionDenied
-from kaggle_runner.emulator.models import Blob, Dataset, DatasetVersion, Version, check_name
+from kaggle_runner.emulator.models import (
+    Blob,
+    Dataset,
+    DatasetVersion,
+    Version,
+    check_name,
+    title_in_use_message,
+)
 
 
 class DatasetBackend:
@@ -128,6 +136,8 @@ class DatasetBackend:
             if create is not None:
                 if ref in self.datasets:
                     raise Conflict(f'The requested slug "{slug}" is already in use by a dataset.')
+                if self.realism.deleted_titles_linger and create["title"].lower() in self.deleted_titles:
+                    raise Conflict(title_in_use_message(create["title"]))
                 if not 6 <= len(slug) <= 50:
                     raise BadRequest("The dataset slug must be between 6 and 50 characters")
                 dataset = Dataset(id=self._new_id(), owner=owner, slug=slug, **create)
@@ -160,6 +170,84 @@ class DatasetBackend:
                     old.files = []
             self._save()
             return dataset
+
+    def own_dataset(self, owner: str, slug: str) -> Dataset:
+        """A dataset the caller may change: its own (another account's answers 403, as Kaggle's would)."""
+        dataset = self.get_dataset(owner, slug)
+        if owner != self.username:
+            raise PermissionDenied(f"User {self.username} cannot change datasets owned by {owner}")
+        return dataset
+
+    def delete_dataset(self, owner: str, slug: str) -> None:
+        """Every version and file goes; afterwards the dataset answers 404, and (deleted_titles_linger) its
+        title cannot be taken again."""
+        with self.lock:
+            dataset = self.own_dataset(owner, slug)
+            del self.datasets[f"{owner}/{slug}"]
+            self.deleted_titles.add(dataset.title.lower())
+            shutil.rmtree(self._confined("datasets", owner, slug), ignore_errors=True)
+            shutil.rmtree(self._confined("archives", owner, slug), ignore_errors=True)
+            self._save()
+
+    def update_dataset_metadata(self, owner: str, slug: str, settings: dict) -> list[str]:
+        """UpdateDatasetMetadata: what Kaggle would refuse comes back as `errors`, one line each."""
+        with self.lock:
+            dataset = self.own_dataset(owner, slug)
+            errors = []
+            title = settings.get("title")
+            if title is not None and not (isinstance(title, str) and 6 <= len(title) <= 50):
+                errors.append("The dataset title must be between 6 and 50 characters")
+            texts = {key: settings.get(key) for key in ("subtitle", "description")}
+            errors += [f"{key} must be text" for key, value in texts.items()
+                       if value is not None and not isinstance(value, str)]
+            keywords = settings.get("keywords") or []
+            data = settings.get("data") or []
+            if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
+                errors.append("keywords must be a list of strings")
+            if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+                errors.append("data must be a list of objects")
+            if errors:
+                return errors
+            if title is not None:
+                dataset.title = title
+            dataset.subtitle = texts["subtitle"] if texts["subtitle"] is not None else dataset.subtitle
+            dataset.description = texts["description"] if texts["description"] is not None else dataset.description
+            dataset.keywords, dataset.data = list(keywords), list(data)
+            licenses = settings.get("licenses") or []
+            if isinstance(licenses, list) and licenses and isinstance(licenses[0], dict) and licenses[0].get("name"):
+                dataset.license_name = str(licenses[0]["name"])
+            if isinstance(settings.get("isPrivate"), bool):
+                dataset.is_private = settings["isPrivate"]
+            self._save()
+            return []
+
+    def dataset_version_number(self, dataset: Dataset, number: object) -> int:
+        """A version the request names (the newest when none); 404 for one that does not exist."""
+        number = number or len(dataset.versions)
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= len(dataset.versions):
+            raise NotFound(f"Dataset {dataset.owner}/{dataset.slug} has no version {number!r}")
+        return number
+
+    def dataset_file(self, owner: str, slug: str, number: int, name: str) -> Path:
+        dataset = self.get_dataset(owner, slug)
+        number = self.dataset_version_number(dataset, number)
+        if name not in dataset.versions[number - 1].files:
+            raise NotFound(f"Dataset {owner}/{slug} version {number} has no file {name!r}")
+        return self.dataset_dir(owner, slug, number) / name
+
+    def dataset_archive(self, owner: str, slug: str, number: int) -> Path:
+        """The version's files as one zip (stored, not compressed: checkpoints do not shrink), made once."""
+        dataset = self.get_dataset(owner, slug)
+        number = self.dataset_version_number(dataset, number)
+        archive = self._confined("archives", owner, slug, f"v{number}.zip")
+        if not archive.exists():
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            partial = archive.with_suffix(f".{secrets.token_hex(4)}.partial")
+            with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as packed:
+                for name in dataset.versions[number - 1].files:
+                    packed.write(self.dataset_dir(owner, slug, number) / name, name)
+            os.replace(partial, archive)
+        return archive
 
     def mount_inputs(self, version: Version, input_dir: Path) -> None:
         """Attach each dataset at the version pinned when the kernel was pushed, in this version's layout:

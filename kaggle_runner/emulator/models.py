@@ -31,6 +31,10 @@ TERMINAL = (KaggleStatus.COMPLETE, KaggleStatus.ERROR, KaggleStatus.CANCEL_ACKNO
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 
 
+def title_in_use_message(title: str) -> str:
+    return f'The requested title "{title}" is already in use by a dataset. Please choose another title.'
+
+
 def weekly_quota_message(seconds: float) -> str:
     return f"Maximum weekly GPU quota of {seconds / 3600:.2f} hours reached."
 
@@ -112,6 +116,11 @@ class Dataset:
     license_name: str
     is_private: bool
     versions: list[DatasetVersion] = field(default_factory=list)
+    subtitle: str = ""
+    description: str = ""
+    keywords: list[str] = field(default_factory=list)
+    # UpdateDatasetMetadata's `data`: per-file descriptions and columns, kept as sent (checked for shape)
+    data: list[dict] = field(default_factory=list)
 
 
 @dataclass

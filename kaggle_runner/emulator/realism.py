@@ -80,6 +80,10 @@ class Realism:
     # /kaggle/working keeps at most 20 GiB: a write past it fails as on a full disk (EFBIG here, through the
     # process's RLIMIT_FSIZE, on Linux), and a version whose outputs still exceed it at the end saves none.
     output_cap_bytes: int = 20 * 2**30
+    # A dataset's title stays taken after the dataset is deleted: CreateDataset with it is refused ("already in
+    # use"), as kaggle-cli #243 reports (and #187: a slug deleted and recreated could not be attached). Old,
+    # thin reports; the less kind reading, so a launcher never plans on recreating what it deleted.
+    deleted_titles_linger: bool = True
     # The newest image (its build date, which a kernel sees as BUILD_DATE, as Kaggle's docker-python images set):
     # what a new kernel starts on and what "latest" pinning takes. Setting it is an image update.
     latest_image: str = "20261120"

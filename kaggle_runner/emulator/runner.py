@@ -191,6 +191,9 @@ class Runner:
         with self.lock:
             self.processes.pop(key, None)
             cancelled = key in self.cancelled
+        if backend.kernels.get(key[0]) is not kernel:  # deleted while it ran: nothing of it is kept
+            self.start_queued()
+            return
         try:
             self._end(kernel, version, process, working, key, cancelled, timed_out)
         except OSError as exc:  # the emulator's own disk is full (or gone): the outputs cannot be saved
@@ -199,8 +202,19 @@ class Runner:
             version.terminal_at = version.terminal_at or backend.clock()
             with contextlib.suppress(OSError):
                 backend.set_version_status(kernel, version, KaggleStatus.ERROR)
+        # A session's inputs and scratch end with it, as on Kaggle: only the outputs are kept (extracted
+        # archives would otherwise hold tens of MB per version).
         shutil.rmtree(working.parent / "scratch", ignore_errors=True)
+        shutil.rmtree(working.parent / "input", ignore_errors=True)
         self.start_queued()
+
+    def idle(self) -> bool:
+        """No version running or queued: nothing would be lost if the emulator stopped now."""
+        with self.lock:
+            if self.processes or self.stuck:
+                return False
+        return not any(v.status in (KaggleStatus.QUEUED, KaggleStatus.RUNNING, KaggleStatus.CANCEL_REQUESTED)
+                       for k in self.backend.kernels.values() for v in k.versions)
 
     def _end(self, kernel, version, process, working: Path, key, cancelled: bool, timed_out: bool) -> None:
         backend = self.backend
@@ -281,6 +295,18 @@ class Runner:
         elif version.status == KaggleStatus.QUEUED:
             self.backend.set_version_status(kernel, version, KaggleStatus.CANCEL_ACKNOWLEDGED,
                                             ended_at=self.backend.clock())
+
+    def kill_kernel(self, kernel: Kernel) -> None:
+        """A deleted kernel's sessions end at once, without saving anything."""
+        with self.lock:
+            processes = [p for (ref, _), p in self.processes.items() if ref == f"{kernel.owner}/{kernel.slug}"]
+            self.stuck = {key: code for key, code in self.stuck.items() if key[0] != f"{kernel.owner}/{kernel.slug}"}
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        for process in processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
 
     def stop_all(self) -> None:
         with self.lock:

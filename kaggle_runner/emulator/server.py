@@ -37,7 +37,7 @@ from kaggle_runner.emulator.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from kaggle_runner.emulator.handlers import RPCS, RequestContext
+from kaggle_runner.emulator.handlers import RPCS, Redirect, RequestContext
 from kaggle_runner.emulator.realism import Realism, TokenBucket
 from kaggle_runner.emulator.runner import Runner
 from kaggle_runner.emulator.state import Backend, check_name
@@ -75,6 +75,9 @@ URLS = Map([
     Rule("/v1/kernels/logs/stream/<owner>/<slug>", endpoint="log_stream", methods=["GET"]),
     Rule("/api/v1/kernels/logs/stream/<owner>/<slug>", endpoint="log_stream", methods=["GET"]),
     Rule("/files/<owner>/<slug>/<int:number>/<path:relpath>", endpoint="download", methods=["GET", "HEAD"]),
+    Rule("/dataset-files/<owner>/<slug>/<int:number>/<name>", endpoint="dataset_file", methods=["GET", "HEAD"]),
+    Rule("/dataset-archives/<owner>/<slug>/<int:number>/<name>", endpoint="dataset_archive",
+         methods=["GET", "HEAD"]),
     Rule("/upload/<token>", endpoint="upload", methods=["PUT"]),
     Rule("/admin/faults", endpoint="admin_faults", methods=["POST"]),
     Rule("/admin/reset", endpoint="admin_reset", methods=["POST"]),
@@ -112,6 +115,7 @@ class EmulatorApp:
         self.bucket = TokenBucket(backend.realism, backend.clock)
         self.base_url = ""  # set once the server knows its port
         self.request_count = 0  # lets tests prove that bad input sent nothing
+        self.last_request = time.monotonic()  # wall time: --idle-exit is about this machine's processes
         self.calls: collections.Counter[str] = collections.Counter()  # RPCs served, by method
 
     # -- authentication ------------------------------------------------------------------------------
@@ -168,6 +172,8 @@ class EmulatorApp:
         self.backend.check_fault(method)
         answer = handler(RequestContext(self.backend, self.base_url, user, self.sign), body)
         self.backend.check_fault(method, after=True)
+        if isinstance(answer, Redirect):  # 302, not 307: the client's GET must not repeat the JSON body
+            return Response(status=302, headers={"Location": answer.url, "X-Kaggle-APIVersion": API_VERSION})
         return json_response(answer)
 
     def on_log_stream(self, request: Request, owner: str, slug: str) -> Response:
@@ -207,6 +213,18 @@ class EmulatorApp:
         if request.method == "GET" and response.status_code in (200, 206) and self.backend.take_download_drop():
             response = self._dropped(response)
         return response
+
+    def on_dataset_file(self, request: Request, owner: str, slug: str, number: int, name: str) -> Response:
+        self.verify(request)
+        path = self.backend.dataset_file(check_name(owner, "owner"), check_name(slug, "slug"), number, name)
+        return send_file(path, request.environ, conditional=True, etag=True, max_age=0,
+                         mimetype="application/octet-stream")  # never JSON: the client would parse it
+
+    def on_dataset_archive(self, request: Request, owner: str, slug: str, number: int, name: str) -> Response:
+        self.verify(request)
+        path = self.backend.dataset_archive(check_name(owner, "owner"), check_name(slug, "slug"), number)
+        return send_file(path, request.environ, conditional=True, etag=True, max_age=0, mimetype="application/zip",
+                         download_name=name)
 
     @staticmethod
     def _dropped(response: Response) -> Response:
@@ -289,6 +307,7 @@ class EmulatorApp:
     # -- WSGI ----------------------------------------------------------------------------------------
     def dispatch(self, request: Request) -> Response:
         adapter = URLS.bind_to_environ(request.environ)
+        self.last_request = time.monotonic()
         try:
             if not request.path.startswith(("/admin/", "/healthz")):
                 self.request_count += 1
@@ -368,7 +387,8 @@ class EmulatorServer:
 
 def serve_forever(host: str, port: int, data_dir: Path, username: str, key: str,
                   session_limit: float | None = None, dataset_delay: float = 0.0,
-                  token: str | None = None, ready_file: Path | None = None, realism: Realism | None = None) -> None:
+                  token: str | None = None, ready_file: Path | None = None, realism: Realism | None = None,
+                  idle_exit: float | None = None) -> None:
     server = EmulatorServer(data_dir, username=username, key=key, host=host, port=port, token=token,
                             session_limit=session_limit, dataset_delay=dataset_delay, realism=realism)
     kind = " (realism off)" if realism is not None and realism == Realism.off() else ""
@@ -382,6 +402,8 @@ def serve_forever(host: str, port: int, data_dir: Path, username: str, key: str,
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    if idle_exit:
+        threading.Thread(target=_exit_when_idle, args=(server, idle_exit), daemon=True).start()
     try:
         server.server.serve_forever()
     except KeyboardInterrupt:
@@ -390,3 +412,15 @@ def serve_forever(host: str, port: int, data_dir: Path, username: str, key: str,
         server.server.server_close()
         server.backend.close()
         server.runner.stop_all()
+
+
+def _exit_when_idle(server: EmulatorServer, seconds: float) -> None:
+    """Stop serving once no request came for `seconds` and no version runs or waits: the background emulator
+    --local starts must not outlive its use (a later --local command starts it again, state intact)."""
+    while True:
+        time.sleep(min(5.0, seconds / 4))
+        if time.monotonic() - server.app.last_request >= seconds and server.runner.idle():
+            print(f"kaggle-runner emulator: idle for {seconds:.0f} s with nothing running; exiting", flush=True)
+            server.server.shutdown()
+            return
+

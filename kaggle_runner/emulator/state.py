@@ -66,6 +66,7 @@ class Backend(DatasetBackend):
         self.kernels: dict[str, Kernel] = {}
         self.datasets: dict[str, Dataset] = {}
         self.blobs: dict[str, Blob] = {}
+        self.deleted_titles: set[str] = set()  # lower-cased titles of deleted datasets (Realism.deleted_titles_linger)
         self.next_id = 1
         self.faults = Faults(dataset_delay=dataset_delay)
         self.runner = None  # set by the server: starts and stops version processes
@@ -89,6 +90,7 @@ class Backend(DatasetBackend):
             versions = [DatasetVersion(**v) for v in d.pop("versions")]
             self.datasets[ref] = Dataset(**d, versions=versions)
         self.blobs = {t: Blob(**b) for t, b in data["blobs"].items()}
+        self.deleted_titles = set(data.get("deleted_titles", []))
         for kernel in self.kernels.values():
             for version in kernel.versions:
                 if not version.session_id:
@@ -112,7 +114,8 @@ class Backend(DatasetBackend):
         data = {"next_id": self.next_id,
                 "kernels": {r: asdict(k) for r, k in self.kernels.items()},
                 "datasets": {r: asdict(d) for r, d in self.datasets.items()},
-                "blobs": {t: asdict(b) for t, b in self.blobs.items()}}
+                "blobs": {t: asdict(b) for t, b in self.blobs.items()},
+                "deleted_titles": sorted(self.deleted_titles)}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.state_file)
@@ -126,8 +129,9 @@ class Backend(DatasetBackend):
             if self.runner:
                 self.runner.stop_all()
             self.kernels, self.datasets, self.blobs, self.next_id = {}, {}, {}, 1
+            self.deleted_titles = set()
             self.faults = Faults()
-            for child in ("kernels", "datasets", "blobs"):
+            for child in ("kernels", "datasets", "blobs", "archives"):
                 shutil.rmtree(self.data_dir / child, ignore_errors=True)
             self._save()
 
@@ -364,6 +368,18 @@ class Backend(DatasetBackend):
         if version.status not in TERMINAL:
             return False
         return self.clock() - (version.terminal_at or 0.0) >= self.realism.output_lag
+
+    def delete_kernel(self, owner: str, slug: str) -> None:
+        """Every version goes, running ones stopped; afterwards the kernel answers as one never pushed."""
+        kernel = self.get_kernel(owner, slug)
+        if owner != self.username:
+            raise PermissionDenied(f"User {self.username} cannot delete kernels owned by {owner}")
+        with self.lock:
+            del self.kernels[f"{owner}/{slug}"]
+            self._save()
+        if self.runner:
+            self.runner.kill_kernel(kernel)
+        shutil.rmtree(self._confined("kernels", owner, slug), ignore_errors=True)
 
     def output_files(self, owner: str, slug: str, version: Version) -> list[tuple[str, Path]]:
         root = self.kernel_dir(owner, slug, version.number) / "working"
