@@ -237,6 +237,24 @@ def cancel(run: str, endpoint: str | None, workspace: str) -> None:
 
 @cli.command()
 @click.argument("run", required=False)
+@click.option("--finished", is_flag=True, help="Every finished run not cleaned yet.")
+@click.option("--on-kaggle", is_flag=True,
+              help="Also empty the runs' checkpoint and token datasets on Kaggle (their old versions deleted). "
+                   "Never done without it; a --local run's emulator copies always go.")
+@endpoint_option
+@workspace_option
+@handle_errors
+def clean(run: str | None, finished: bool, on_kaggle: bool, endpoint: str | None, workspace: str) -> None:
+    """Give back the disk a finished run holds: the launcher's working copies (outputs/RUN stays) and, for a
+    --local run, the emulator's copies of its kernels and datasets."""
+    from kaggle_runner.clean import clean as clean_runs
+
+    for line in clean_runs(workspace, run, finished, on_kaggle, endpoint).lines:
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("run", required=False)
 @click.option("--all", "every", is_flag=True, help="Drive every unfinished run of the workspace in this process.")
 @click.option("--once", is_flag=True, help="One pass: move every run as far as it can go now, then exit (for cron, "
                                            "a timer or CI; exit 6: something is still in flight).")
@@ -364,9 +382,13 @@ def emulator() -> None:
 @click.option("--kind", is_flag=True,
               help="Turn every Kaggle-realism behaviour off (no 404 windows, lags, pinning, rate limit or "
                    "refusals) for debugging; see docs/emulator.md.")
+@click.option("--idle-exit", type=click.FloatRange(min=1), default=None,
+              help="Exit after this many seconds without a request while no version runs or waits "
+                   "[default: serve until stopped].")
 @click.option("--ready-file", type=click.Path(dir_okay=False), hidden=True)
 @handle_errors
-def emulator_serve(host, port, data_dir, username, key, session_limit, dataset_delay, kind, ready_file) -> None:
+def emulator_serve(host, port, data_dir, username, key, session_limit, dataset_delay, kind, idle_exit,
+                   ready_file) -> None:
     """Serve the emulator in the foreground until Ctrl-C (SIGTERM also stops it)."""
     from kaggle_runner.emulator.realism import Realism
     from kaggle_runner.emulator.server import data_dir_key, serve_forever
@@ -376,7 +398,8 @@ def emulator_serve(host, port, data_dir, username, key, session_limit, dataset_d
         click.echo(f"The emulator's API key is in {path} (user {username}).")
     serve_forever(host=host, port=port, data_dir=Path(data_dir), username=username, key=key,
                   session_limit=session_limit, dataset_delay=dataset_delay,
-                  ready_file=Path(ready_file) if ready_file else None, realism=Realism.off() if kind else None)
+                  ready_file=Path(ready_file) if ready_file else None, realism=Realism.off() if kind else None,
+                  idle_exit=idle_exit)
 
 
 @emulator.command("stop")

@@ -287,6 +287,9 @@ def resume_run(workspace: str | Path, name: str, max_segments: int | None = None
         raise KaggleRunnerError(f"run {name} already completed training; `kaggle-runner fetch {name}` gets it")
     if not run.final:
         raise KaggleRunnerError(f"run {name} is {run.state}; `kaggle-runner watch {name}` follows it")
+    if run.cleaned_at and run.local:
+        raise KaggleRunnerError(f"run {name} was cleaned, and the emulator's copies of its kernels with it: "
+                                "launch it again")
     config_json = _resume_config(run, config_path, overrides) if (config_path or overrides) else run.config_json
     segments = store.segments(name)
     last = segments[-1]

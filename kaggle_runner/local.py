@@ -27,6 +27,9 @@ from kaggle_runner.errors import KaggleRunnerError
 
 LOCAL_USER = "local"
 KEY_VARIABLE = "KAGGLE_RUNNER_EMULATOR_KEY"
+# The background emulator exits after this long without a request while nothing runs; the next --local
+# command starts it again (its state is on disk).
+IDLE_EXIT_SECONDS = 300
 
 
 def _folder(workspace: Path) -> Path:
@@ -92,7 +95,7 @@ def _ensure_started(folder: Path, workspace: Path, startup_timeout: float) -> st
         process = subprocess.Popen(
             [sys.executable, "-m", "kaggle_runner.cli", "emulator", "serve", "--port", "0",
              "--data-dir", str(folder / "data"), "--username", credentials.username or LOCAL_USER,
-             "--ready-file", str(ready)],
+             "--idle-exit", str(IDLE_EXIT_SECONDS), "--ready-file", str(ready)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     deadline = time.time() + startup_timeout
     while time.time() < deadline:

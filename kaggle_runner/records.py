@@ -33,6 +33,7 @@ class Run:
     updated_at: float
     resume_via: str = "dataset"  # "dataset" or "outputs": how a checkpoint reaches the next segment
     alternate_kernel_ref: str | None = None  # the outputs route's second kernel; segments alternate between them
+    cleaned_at: float | None = None  # `kaggle-runner clean` removed its working copies (and what it was asked to)
 
     @property
     def final(self) -> bool:

@@ -77,6 +77,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE segments ADD COLUMN resume_source_ref TEXT;
     ALTER TABLE segments ADD COLUMN resume_source_version INTEGER;
     ALTER TABLE segments ADD COLUMN handoff_segment INTEGER;
+    ALTER TABLE runs ADD COLUMN cleaned_at REAL;
     """,
 )
 

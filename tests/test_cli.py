@@ -10,7 +10,7 @@ import pytest
 from kaggle_runner.cli import cli
 
 COMMANDS = ["init", "render", "launch", "status", "fetch", "logs", "cancel", "watch", "resume", "quota", "doctor",
-            "emulator", "bench", "generate", "report", "service"]
+            "emulator", "bench", "generate", "report", "service", "clean"]
 
 
 def test_group_lists_every_command(cli_runner):

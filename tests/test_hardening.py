@@ -78,6 +78,33 @@ def test_an_image_update_under_a_chain_is_kept_out_unless_asked_for_and_said(stu
         assert images == ["20261120", "20261204"] and said, rest
 
 
+def test_clean_gives_back_the_disk_and_touches_kaggle_only_when_asked(stub_project, emulator, cli_runner):
+    first = cli_runner.invoke(cli, ["launch", "--name", "first", *sets(STUB_CHAIN)])
+    assert first.exit_code == 0, first.output
+    checkpoints = emulator.backend.get_dataset(USER, f"{SLUG}-ckpt")
+    uploaded = len(checkpoints.versions)
+    cleaned = cli_runner.invoke(cli, ["clean", "first"])
+    assert cleaned.exit_code == 0 and "Cleaned run first: removed" in cleaned.output, cleaned.output
+    assert not Path(".kaggle-runner/runs/first").exists() and Path("outputs/first").is_dir()
+    assert len(checkpoints.versions) == uploaded  # nothing on Kaggle without --on-kaggle
+    second = cli_runner.invoke(cli, ["launch", "--name", "second", "--detach", *sets(
+        [*STUB_CHAIN, "max_steps=1000", "segment_steps=1000", 'sample_prompt="stub: step=0.5"'])])
+    assert second.exit_code == 0, second.output
+    refused = cli_runner.invoke(cli, ["clean", "second"])
+    assert refused.exit_code == 1 and "cancel second" in refused.output, refused.output
+    kept = cli_runner.invoke(cli, ["clean", "first", "--on-kaggle"])  # the running chain uses the same datasets
+    assert f"kept dataset {USER}/{SLUG}-ckpt (another run still needs it)" in kept.output, kept.output
+    assert cli_runner.invoke(cli, ["cancel", "second"]).exit_code == 0
+    emptied = cli_runner.invoke(cli, ["clean", "--finished", "--on-kaggle"])
+    assert emptied.exit_code == 0 and f"emptied dataset {USER}/{SLUG}-ckpt" in emptied.output, emptied.output
+    assert "Cleaned run second" in emptied.output and "Cleaned run first" not in emptied.output
+    assert checkpoints.versions[-1].files == ["EMPTIED.md"]
+    assert all(version.files == [] for version in checkpoints.versions[:-1])  # the old checkpoints are gone
+    assert emulator.backend.get_kernel(USER, SLUG).versions  # Kaggle kernels stay: they are the user's
+    assert "No finished run is left to clean." in cli_runner.invoke(cli, ["clean", "--finished"]).output
+    assert {r["name"] for r in run_status(".kaggle-runner")} == {"first", "second"}  # the records stay
+
+
 @pytest.fixture
 def listener():
     """An HTTP server on this machine that records every request's path and Authorization header."""

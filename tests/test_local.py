@@ -33,6 +33,12 @@ def test_local_launch_is_the_readme_demo(tmp_path, monkeypatch, cli_runner):
         for path in Path("outputs").rglob("*"):
             if path.is_file():
                 assert key.encode() not in path.read_bytes()
+        kernels = Path(".kaggle-runner/emulator/data/kernels/local")
+        assert (kernels / "kaggle-runner-tiny").is_dir()
+        assert not list(kernels.glob("*/v*/input"))  # a session's inputs end with it
+        cleaned = cli_runner.invoke(cli, ["clean", "local-demo"])
+        assert cleaned.exit_code == 0 and "deleted the emulator's kernel local/kaggle-runner-tiny" in cleaned.output
+        assert not (kernels / "kaggle-runner-tiny").exists() and Path("outputs/local-demo/final_model").is_dir()
     finally:
         stopped = cli_runner.invoke(cli, ["emulator", "stop"])
     assert "Stopped the local emulator" in stopped.output
@@ -70,6 +76,33 @@ def test_what_the_hub_cache_already_holds_is_no_warning(tmp_path, monkeypatch):
     (tmp_path / "hub/datasets--Salesforce--wikitext").mkdir(parents=True)
     assert hub_downloads_offline(finetune, tmp_path) == []
     assert hub_downloads_offline(load_preset("tiny"), tmp_path) == []  # the README's demo needs nothing
+
+
+def test_the_emulator_exits_when_idle_but_never_while_a_version_runs(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from tests.emulator_helpers import KEY, eventually, official_client, wait_for, write_kernel
+
+    ready = tmp_path / "ready.json"
+    server = subprocess.Popen([sys.executable, "-m", "kaggle_runner.cli", "emulator", "serve", "--port", "0",
+                               "--data-dir", str(tmp_path / "data"), "--username", USER, "--key", KEY,
+                               "--idle-exit", "1", "--ready-file", str(ready)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = eventually(lambda: ready.exists() and json.loads(ready.read_text())["url"], what="the emulator")
+        api = official_client(url, monkeypatch)
+        go = tmp_path / "go"
+        code = f"import pathlib, time\nwhile not pathlib.Path({str(go)!r}).exists():\n    time.sleep(0.1)\n"
+        api.kernels_push(str(write_kernel(tmp_path / "k", code, enable_gpu=False)))
+        with pytest.raises(subprocess.TimeoutExpired):
+            server.wait(timeout=4)  # no requests for 4 s, but a version runs: it stays
+        go.touch()
+        assert wait_for(api, f"{USER}/hello-kernel") == "COMPLETE"
+        out, _ = server.communicate(timeout=30)  # then, a second without requests, it goes
+        assert server.returncode == 0 and "idle for 1 s with nothing running; exiting" in out, out
+    finally:
+        server.kill()
 
 
 def _write_corpus(folder: Path, files: int = 30) -> None:
