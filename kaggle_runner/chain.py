@@ -20,6 +20,7 @@ RESUMABLE_KERNEL_REASONS = {
     "time_budget": "stopped at its time budget",
     "interrupted": "was interrupted",
     "error": None,  # an unexpected error after progress: "ended <Kaggle's status>"
+    "job_resume": "saved and asked for a new session",  # a [job]'s script: exit 75
 }
 # The kernel did not find the checkpoint it was told to resume from: push the same resume again.
 RESUME_MISSING = "resume_missing"
@@ -30,6 +31,7 @@ FATAL_KERNEL_REASONS = {
     "out_of_memory": "the model does not fit even at micro-batch 1",
     "resume_error": "the checkpoint could not be read",
     "diverged": "training diverged (the loss stayed NaN or infinite); the last finite checkpoint is kept",
+    "job_failed": "the script failed",  # a [job]'s script exited with neither 0 nor 75
 }
 # These stop the chain without anything to fix in the configuration: try again later.
 STOPPING_KERNEL_REASONS = {

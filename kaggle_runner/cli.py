@@ -107,9 +107,11 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--preset", type=click.Choice(["tiny", "seed", "finetune"]), default="seed", show_default=True,
+@click.option("--preset", type=click.Choice(["tiny", "seed", "finetune", "script"]), default="seed",
+              show_default=True,
               help="tiny: trains on a CPU in a minute; seed: the seed notebook's model on WikiText-103; finetune: "
-                   "a pretrained model (SmolLM2-135M) fine-tuned on your text.")
+                   "a pretrained model (SmolLM2-135M) fine-tuned on your text; script: your own training script, "
+                   "chained (writes an example train.py if there is none; docs/script.md).")
 @click.option("-o", "--output", default=DEFAULT_CONFIG, show_default=True, type=click.Path(dir_okay=False),
               help="Where to write the configuration.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
@@ -120,7 +122,7 @@ def init(preset: str, output: str, force: bool) -> None:
 
     path = write_preset(preset, Path(output), force=force)
     click.echo(f"Wrote {path} (preset {preset}). Next: kaggle-runner launch -c {path}"
-               + (" --local" if preset == "tiny" else ""))
+               + (" --local" if preset in ("tiny", "script") else ""))
 
 
 @cli.command()

@@ -17,7 +17,7 @@ from slugify import slugify
 
 from kaggle_runner.errors import KaggleRunnerError
 
-PRESETS = ("tiny", "seed", "finetune")
+PRESETS = ("tiny", "seed", "finetune", "script")
 
 # Shapes the official client knows; retired ones still push but run on a replacement (kaggle 2.2.5).
 MACHINE_SHAPES = {"NvidiaTeslaT4"}
@@ -115,6 +115,13 @@ class RunConfig(BaseModel):
     # so a chain's segments train on the same torch; "latest": every version takes the newest image.
     docker_image_pinning_type: Literal["original", "latest"] = "original"
 
+    # [job]: your own training script, chained (docs/script.md). With `script` set, the [model], [training],
+    # [data] and [checkpoints] keys do not apply.
+    script: str | None = None  # the entry point, relative to the config's folder
+    files: list[str] | None = None  # globs of other files shipped beside it (default: the .py files next to it)
+    requirements: str | None = None  # a requirements file installed at start when internet is on
+    args: list[str] = Field(default_factory=list)  # the script's command-line arguments
+
     # [chain]
     max_segments: int = Field(6, ge=1)
     max_stalled_segments: int = Field(2, ge=1)
@@ -210,6 +217,10 @@ class RunConfig(BaseModel):
         if self.resume_via != "dataset" and len(self.alternate_title) > 50:
             raise ValueError(f"title {self.title!r} must be at most 48 characters with resume_via = "
                              f"{self.resume_via!r}: the outputs route's second kernel is {self.alternate_title!r}")
+        if self.script is not None and (not self.script.strip() or not self.script.endswith(".py")):
+            raise ValueError(f"script {self.script!r} must name a Python file (train.py), relative to the config")
+        if self.script is not None and self.kernel_type != "script":
+            raise ValueError("a [job] is pushed as a script: remove kernel_type = \"notebook\"")
         if self.safety_margin_seconds >= self.session_timeout_seconds:
             raise ValueError(
                 f"safety_margin_seconds ({self.safety_margin_seconds}) must be below "
@@ -257,8 +268,8 @@ class RunConfig(BaseModel):
 
     def outputs_fit(self) -> str | None:
         """Why one checkpoint (weights and AdamW's two moments, fp32) cannot fit output_budget_gb beside
-        best_model.pt and the final model; None when it can, or when only the kernel can tell (init_from)."""
-        parameters = self.parameters_from_scratch()
+        best_model.pt and the final model; None when it can, or when only the kernel can tell (init_from, a job)."""
+        parameters = None if self.is_job else self.parameters_from_scratch()
         if parameters is None:
             return None
         weights = 4 * parameters
@@ -280,8 +291,21 @@ class RunConfig(BaseModel):
                          f"{self.dataset!r} (remove one of the two to silence this)")
         return notes
 
+    @property
+    def is_job(self) -> bool:
+        """A [job]: the user's own script, carried by the job kernel, rather than kaggle-runner's training kernel."""
+        return self.script is not None
+
+    def job_config(self) -> dict[str, Any]:
+        """What the job kernel needs at run time (the script's files travel beside it, not here)."""
+        keys = ("script", "args", "requirements", "session_timeout_seconds", "safety_margin_seconds", "allow_cpu",
+                "enable_internet")
+        return {key: getattr(self, key) for key in keys}
+
     def kernel_config(self) -> dict[str, Any]:
         """What the kernel needs at run time: everything but the launcher-only keys."""
+        if self.is_job:
+            return self.job_config()
         launcher_only = {"machine_shape", "is_private", "kernel_type", "dataset_sources",
                          "max_segments", "max_stalled_segments", "min_quota_hours", "segment_grace_seconds",
                          "dataset_settle_seconds", "max_resume_retries", "notify_url", "notify_format",
@@ -319,14 +343,27 @@ def _flatten(document: dict[str, Any], source: str) -> dict[str, Any]:
     return flat
 
 
-SECTIONS = ("model", "training", "checkpoints", "data", "kaggle", "chain")
+SECTIONS = ("model", "training", "checkpoints", "data", "kaggle", "job", "chain")
+# What a [job] cannot have: these sections configure kaggle-runner's own training kernel.
+NOT_FOR_JOBS = ("model", "training", "checkpoints", "data")
+
+
+def refuse_kernel_sections_for_jobs(document: dict[str, Any], source: str) -> None:
+    if not isinstance(document.get("job"), dict):
+        return
+    present = [name for name in NOT_FOR_JOBS if isinstance(document.get(name), dict)]
+    if present:
+        raise ConfigError(f"{source}: a [job] runs your own script, so [{'], ['.join(present)}] do not apply: remove "
+                          "them (datasets to attach go in [kaggle] as dataset_sources)")
 
 
 def parse_toml(text: str, source: str) -> dict[str, Any]:
     try:
-        return _flatten(tomllib.loads(text), source)
+        document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
+    refuse_kernel_sections_for_jobs(document, source)
+    return _flatten(document, source)
 
 
 def unknown_sections(text: str) -> list[str]:

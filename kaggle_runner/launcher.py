@@ -30,6 +30,8 @@ from kaggle_runner.controller import (
 from kaggle_runner.dataset_readiness import wait_for_dataset
 from kaggle_runner.display import Console
 from kaggle_runner.errors import KaggleRunnerError
+from kaggle_runner.job_files import collect as collect_job_files
+from kaggle_runner.job_files import save_snapshot as save_job_snapshot
 from kaggle_runner.kaggle_api import KaggleApiError, KaggleGateway
 from kaggle_runner.local import hub_downloads_offline
 from kaggle_runner.logfollow import checked_event, session_id_from
@@ -88,6 +90,7 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
                          "segment stops saying so)")
     if (why := config.outputs_fit()) is not None:
         raise KaggleRunnerError(f"{why}: raise output_budget_gb (at most 20) or train a smaller model")
+    job_files = collect_job_files(config, Path(config_path).parent) if config.is_job else None
     store = Store(workspace)
     gateway = gateway_for(store.workspace, local, endpoint, console.note)
     username = gateway.username
@@ -117,6 +120,8 @@ def launch(config_path: str, overrides=(), name: str | None = None, detach: bool
               endpoint=None if local else endpoint, local=int(local), state=RunState.RUNNING, reason="",
               max_segments=config.max_segments, created_at=now, updated_at=now, resume_via=route,
               alternate_kernel_ref=alternate)
+    if job_files is not None:  # every segment pushes the bytes shipped now, whatever changes here later
+        save_job_snapshot(job_files, store.workspace / "runs" / name)
     store.create_run(run)
     store.add_segment(Segment(run=name, idx=1, phase=Phase.PUSHING, kernel_ref=kernel_ref))
     remember_workspace(store.workspace)
@@ -287,9 +292,9 @@ def resume_run(workspace: str | Path, name: str, max_segments: int | None = None
         raise KaggleRunnerError(f"run {name} already completed training; `kaggle-runner fetch {name}` gets it")
     if not run.final:
         raise KaggleRunnerError(f"run {name} is {run.state}; `kaggle-runner watch {name}` follows it")
-    if run.cleaned_at and run.local:
-        raise KaggleRunnerError(f"run {name} was cleaned, and the emulator's copies of its kernels with it: "
-                                "launch it again")
+    if run.cleaned_at and (run.local or build_config(json.loads(run.config_json)).is_job):
+        raise KaggleRunnerError(f"run {name} was cleaned (the emulator's copies of its kernels, or the job's "
+                                "files kept at launch, went with it): launch it again")
     config_json = _resume_config(run, config_path, overrides) if (config_path or overrides) else run.config_json
     segments = store.segments(name)
     last = segments[-1]

@@ -132,6 +132,8 @@ def hub_downloads_offline(config, config_dir: Path) -> list[str]:
     """What a --local kernel of this config would fetch from the Hugging Face hub and cannot (the emulator gives
     kernels no internet), leaving out what this machine's hub cache already holds: one line each, saying what to
     use instead."""
+    if config.is_job:  # a script's downloads are its own business
+        return []
     hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache/huggingface")
                / "hub")
 

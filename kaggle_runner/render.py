@@ -95,6 +95,26 @@ def chain_checkpoint_value(chain_checkpoint: dict[str, Any] | None) -> dict[str,
     return value
 
 
+def job_source() -> str:
+    return resources.files(TEMPLATE_PACKAGE).joinpath("job.py").read_text(encoding="utf-8")
+
+
+def render_job_script(config: RunConfig, files: dict[str, bytes], chain_checkpoint: dict[str, Any] | None = None,
+                      segment: int = 1) -> str:
+    """The job kernel: its CONFIG, the shipped files as a JSON block of base64 text (so any byte survives), and
+    the job kernel's code; both blocks are read back from the result to prove they are data."""
+    from kaggle_runner.job_files import encoded
+
+    values = {**config.job_config(), "segment": segment, "chain_checkpoint": chain_checkpoint_value(chain_checkpoint)}
+    shipped = encoded(files)
+    script = _environment().get_template("job.py.j2").render(
+        config_json=json.dumps(values, indent=2, ensure_ascii=True), files_json=json.dumps(shipped, indent=0),
+        job_source=job_source().rstrip() + "\n", kaggle_runner_version=__version__)
+    if _config_block_value(script) != values or _config_block_value(script, "FILES") != shipped:
+        raise RenderError("the rendered CONFIG or FILES block does not round-trip")
+    return script
+
+
 def render_script(config: RunConfig, chain_checkpoint: dict[str, Any] | None = None) -> str:
     values = {**config.kernel_config(), "chain_checkpoint": chain_checkpoint_value(chain_checkpoint)}
     config_json = json.dumps(values, indent=2, ensure_ascii=True)
@@ -107,18 +127,18 @@ def render_script(config: RunConfig, chain_checkpoint: dict[str, Any] | None = N
     return script
 
 
-def _config_block_value(script: str) -> Any:
-    """Read CONFIG back from the rendered code, the way Python will, to prove it is pure data."""
+def _config_block_value(script: str, name: str = "CONFIG") -> Any:
+    """Read a block (CONFIG) back from the rendered code, the way Python will, to prove it is pure data."""
     try:
         tree = ast.parse(script)
     except SyntaxError as exc:
         raise RenderError(f"the rendered kernel is not valid Python: {exc}") from None
     for node in tree.body:
-        if (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["CONFIG"]
+        if (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [name]
                 and isinstance(node.value, ast.Call) and len(node.value.args) == 1
                 and isinstance(node.value.args[0], ast.Constant)):
             return json.loads(node.value.args[0].value)
-    raise RenderError("the rendered kernel has no CONFIG = json.loads(...) block")
+    raise RenderError(f"the rendered kernel has no {name} = json.loads(...) block")
 
 
 def _is_rule(line: str) -> bool:
@@ -177,15 +197,22 @@ def kernel_metadata(config: RunConfig, username: str, code_file: str, dataset_so
 def render_kernel(config: RunConfig, out_dir: str | Path, username: str,
                   extra_dataset_sources: list[str] | None = None,
                   chain_checkpoint: dict[str, Any] | None = None, kernel_sources: list[str] | None = None,
-                  alternate: bool = False) -> RenderedKernel:
+                  alternate: bool = False, job_files: dict[str, bytes] | None = None,
+                  segment: int = 1) -> RenderedKernel:
     """The kernel folder; the config's dataset_sources are attached, plus any extra (the chain's datasets), and
     `kernel_sources` (kernels whose newest outputs the version reads: the outputs route).
 
-    chain_checkpoint names the one checkpoint the kernel may resume from (see chain_checkpoint_value).
+    chain_checkpoint names the one checkpoint the kernel may resume from (see chain_checkpoint_value). A [job]
+    renders the job kernel instead, carrying `job_files` (job_files.collect) for segment `segment`.
     """
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    script = render_script(config, chain_checkpoint)
+    if config.is_job:
+        if job_files is None:
+            raise RenderError("a [job] kernel needs its files (job_files.collect)")
+        script = render_job_script(config, job_files, chain_checkpoint, segment)
+    else:
+        script = render_script(config, chain_checkpoint)
     if config.kernel_type == "notebook":
         code_file = folder / NOTEBOOK_NAME
         code_file.write_text(json.dumps(script_to_notebook(script), indent=1) + "\n", encoding="utf-8")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from kaggle_runner.config import load_config, preset_text
 from kaggle_runner.credentials import CredentialsError, find_credentials
 from kaggle_runner.errors import KaggleRunnerError
+from kaggle_runner.job_files import collect
 from kaggle_runner.render import RenderedKernel, render_kernel
 
 
@@ -14,6 +16,9 @@ def write_preset(preset: str, path: Path, force: bool = False) -> Path:
     if path.exists() and not force:
         raise KaggleRunnerError(f"{path} already exists; pass --force to overwrite it, or -o to write elsewhere")
     path.write_text(preset_text(preset), encoding="utf-8")
+    example = path.parent / "train.py"
+    if preset == "script" and not example.exists():  # a script that keeps the contract, to start from
+        example.write_bytes(resources.files("kaggle_runner.presets").joinpath("script_example.py").read_bytes())
     return path
 
 
@@ -32,7 +37,8 @@ def default_username() -> str:
 def render_to_folder(config_path: str, out_dir: str, overrides: tuple[str, ...] = (),
                      username: str | None = None) -> RenderedKernel:
     config = load_config(config_path, overrides)
-    return render_kernel(config, Path(out_dir), username or default_username())
+    files = collect(config, Path(config_path).parent) if config.is_job else None
+    return render_kernel(config, Path(out_dir), username or default_username(), job_files=files)
 
 
 # -- the workspaces this user launched from, for `status --all` ------------------------------------------

@@ -107,9 +107,15 @@ def _source_segment(ctx: ChainContext, run: Run, segment: Segment) -> Segment | 
                  and s.kernel_version == segment.resume_source_version), None)
 
 
+# The longest settle a --local run waits: the background emulator's windows are 2 s (Realism defaults).
+LOCAL_SETTLE_SECONDS = 5.0
+
+
 def settle_seconds(ctx: ChainContext, run: Run) -> float:
     """The configured settle time, or longer if `doctor` measured a longer pin delay on this account."""
     settle = float(config_of(run).dataset_settle_seconds)
+    if run.local:  # the local emulator mounts a new version 2 s after it is made (its pin_window)
+        return min(settle, LOCAL_SETTLE_SECONDS)
     measured = artifacts.read_json_file(ctx.store.workspace / "doctor.json")
     if not run.local and isinstance(measured, dict) and isinstance(measured.get("pin_delay_seconds"), int | float):
         settle = max(settle, float(measured["pin_delay_seconds"]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from kaggle_runner import artifacts
+from kaggle_runner.controller.concluding import LOCAL_SETTLE_SECONDS
 from kaggle_runner.controller.context import ChainContext, Wait, config_of
 from kaggle_runner.states import Phase, RunState
 from kaggle_runner.store import Run, Segment
@@ -28,6 +29,8 @@ def other_kernel(run: Run, kernel_ref: str) -> str:
 def outputs_settle_seconds(ctx: ChainContext, run: Run) -> float:
     """The configured wait after a version ends, or longer if `doctor` measured a longer one on this account."""
     settle = float(config_of(run).outputs_settle_seconds)
+    if run.local:  # the local emulator attaches a version's outputs 2 s after it ends (kernel_source_window)
+        return min(settle, LOCAL_SETTLE_SECONDS)
     measured = artifacts.read_json_file(ctx.store.workspace / "doctor.json")
     delay = measured.get("outputs_attach_delay_seconds") if isinstance(measured, dict) else None
     if not run.local and isinstance(delay, int | float) and not isinstance(delay, bool):

@@ -24,6 +24,7 @@ from kaggle_runner.controller.context import (
     token_dataset_ref,
 )
 from kaggle_runner.errors import KaggleRunnerError
+from kaggle_runner.job_files import load_snapshot
 from kaggle_runner.kaggle_api import (
     GpuSessionsBusy,
     KaggleApiError,
@@ -94,9 +95,11 @@ def _push(ctx: ChainContext, run: Run, segment: Segment, pushed_before: bool) ->
     kernels = [segment.resume_source_ref] if via_outputs and segment.resume_source_ref else []
     if segment.idx > 1 and not via_outputs and ctx.gateway.dataset_status(token_dataset_ref(run)) == "ready":
         datasets.append(token_dataset_ref(run))  # the token dataset, only when mountable
+    job_files = load_snapshot(ctx.run_dir()) if config.is_job else None
     folder = render_kernel(config, ctx.run_dir() / f"kernel-{segment.idx}", run.username, datasets,
                            chain_checkpoint=chain_checkpoint(run, segment), kernel_sources=kernels,
-                           alternate=segment.kernel_ref == run.alternate_kernel_ref).folder
+                           alternate=segment.kernel_ref == run.alternate_kernel_ref, job_files=job_files,
+                           segment=segment.idx).folder
     kill_point(ctx.store, "before_push")
     still_driving(ctx)
     # Recorded before the push: a launcher killed from here on must look for the version before pushing.
