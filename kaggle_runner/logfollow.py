@@ -26,6 +26,18 @@ def session_id_from(container: str | None) -> str | None:
     return runs[0] if len(runs) == 1 and len(runs[0]) <= 18 else None
 
 
+def log_text(answer: str) -> str:
+    """What a version printed, from the log Kaggle answers: a finished session's comes as one JSON array of
+    {stream_name, time, data}; anything else is taken as the text itself."""
+    try:
+        events = json.loads(answer)
+    except (ValueError, RecursionError):
+        return answer
+    if not isinstance(events, list):
+        return answer
+    return "".join(str(e.get("data", "")) for e in events if isinstance(e, dict))
+
+
 def checked_event(line: str) -> dict | None:
     """The event a log line holds, with only well-formed fields; None when the line is not one of ours."""
     if not line.startswith('{"event"'):

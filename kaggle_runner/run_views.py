@@ -4,7 +4,6 @@ logs, and the GPU quota. Everything a kernel printed is shown without terminal c
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from kaggle_runner.connect import context_for, gateway_for
 from kaggle_runner.controller import PHASES
 from kaggle_runner.display import Console
 from kaggle_runner.errors import KaggleRunnerError
+from kaggle_runner.logfollow import log_text
 from kaggle_runner.states import KaggleStatus, Phase
 from kaggle_runner.store import Run, Store
 from kaggle_runner.workspace import known_workspaces
@@ -44,14 +44,7 @@ def print_logs(workspace: str | Path, name: str, follow: bool = False, console: 
     for part in chosen:
         if len(chosen) > 1:
             ctx.console.raw(f"===== segment {part.idx}, version {part.kernel_version} =====\n")
-        text = ctx.gateway.log(part.kernel_ref, part.kernel_version)
-        try:
-            events = json.loads(text)
-            text = "".join(str(e.get("data", "")) for e in events if isinstance(e, dict)) \
-                if isinstance(events, list) else text
-        except (ValueError, RecursionError):
-            pass
-        ctx.console.raw(readable(text, raw))
+        ctx.console.raw(readable(log_text(ctx.gateway.log(part.kernel_ref, part.kernel_version)), raw))
 
 
 def readable(text: str, raw: bool = False) -> str:

@@ -56,8 +56,8 @@ def test_a_stopped_chain_exits_non_zero_and_resume_takes_fixes_but_not_shape_cha
         .split('""")')[0])["log_steps"] == 2  # re-rendered with the fix
     shown = cli_runner.invoke(cli, ["status", "capped"]).output
     assert "None" not in shown and "train loss 0.0500" in shown  # the last known loss, unknowns as dashes
-    one = cli_runner.invoke(cli, ["logs", "capped", "--segment", "1"]).output
-    both = cli_runner.invoke(cli, ["logs", "capped", "--all"]).output
+    one = cli_runner.invoke(cli, ["logs", "capped", "--segment", "1", "--raw"]).output
+    both = cli_runner.invoke(cli, ["logs", "capped", "--all", "--raw"]).output
     assert '"global_step": 10' in one and "segment 2" in both and '"global_step": 20' in both
     assert cli_runner.invoke(cli, ["logs", "capped", "--segment", "9"]).exit_code == 1
 

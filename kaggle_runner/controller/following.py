@@ -16,7 +16,7 @@ import time
 from kaggle_runner import artifacts, chain, contract, untrusted
 from kaggle_runner.controller.context import ChainContext, Wait, config_of, end_run, kill_point, look_at
 from kaggle_runner.kaggle_api import KaggleApiError
-from kaggle_runner.logfollow import LogFollower, session_id_from
+from kaggle_runner.logfollow import LogFollower, checked_event, log_text, session_id_from
 from kaggle_runner.states import KaggleStatus, Phase, RunState
 from kaggle_runner.store import Run, Segment
 
@@ -152,7 +152,29 @@ def look_at_small_outputs(ctx: ChainContext, segment: Segment) -> tuple[str, int
     return ("torn" if contract.RUN_STATE in names else "none"), moved
 
 
+def _progress_from_log(ctx: ChainContext, run: Run, segment: Segment) -> None:
+    """A version nobody followed while it ran (a `--once` pass, or one that ended before Kaggle showed it
+    RUNNING): its last progress event and its session id, read once from the whole log."""
+    if segment.train_loss is not None and segment.session_id:
+        return
+    try:
+        text = ctx.gateway.log(segment.kernel_ref, segment.kernel_version or 0)
+    except KaggleApiError:
+        return  # the log is a nicety here: run_state.json decides
+    events = [event for line in log_text(text or "").splitlines() if (event := checked_event(line.strip())) is not None]
+    progress = [e for e in events if e["event"] == "progress" and e.get("loss") is not None]
+    values: dict = {}
+    if progress and segment.train_loss is None:
+        values["train_loss"] = progress[-1]["loss"]
+    session = next((session_id_from(e.get("container")) for e in events if e["event"] == "session"), None)
+    if session and not segment.session_id:
+        values["session_id"] = session
+    if values:
+        ctx.store.update_segment(run.name, segment.idx, **values)
+
+
 def _record_end(ctx: ChainContext, run: Run, segment: Segment) -> None:
+    _progress_from_log(ctx, run, segment)
     folder = ctx.segment_dir(segment.idx)
     run_state = artifacts.read_run_state(folder)
     history = artifacts.read_json_file(folder / contract.HISTORY)
