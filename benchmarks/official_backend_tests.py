@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,15 +42,6 @@ SWAPS = {
     '"kerneler/sqlite-global-default"': 'test_user + "/kaggleapi-fixture-kernel"',
 }
 FAST_SWAPS = {"time.sleep(30)": "time.sleep(3)", "time.sleep(10)": "time.sleep(3)"}
-
-
-def port_80_free() -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", 80))
-            return True
-        except OSError:
-            return False
 
 
 def prepared_suite(checkout: Path, work: Path, fast: bool) -> Path:
@@ -115,12 +105,12 @@ def main() -> int:
     parser.add_argument("--kind", action="store_true", help="run the emulator with realism off")
     args = parser.parse_args()
     from kaggle_runner.emulator.realism import Realism
-    from kaggle_runner.emulator.server import EmulatorServer
+    from kaggle_runner.emulator.server import EmulatorServer, port_free
 
     with tempfile.TemporaryDirectory(prefix="official-backend-") as folder:
         work = Path(folder)
         suite = prepared_suite(args.kaggle_cli.expanduser(), work, fast=not args.slow)
-        port = 80 if port_80_free() else 0
+        port = 80 if port_free(80) else 0
         realism = Realism.off() if args.kind else None
         with EmulatorServer(work / "emulator", username=USER, key=KEY, port=port, realism=realism) as server:
             seed_fixtures(server.url, work)

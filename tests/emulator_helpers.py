@@ -8,8 +8,12 @@ in steps while they do (`api.emulator_clock`), as Kaggle's would.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
@@ -112,3 +116,16 @@ def admin(url: str, path: str, body: dict | None = None) -> dict:
     response = requests.post(f"{url}/admin/{path}", json=body or {}, auth=(USER, KEY), timeout=10)
     response.raise_for_status()
     return response.json()
+
+
+@contextlib.contextmanager
+def local_http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An HTTP server on this machine answering with `handler` (its request log silenced), as its base URL."""
+    handler.log_message = lambda self, *args: None  # type: ignore[method-assign]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+

@@ -4,8 +4,7 @@ that name the run, status anywhere, logs of any segment, watch --all, notificati
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from kaggle_runner.cli import cli
 from kaggle_runner.run_views import run_status
 from tests.chain_helpers import STUB_CHAIN, sets
+from tests.emulator_helpers import local_http_server
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +29,8 @@ def inbox():
             self.send_response(200)
             self.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Keep)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/topic", received
-    server.shutdown()
+    with local_http_server(Keep) as url:
+        yield f"{url}/topic", received
 
 
 def test_a_stopped_chain_exits_non_zero_and_resume_takes_fixes_but_not_shape_changes(stub_project, cli_runner):

@@ -16,7 +16,7 @@ import requests
 
 from kaggle_runner.config import load_preset
 from kaggle_runner.emulator.clock import ManualClock
-from kaggle_runner.emulator.server import EmulatorServer
+from kaggle_runner.emulator.server import EmulatorServer, port_free
 from kaggle_runner.render import render_kernel
 from tests.emulator_helpers import (
     KEY,
@@ -276,18 +276,7 @@ def test_quota_counts_gpu_time(api, emulator, tmp_path, capsys):
     assert "30.00h" in capsys.readouterr().out
 
 
-def _port_80_free() -> bool:
-    if os.geteuid() != 0:
-        return False
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", 80))
-            return True
-        except OSError:
-            return False
-
-
-@pytest.mark.skipif(not _port_80_free(), reason="needs to bind localhost:80 (root, port free)")
+@pytest.mark.skipif(os.geteuid() != 0 or not port_free(80), reason="needs to bind localhost:80 (root, port free)")
 def test_official_cli_with_localhost_environment(tmp_path):
     with EmulatorServer(tmp_path / "emu", username=USER, key=KEY, port=80):
         env = {**os.environ, "KAGGLE_API_ENVIRONMENT": "LOCALHOST", "KAGGLE_USERNAME": USER, "KAGGLE_KEY": KEY,
@@ -773,7 +762,6 @@ def test_kernels_get_a_home_of_their_own_and_no_internet_unless_the_account_allo
 
 def test_trust_malformed_requests_get_a_one_line_4xx(api, emulator, tmp_path):
     import base64
-    import socket
     from urllib.parse import urlsplit
 
     api.kernels_push(str(write_kernel(tmp_path / "k", HELLO)))
@@ -952,7 +940,6 @@ def test_a_kernel_sees_the_batch_session_kaggle_gives_and_detects_it(api, emulat
 
 
 def test_a_body_is_read_only_from_a_known_caller_and_only_so_large(emulator):
-    import socket
     from urllib.parse import urlsplit
 
     target = urlsplit(emulator.url)

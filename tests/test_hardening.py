@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from kaggle_runner.cli import cli
 from kaggle_runner.run_views import run_status
 from tests.chain_helpers import SLUG, STUB_CHAIN, final_stub_weight, launcher, sets, start_launcher, stub_weight
-from tests.emulator_helpers import USER, admin
+from tests.emulator_helpers import USER, admin, local_http_server
 
 pytestmark = pytest.mark.slow
 
@@ -120,13 +119,8 @@ def listener():
 
         do_GET = do_POST  # noqa: N815
 
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Record)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", seen
-    server.shutdown()
+    with local_http_server(Record) as url:
+        yield url, seen
 
 
 def test_credentials_never_go_to_an_endpoint_the_store_names(stub_project, cli_runner, listener, monkeypatch):
@@ -164,13 +158,7 @@ def test_the_last_notification_arrives_redirects_are_not_followed_and_the_url_is
             self.send_response(404 if self.path.startswith("/gone") else 200)
             self.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}"
-    try:
+    with local_http_server(Slow) as url:
         result = launcher("launch", "--name", "told", "--notify", f"{url}/secret-topic-123",
                           *sets([*STUB_CHAIN, "max_steps=5"]))
         assert result.returncode == 0, result.stdout + result.stderr
@@ -182,8 +170,6 @@ def test_the_last_notification_arrives_redirects_are_not_followed_and_the_url_is
         gone = launcher("launch", "--name", "gone", "--notify", f"{url}/gone-secret-456",
                         *sets([*STUB_CHAIN, "max_steps=5", 'slug="gone-runner"', 'title="Gone Runner"']))
         assert "was refused (HTTP 404)" in gone.stderr and "gone-secret-456" not in gone.stdout + gone.stderr
-    finally:
-        server.shutdown()
 
 
 def test_fetch_lists_the_outputs_once_whatever_their_number(stub_project, emulator, cli_runner):

@@ -23,6 +23,8 @@ from kaggle_runner.run_views import run_status
 from tests.emulator_helpers import USER
 
 JOBS = Path(__file__).parent / "data" / "jobs"
+# The example `init --preset script` writes: a plain PyTorch loop that keeps the contract, deterministic on a CPU.
+EXAMPLE = Path(__file__).parent.parent / "kaggle_runner" / "presets" / "script_example.py"
 TEMPLATE = Path(__file__).parent.parent / "kernel_template"
 CHAIN = """
 [kaggle]
@@ -44,7 +46,7 @@ resume_via = "{route}"
 def write_job(folder: Path, script: str, args: list[str], route: str = "dataset", timeout: int = 600,
               margin: int = 60, extra: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(JOBS / script, folder / script)
+    shutil.copy(EXAMPLE if script == "train.py" else JOBS / script, folder / script)
     config = folder / "job.toml"
     config.write_text(f'[job]\nscript = "{script}"\nargs = {json.dumps(args)}\n{extra}\n'
                       + CHAIN.format(route=route, timeout=timeout, margin=margin))
@@ -69,7 +71,8 @@ def uninterrupted(tmp_path: Path, script: str, args: list[str]) -> Path:
     folder = tmp_path / "straight"
     folder.mkdir()
     env = {**os.environ, "PYTHONPATH": str(TEMPLATE), "KAGGLE_RUNNER_CHECKPOINT_DIR": str(folder / "ckpt")}
-    done = subprocess.run([sys.executable, str(JOBS / script), *args], cwd=folder, env=env, capture_output=True,
+    source = EXAMPLE if script == "train.py" else JOBS / script
+    done = subprocess.run([sys.executable, str(source), *args], cwd=folder, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return folder
@@ -78,14 +81,14 @@ def uninterrupted(tmp_path: Path, script: str, args: list[str]) -> Path:
 # -- the contract, without a chain ---------------------------------------------------------------------
 def test_the_files_travel_byte_for_byte_and_nothing_else_does(tmp_path):
     project = tmp_path / "project"
-    config_path = write_job(project, "plain_loop.py", ["--steps", "1"], extra='files = ["*.py", "assets/*"]')
+    config_path = write_job(project, "train.py", ["--steps", "1"], extra='files = ["*.py", "assets/*"]')
     (project / "assets").mkdir()
     every_byte = bytes(range(256)) * 3
     (project / "assets" / "blob.bin").write_bytes(every_byte)
     (project / "helper.py").write_text("VALUE = 'shipped'\n")
     (project / "notes.txt").write_text("not matched by any glob")
     files = collect(load_config(config_path), project)
-    assert set(files) == {"plain_loop.py", "helper.py", "assets/blob.bin", HELPER_NAME}
+    assert set(files) == {"train.py", "helper.py", "assets/blob.bin", HELPER_NAME}
     config = load_config(config_path)
     script = render_kernel(config, tmp_path / "k", USER, job_files=files).code_file.read_text()
     namespace: dict = {}
@@ -106,7 +109,7 @@ def test_files_are_checked_before_anything_is_pushed(tmp_path, problem, expected
     project = tmp_path / "project"
     extra = {"credentials": 'files = ["*.py", "kaggle.json"]', "too_big": 'files = ["*.py", "big.bin"]',
              "helper": "", "outside": 'files = ["../*.py"]'}[problem]
-    config_path = write_job(project, "plain_loop.py", ["--steps", "1"], extra=extra)
+    config_path = write_job(project, "train.py", ["--steps", "1"], extra=extra)
     (project / "kaggle.json").write_text('{"username": "u", "key": "k"}')
     (project / "big.bin").write_bytes(b"x" * (MAX_SHIPPED_BYTES + 1))
     if problem == "helper":
@@ -116,7 +119,7 @@ def test_files_are_checked_before_anything_is_pushed(tmp_path, problem, expected
 
 
 def test_a_job_refuses_the_training_kernels_sections(tmp_path):
-    config_path = write_job(tmp_path, "plain_loop.py", [], extra="[model]\nn_layer = 2\n")
+    config_path = write_job(tmp_path, "train.py", [], extra="[model]\nn_layer = 2\n")
     with pytest.raises(ConfigError, match=r"a \[job\] runs your own script, so \[model\] do not apply"):
         load_config(config_path)
 
@@ -162,7 +165,7 @@ def test_a_plain_pytorch_loop_chained_over_three_segments_is_bitwise_the_uninter
                                                                                          tmp_path, route):
     import torch
 
-    config = write_job(project, "plain_loop.py", ["--steps", "15", "--steps-per-session", "5"], route=route)
+    config = write_job(project, "train.py", ["--steps", "15", "--steps-per-session", "5"], route=route)
     if route == "dataset":  # launch follows the chain to its end
         result = cli_runner.invoke(cli, ["launch", "-c", str(config), "--name", "loop"])
         assert result.exit_code == 0, result.output
@@ -177,12 +180,12 @@ def test_a_plain_pytorch_loop_chained_over_three_segments_is_bitwise_the_uninter
     status = run_status(".kaggle-runner", "loop")
     assert status["state"] == "complete" and len(status["segments"]) == 3, status
     assert [s["global_step"] for s in status["segments"]] == [1, 2, 2]  # checkpoints carried: 1, 2, then none
-    straight = uninterrupted(tmp_path, "plain_loop.py", ["--steps", "15"])
+    straight = uninterrupted(tmp_path, "train.py", ["--steps", "15"])
     chained = torch.load(project / "outputs/loop/model.pt", weights_only=True)
     expected = torch.load(straight / "model.pt", weights_only=True)
     assert chained.keys() == expected.keys() and all(torch.equal(chained[k], expected[k]) for k in expected)
     logs = cli_runner.invoke(cli, ["logs", "loop", "--segment", "3"]).output
-    assert "resumed at step 10" in logs and "finished at step 15" in logs, logs
+    assert "resumed at step 10" in logs and "done at step 15" in logs, logs
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -60,6 +61,17 @@ def _secret_file(path: Path, make) -> str:
     with os.fdopen(fd, "w") as handle:
         handle.write(make())
     return path.read_text().strip()
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether this process may serve on `port` now (port 80, for the client's LOCALHOST environment, needs root
+    or CAP_NET_BIND_SERVICE, and nothing else on it)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+            return True
+        except OSError:
+            return False
 
 
 def data_dir_key(data_dir: Path) -> tuple[str, Path]:
