@@ -88,6 +88,7 @@ def test_bench_times_a_tiny_stand_in_for_a_hub_model_it_does_not_know(cli_runner
     assert report["tokens_per_second"] * report["step_time_ms"] / 1000 == pytest.approx(4 * 64)
 
 
+@pytest.mark.slow  # builds a 0.5B-parameter model on the CPU
 def test_known_architectures_build_the_hub_models_parameter_counts():
     from kaggle_runner.bench import known_architecture
 

@@ -555,7 +555,9 @@ def test_outputs_are_listed_only_after_the_upload_lag(api, emulator, tmp_path):
     assert (tmp_path / "out/early.txt").exists()
     admin(emulator.url, "realism", {"output_lag": 0, "status_404_window": 0})
     api.kernels_push(str(tmp_path / "k"))
-    wait_for(api, ref)
+    eventually(lambda: (emulator.backend.kernel_dir(USER, "hello-kernel", 2) / "working/early.txt").exists())
+    _signal(emulator, version=2)
+    assert wait_for(api, ref) == "COMPLETE"
     files, _ = api.kernels_output(ref, str(tmp_path / "at-once"))
     assert "early.txt" in {Path(f).name for f in files}
 

@@ -78,6 +78,7 @@ def test_what_the_hub_cache_already_holds_is_no_warning(tmp_path, monkeypatch):
     assert hub_downloads_offline(load_preset("tiny"), tmp_path) == []  # the README's demo needs nothing
 
 
+@pytest.mark.slow  # a real emulator process and a kernel, and seconds of idling on purpose
 def test_the_emulator_exits_when_idle_but_never_while_a_version_runs(tmp_path, monkeypatch):
     import subprocess
     import sys
