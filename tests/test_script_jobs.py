@@ -150,12 +150,10 @@ def test_sigterm_reaches_the_script_and_the_deadline_stops_it(tmp_path):
         assert packed.extractfile("state").read() == b"saved"
     config.write_text('[job]\nscript = "waits.py"\nargs = ["1"]\n' + CHAIN.format(route="dataset", timeout=4,
                                                                                  margin=2))
-    started = time.time()
     process = run_job_kernel(config, tmp_path / "deadline")
     out, _ = process.communicate(timeout=60)
     state = json.loads((tmp_path / "deadline/working/run_state.json").read_text())
-    assert state["reason"] == "time_budget" and "the deadline has come" in out, out
-    assert time.time() - started < 30
+    assert state["reason"] == "time_budget" and "the deadline has come" in out, out  # not its 120 s of sleep
 
 
 # -- chains through the emulator -----------------------------------------------------------------------
