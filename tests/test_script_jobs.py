@@ -214,3 +214,20 @@ def test_cancel_stops_a_detached_job(project, cli_runner, emulator):
     while version.status != "CANCEL_ACKNOWLEDGED" and time.time() < deadline:
         time.sleep(0.2)
     assert version.status == "CANCEL_ACKNOWLEDGED" and run_status(".kaggle-runner", "stopped")["state"] == "cancelled"
+
+
+@pytest.mark.slow
+def test_a_job_that_carries_nothing_new_counts_as_stalled(project, cli_runner):
+    # Saves once, then asks for a new session every time without saving anything new.
+    (project / "idle.py").write_text(
+        "import os, pathlib, sys\n"
+        "if os.environ.get('KAGGLE_RUNNER_RESUME_DIR') is None:\n"
+        "    pathlib.Path(os.environ['KAGGLE_RUNNER_CHECKPOINT_DIR'], 'state').write_text('step 1')\n"
+        "sys.exit(75)\n")
+    config = project / "job.toml"
+    config.write_text('[job]\nscript = "idle.py"\n' + CHAIN.format(route="outputs", timeout=600, margin=60)
+                      .replace("min_quota_hours", "max_stalled_segments = 2\nmin_quota_hours"))
+    result = cli_runner.invoke(cli, ["launch", "-c", str(config), "--name", "idle"])
+    assert result.exit_code == 4, result.output  # stopped, not failed, not resumed forever
+    status = run_status(".kaggle-runner", "idle")
+    assert "without progress" in status["reason"] and [s["global_step"] for s in status["segments"]] == [1, 1, 1]
