@@ -941,6 +941,27 @@ def test_a_kernel_sees_the_batch_session_kaggle_gives_and_detects_it(api, emulat
     assert "run type: Batch in kaggle: True" in api.kernels_logs(f"{USER}/hello-kernel")
 
 
+def test_a_kernel_leaves_one_core_to_the_machine_unless_the_user_chose_its_threads(api, emulator, tmp_path,
+                                                                                   monkeypatch):
+    # torch's threads stall together when one of them shares a core with any other busy process
+    from kaggle_runner.emulator.runner import kernel_threads
+
+    code = "import os\nprint('threads:', os.environ.get('OMP_NUM_THREADS'))\n"
+    folder = write_kernel(tmp_path / "k", code)
+    answers = []
+    for chosen in (None, "3"):
+        if chosen is None:
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OMP_NUM_THREADS", chosen)
+        api.kernels_push(str(folder))
+        assert wait_for(api, f"{USER}/hello-kernel") == "COMPLETE"
+        answers.append(next(e["data"].split()[1] for e in json.loads(api.kernels_logs(f"{USER}/hello-kernel"))
+                            if e["data"].startswith("threads:")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert answers == [str(max(1, cores - 1)), "3"] and kernel_threads() == max(1, cores - 1)
+
+
 def test_a_body_is_read_only_from_a_known_caller_and_only_so_large(emulator):
     from urllib.parse import urlsplit
 
