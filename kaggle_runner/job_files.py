@@ -11,6 +11,7 @@ import base64
 import fnmatch
 import hashlib
 import json
+import posixpath
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
@@ -22,8 +23,10 @@ HELPER_NAME = "kaggle_runner_job.py"  # the helper module, shipped beside the sc
 # (dataset_sources), not in the code.
 MAX_SHIPPED_BYTES = 2 * 2**20
 # Never shipped, whatever a glob matches: credentials and environment files.
-NEVER_SHIPPED = ("kaggle.json", "access_token", "access_token.txt", ".env", ".env.*", "*.pem", "*.key", "id_rsa*",
-                 "id_ed25519*", ".netrc", "credentials*", ".git-credentials")
+# Matched lower-cased, against both a file's name and, for a link, its target's; `token` is Hugging Face's.
+NEVER_SHIPPED = ("kaggle.json", "access_token", "access_token.txt", "token", ".env", ".env.*", "*.pem", "*.key",
+                 "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*", "id_ed25519*", ".netrc", ".pypirc", ".npmrc",
+                 "credentials*", ".git-credentials")
 SKIPPED_PARTS = ("__pycache__", ".git", ".kaggle-runner", ".venv", "outputs")
 SNAPSHOT_NAME = "job-files.json"
 
@@ -42,44 +45,49 @@ def collect(config: RunConfig, config_dir: Path) -> dict[str, bytes]:
     if not config.script:
         raise JobFilesError("this configuration has no [job] script")
     root = config_dir.resolve()
-    script = _inside(root, config.script, "script")
+    script_rel, script = _inside(root, config.script, "script")
     if not script.is_file():
         raise JobFilesError(f"script {config.script!r} is not a file under {root}; set script in [job]")
     patterns = config.files if config.files is not None else [str(PurePosixPath(config.script).parent / "*.py")]
-    chosen: dict[str, Path] = {script.relative_to(root).as_posix(): script}
+    # Each file by the name the user sees (a link keeps its own name: the script is run by it), read from where
+    # it really is, which must be inside the folder too.
+    chosen: dict[str, Path] = {script_rel: script}
     for pattern in patterns:
         if PurePosixPath(pattern).is_absolute() or ".." in PurePosixPath(pattern).parts:
             raise JobFilesError(f"files pattern {pattern!r} must stay inside {root} (a relative glob)")
         for path in sorted(root.glob(pattern)):
             if path.is_file() and not set(path.relative_to(root).parts) & set(SKIPPED_PARTS):
-                chosen[_inside(root, path.relative_to(root).as_posix(), "file").relative_to(root).as_posix()] = path
+                rel, real = _inside(root, path.relative_to(root).as_posix(), "file")
+                chosen[rel] = real
     if config.requirements:
-        requirements = _inside(root, config.requirements, "requirements")
+        rel, requirements = _inside(root, config.requirements, "requirements")
         if not requirements.is_file():
             raise JobFilesError(f"requirements {config.requirements!r} is not a file under {root}")
-        chosen[requirements.relative_to(root).as_posix()] = requirements
-    for rel in chosen:
-        name = PurePosixPath(rel).name
-        if any(fnmatch.fnmatch(name, never) for never in NEVER_SHIPPED):
+        chosen[rel] = requirements
+    for rel, real in chosen.items():
+        if any(fnmatch.fnmatch(name.lower(), never) for name in (PurePosixPath(rel).name, real.name)
+               for never in NEVER_SHIPPED):
             raise JobFilesError(f"{rel} looks like credentials or an environment file and is never shipped; "
                                 "narrow files in [job]")
     if HELPER_NAME in chosen:
         raise JobFilesError(f"{HELPER_NAME} is kaggle-runner's helper, shipped with every job: rename your file")
-    files = {rel: path.read_bytes() for rel, path in chosen.items()}
-    total = sum(len(data) for data in files.values())
+    sizes = {rel: real.stat().st_size for rel, real in chosen.items()}  # before reading: a glob may match gigabytes
+    total = sum(sizes.values())
     if total > MAX_SHIPPED_BYTES:
-        biggest = sorted(files, key=lambda rel: -len(files[rel]))[:3]
+        biggest = sorted(sizes, key=lambda rel: -sizes[rel])[:3]
         raise JobFilesError(f"the job's files add up to {total / 2**20:.1f} MiB, over the {MAX_SHIPPED_BYTES // 2**20} "
                             f"MiB one pushed script carries (largest: {', '.join(biggest)}); put data in a dataset "
                             "(dataset_sources) and narrow files in [job]")
-    return {**files, HELPER_NAME: helper_source()}
+    return {**{rel: real.read_bytes() for rel, real in chosen.items()}, HELPER_NAME: helper_source()}
 
 
-def _inside(root: Path, rel: str, what: str) -> Path:
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root) or "\\" in rel:
+def _inside(root: Path, rel: str, what: str) -> tuple[str, Path]:
+    """`rel` as the name it is shipped under (normalised, never leaving the folder) and the file it really is."""
+    name = posixpath.normpath(rel)
+    real = (root / name).resolve()
+    if "\\" in rel or name.startswith(("../", "/")) or name in ("..", ".") or not real.is_relative_to(root):
         raise JobFilesError(f"{what} {rel!r} must be a path inside {root}")
-    return path
+    return name, real
 
 
 def encoded(files: dict[str, bytes]) -> dict[str, str]:

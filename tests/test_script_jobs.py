@@ -101,6 +101,10 @@ def test_the_files_travel_byte_for_byte_and_nothing_else_does(tmp_path):
 
 @pytest.mark.parametrize("problem, expected", [
     ("credentials", "looks like credentials"),
+    ("credentials_any_case", "looks like credentials"),
+    ("hugging_face_token", "looks like credentials"),
+    ("link_to_credentials", "looks like credentials"),
+    ("link_outside", "must be a path inside"),
     ("too_big", f"over the {MAX_SHIPPED_BYTES // 2**20} MiB"),
     ("helper", "kaggle-runner's helper"),
     ("outside", "must stay inside"),
@@ -108,14 +112,33 @@ def test_the_files_travel_byte_for_byte_and_nothing_else_does(tmp_path):
 def test_files_are_checked_before_anything_is_pushed(tmp_path, problem, expected):
     project = tmp_path / "project"
     extra = {"credentials": 'files = ["*.py", "kaggle.json"]', "too_big": 'files = ["*.py", "big.bin"]',
+             "credentials_any_case": 'files = ["*.py", "Kaggle.JSON"]', "hugging_face_token": 'files = ["hf/*"]',
+             "link_to_credentials": 'files = ["*.py", "settings.txt"]', "link_outside": "",
              "helper": "", "outside": 'files = ["../*.py"]'}[problem]
     config_path = write_job(project, "train.py", ["--steps", "1"], extra=extra)
     (project / "kaggle.json").write_text('{"username": "u", "key": "k"}')
+    (project / "Kaggle.JSON").write_text('{"username": "u", "key": "k"}')
+    (project / "hf").mkdir()
+    (project / "hf" / "token").write_text("hf_secret")
+    (project / "settings.txt").symlink_to(project / "kaggle.json")
+    if problem == "link_outside":  # any .py file is matched by the other cases' globs
+        (tmp_path / "elsewhere.py").write_text("")
+        (project / "elsewhere.py").symlink_to(tmp_path / "elsewhere.py")
     (project / "big.bin").write_bytes(b"x" * (MAX_SHIPPED_BYTES + 1))
     if problem == "helper":
         (project / HELPER_NAME).write_text("")
     with pytest.raises(JobFilesError, match=expected):
         collect(load_config(config_path), project)
+
+
+def test_a_linked_script_ships_under_the_name_it_is_run_by(tmp_path):
+    project = tmp_path / "project"
+    config_path = write_job(project, "train.py", ["--steps", "1"])
+    (project / "src").mkdir()
+    (project / "train.py").rename(project / "src" / "train.py")
+    (project / "train.py").symlink_to(project / "src" / "train.py")
+    files = collect(load_config(config_path), project)
+    assert files["train.py"] == EXAMPLE.read_bytes() and "src/train.py" not in files
 
 
 def test_a_job_refuses_the_training_kernels_sections(tmp_path):
