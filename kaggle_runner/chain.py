@@ -32,6 +32,7 @@ FATAL_KERNEL_REASONS = {
     "resume_error": "the checkpoint could not be read",
     "diverged": "training diverged (the loss stayed NaN or infinite); the last finite checkpoint is kept",
     "job_failed": "the script failed",  # a [job]'s script exited with neither 0 nor 75
+    "output_budget": "the checkpoint directory does not fit beside the outputs under output_budget_gb",
 }
 # These stop the chain without anything to fix in the configuration: try again later.
 STOPPING_KERNEL_REASONS = {

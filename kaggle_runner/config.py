@@ -299,7 +299,7 @@ class RunConfig(BaseModel):
     def job_config(self) -> dict[str, Any]:
         """What the job kernel needs at run time (the script's files travel beside it, not here)."""
         keys = ("script", "args", "requirements", "session_timeout_seconds", "safety_margin_seconds", "allow_cpu",
-                "enable_internet")
+                "enable_internet", "output_budget_gb")
         return {key: getattr(self, key) for key in keys}
 
     def kernel_config(self) -> dict[str, Any]:
@@ -344,17 +344,36 @@ def _flatten(document: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 SECTIONS = ("model", "training", "checkpoints", "data", "kaggle", "job", "chain")
-# What a [job] cannot have: these sections configure kaggle-runner's own training kernel.
-NOT_FOR_JOBS = ("model", "training", "checkpoints", "data")
+# The first key of each section, in RunConfig's declaration order: every key belongs to the section above it.
+_SECTION_STARTS = {"n_embd": "model", "batch_size": "training", "save_steps": "checkpoints", "dataset": "data",
+                   "slug": "kaggle", "script": "job", "max_segments": "chain"}
 
 
-def refuse_kernel_sections_for_jobs(document: dict[str, Any], source: str) -> None:
-    if not isinstance(document.get("job"), dict):
+def _key_sections() -> dict[str, str]:
+    sections, current = {}, "model"
+    for key in RunConfig.model_fields:
+        current = _SECTION_STARTS.get(key, current)
+        sections[key] = current
+    return sections
+
+
+KEY_SECTIONS = _key_sections()
+# What a [job] cannot set, wherever it is written (any section, or --set): these keys configure kaggle-runner's
+# own training kernel. A job keeps the output budget (its outputs live under Kaggle's 20 GiB too) and the
+# datasets to attach.
+NOT_FOR_JOBS = frozenset(key for key, section in KEY_SECTIONS.items()
+                         if section in ("model", "training", "checkpoints", "data")) - {"output_budget_gb",
+                                                                                       "dataset_sources"}
+
+
+def refuse_kernel_keys_for_jobs(values: dict[str, Any], source: str) -> None:
+    if not values.get("script"):
         return
-    present = [name for name in NOT_FOR_JOBS if isinstance(document.get(name), dict)]
+    present = [key for key in values if key in NOT_FOR_JOBS]
     if present:
-        raise ConfigError(f"{source}: a [job] runs your own script, so [{'], ['.join(present)}] do not apply: remove "
-                          "them (datasets to attach go in [kaggle] as dataset_sources)")
+        sections = sorted({KEY_SECTIONS[key] for key in present}, key=SECTIONS.index)
+        raise ConfigError(f"{source}: a [job] runs your own script, so [{'], ['.join(sections)}] keys do not apply: "
+                          f"remove {', '.join(present)} (datasets to attach go in [kaggle] as dataset_sources)")
 
 
 def parse_toml(text: str, source: str) -> dict[str, Any]:
@@ -362,7 +381,6 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
-    refuse_kernel_sections_for_jobs(document, source)
     return _flatten(document, source)
 
 
@@ -411,6 +429,7 @@ def build_config(values: dict[str, Any], overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         key, value = parse_override(item)
         merged[key] = value
+    refuse_kernel_keys_for_jobs(merged, source)
     try:
         return RunConfig(**merged)
     except ValidationError as exc:

@@ -46,6 +46,8 @@ STOP_REASONS = {
     "resume_error": "the carried checkpoint could not be unpacked",
     "config_error": "the shipped files or the requirements could not be set up",
     "no_gpu": "the session came without a usable GPU",
+    "output_budget": "the checkpoint directory would not fit beside the outputs under output_budget_gb; nothing "
+                     "is carried on",
 }
 EXIT_FINISHED, EXIT_RESUME = 0, 75
 RESUMABLE = ("job_resume", "time_budget", "interrupted", "error")
@@ -167,12 +169,18 @@ INTERRUPTED = {"signal": False}
 CHILD: dict = {"process": None}
 
 
+def signal_script(process: subprocess.Popen, signum: int) -> None:
+    """To the script's whole process group (it leads one of its own): workers a launcher such as torchrun or
+    accelerate starts are asked to stop, and killed, with it, and none writes on while the checkpoint is packed."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+
+
 def on_sigterm(signum, frame) -> None:
     INTERRUPTED["signal"] = True
     process = CHILD["process"]
     if process is not None and process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
+        signal_script(process, signal.SIGTERM)
 
 
 def die_with_parent() -> None:
@@ -208,15 +216,14 @@ def run_script(config: dict, source: Path, env: dict, deadline: float) -> tuple[
         if not stopped and now >= deadline:
             log("the deadline has come: asking the script to save and stop (SIGTERM)")
             stopped = True
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
+            signal_script(process, signal.SIGTERM)
         if now >= kill_at:
             log("the script did not stop in time: killing it")
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+            signal_script(process, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=1)
     CHILD["process"] = None
+    signal_script(process, signal.SIGKILL)  # workers the script left behind must not write on while it is packed
     return process.returncode, stopped
 
 
@@ -250,13 +257,29 @@ def carry(folder: Path, segment: int) -> Path | None:
     return target
 
 
+def tree_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+
+
+def over_budget(config: dict, folder: Path) -> str | None:
+    """Why carrying `folder` would pass output_budget_gb: Kaggle saves at most 20 GiB of /kaggle/working, and a
+    write past that fails as a full disk does, losing the whole session's outputs."""
+    budget_gb = config.get("output_budget_gb", 19)
+    outputs, checkpoint = tree_size(Path.cwd()), tree_size(folder)
+    if outputs + checkpoint <= budget_gb * 2**30:
+        return None
+    return (f"the checkpoint directory ({checkpoint / 2**30:.2f} GiB) beside the outputs in /kaggle/working "
+            f"({outputs / 2**30:.2f} GiB) would pass output_budget_gb = {budget_gb} (Kaggle saves at most 20 GiB); "
+            "save less in the checkpoint directory or write less to /kaggle/working")
+
+
 def write_manifest(carried: Path | None, generation: int) -> None:
     working = Path.cwd()
     files = {}
     for path in sorted(working.rglob("*")):
         rel = path.relative_to(working).as_posix()
-        hidden = path.name.startswith(".")  # a half-written file of ours, or the script's
-        if not path.is_file() or path.is_symlink() or rel in (MANIFEST_NAME, RUN_STATE_NAME) or hidden:
+        ours_half_written = path.name.startswith(".") and path.name.endswith((".partial", ".tmp"))
+        if not path.is_file() or path.is_symlink() or rel in (MANIFEST_NAME, RUN_STATE_NAME) or ours_half_written:
             continue
         entry = {"sha256": sha256_of(path), "size": path.stat().st_size, "kind": "output"}
         if carried is not None and path == carried:
@@ -306,6 +329,8 @@ def main(config: dict, files: dict) -> int:
                "PYTHONPATH": os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))}
         if resume_folder is not None:
             env["KAGGLE_RUNNER_RESUME_DIR"] = str(resume_folder)
+        log(f"outputs: /kaggle/working and the checkpoint directory carried on must fit "
+            f"{config.get('output_budget_gb', 19)} GiB together (output_budget_gb)")
         emit("start", segment=segment, resumed_from=chain and {"file": chain["file"], "sha256": chain["sha256"]},
              deadline=int(deadline))
         code, stopped = run_script(config, source, env, deadline)
@@ -318,7 +343,12 @@ def main(config: dict, files: dict) -> int:
     if reason not in ("resume_missing", "resume_error", "config_error", "no_gpu"):
         if content_digest(checkpoints) is None and resume_folder is not None:
             checkpoints = resume_folder  # nothing new: carry the resumed one on (the segment made no progress)
-        carried = carry(checkpoints, segment)
+        if (why := over_budget(config, checkpoints)) is not None and reason == "complete":
+            log(f"not carrying the checkpoint directory on, as training is finished: {why}")
+        elif why is not None:
+            reason, message = "output_budget", why
+        else:
+            carried = carry(checkpoints, segment)
     changed = carried is not None and content_digest(checkpoints) != resumed_digest
     generation = resumed_generation + 1 if changed else resumed_generation
     write_manifest(carried, generation)

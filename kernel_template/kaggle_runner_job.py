@@ -7,9 +7,8 @@ the session limit minus the safety margin.
 
 With a Hugging Face `Trainer`, two lines do it:
 
-    from kaggle_runner_job import ChainCallback, checkpoint_dir, resume_checkpoint
-    trainer = Trainer(..., args=TrainingArguments(output_dir=str(checkpoint_dir()), ...), callbacks=[ChainCallback()])
-    trainer.train(resume_from_checkpoint=resume_checkpoint())
+    from kaggle_runner_job import train_chained
+    train_chained(trainer)  # instead of trainer.train()
 
 The callback saves and stops the Trainer at the deadline (or after `steps_per_session` steps) and marks the
 session "resume me", so the script's exit 0 then means 75. Outside a chain (`python train.py` on your machine)
@@ -22,14 +21,17 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
 import time
 from pathlib import Path
 
 EXIT_FINISHED = 0
 EXIT_RESUME = 75  # EX_TEMPFAIL: saved, resume me in a new session
 
-__all__ = ["EXIT_FINISHED", "EXIT_RESUME", "ChainCallback", "checkpoint_dir",  # noqa: F822 - built on first use "deadline", "deadline_reached",
-           "request_resume", "resume_checkpoint", "resume_dir", "resume_requested", "segment"]
+__all__ = ["EXIT_FINISHED", "EXIT_RESUME", "ChainCallback", "checkpoint_dir", "deadline",  # noqa: F822 - lazy
+           "deadline_reached", "request_resume", "resume_checkpoint", "resume_dir", "resume_requested", "segment",
+           "train_chained"]
 
 
 def checkpoint_dir() -> Path:
@@ -75,35 +77,67 @@ def resume_requested() -> bool:
 
 
 def resume_checkpoint(prefix: str = "checkpoint-") -> str | None:
-    """The newest Trainer checkpoint folder (`checkpoint-<step>`) the previous session left, for
-    `trainer.train(resume_from_checkpoint=...)`; None on the first session."""
+    """The newest whole Trainer checkpoint folder (`checkpoint-<step>`) the previous session left, for
+    `trainer.train(resume_from_checkpoint=...)`; None on the first session. The Trainer writes trainer_state.json
+    last, so a folder without it was cut off mid-save and is passed over."""
     folder = resume_dir()
     if folder is None or not folder.is_dir():
         return None
     steps = [(int(match.group(1)), path) for path in folder.iterdir()
-             if path.is_dir() and (match := re.fullmatch(re.escape(prefix) + r"(\d+)", path.name))]
+             if path.is_dir() and (match := re.fullmatch(re.escape(prefix) + r"(\d+)", path.name))
+             and (path / "trainer_state.json").is_file()]
     return str(max(steps)[1]) if steps else None
+
+
+def train_chained(trainer, steps_per_session: int | None = None, margin_seconds: float = 0.0, **train_kwargs):
+    """`trainer.train()`, chained: what a Hugging Face `Trainer` script calls instead, the second of its two lines.
+
+    Adds a ChainCallback, saves the Trainer's checkpoints in checkpoint_dir() while it trains (keeping the
+    newest one unless save_total_limit says otherwise) and resumes from the newest one carried over. The
+    Trainer's own output_dir is restored afterwards, so a final `trainer.save_model()` lands where the script
+    said, in /kaggle/working: an output, not part of the carried checkpoint."""
+    trainer.add_callback(__getattr__("ChainCallback")(steps_per_session, margin_seconds))
+    output_dir, limit = trainer.args.output_dir, trainer.args.save_total_limit
+    trainer.args.output_dir = str(checkpoint_dir())
+    trainer.args.save_total_limit = limit or 1
+    try:
+        return trainer.train(resume_from_checkpoint=resume_checkpoint(), **train_kwargs)
+    finally:
+        trainer.args.output_dir, trainer.args.save_total_limit = output_dir, limit
 
 
 def _chain_callback_class():
     from transformers import TrainerCallback
 
     class ChainCallback(TrainerCallback):
-        """Save and stop the Trainer at the deadline, or after `steps_per_session` optimizer steps, unless
-        training is done anyway; the session then asks to be resumed."""
+        """Save and stop the Trainer at the deadline, on SIGTERM (what the job kernel sends at the deadline and
+        Kaggle before it ends a session), or after `steps_per_session` optimizer steps, unless training is done
+        anyway; the session then asks to be resumed."""
 
         def __init__(self, steps_per_session: int | None = None, margin_seconds: float = 0.0):
             self.steps_per_session = steps_per_session
             self.margin_seconds = margin_seconds
             self.first_step: int | None = None
+            self.terminated = False
+            self._previous_handler = None
+
+        def _on_sigterm(self, signum, frame):
+            self.terminated = True  # saved at the end of this step: Python's default would kill it mid-step
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.first_step = state.global_step
+            if threading.current_thread() is threading.main_thread():
+                self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self._previous_handler is not None:
+                signal.signal(signal.SIGTERM, self._previous_handler)
+                self._previous_handler = None
 
         def on_step_end(self, args, state, control, **kwargs):
             done = state.max_steps and state.global_step >= state.max_steps
             enough = self.steps_per_session and state.global_step - (self.first_step or 0) >= self.steps_per_session
-            if not done and (enough or deadline_reached(self.margin_seconds)):
+            if not done and (enough or self.terminated or deadline_reached(self.margin_seconds)):
                 control.should_save = True
                 control.should_training_stop = True
                 request_resume()

@@ -141,10 +141,23 @@ def test_a_linked_script_ships_under_the_name_it_is_run_by(tmp_path):
     assert files["train.py"] == EXAMPLE.read_bytes() and "src/train.py" not in files
 
 
-def test_a_job_refuses_the_training_kernels_sections(tmp_path):
-    config_path = write_job(tmp_path, "train.py", [], extra="[model]\nn_layer = 2\n")
-    with pytest.raises(ConfigError, match=r"a \[job\] runs your own script, so \[model\] do not apply"):
-        load_config(config_path)
+@pytest.mark.parametrize("extra, overrides, refused", [
+    ("[model]\nn_layer = 2\n", [], r"so \[model\] keys do not apply: remove n_layer"),
+    ("epochs = 3\n", [], r"so \[training\] keys do not apply: remove epochs"),  # under [job]: keys go anywhere
+    ("", ["save_steps=10", "dataset=wikitext-2"], r"so \[checkpoints\], \[data\] keys do not apply"),
+])
+def test_a_job_refuses_the_training_kernels_keys_wherever_they_are_written(tmp_path, extra, overrides, refused):
+    config_path = write_job(tmp_path, "train.py", [], extra=extra)
+    with pytest.raises(ConfigError, match=r"a \[job\] runs your own script, " + refused):
+        load_config(config_path, overrides)
+
+
+def test_a_training_config_turned_into_a_job_by_set_is_refused_and_a_job_keeps_its_output_budget(tmp_path):
+    (tmp_path / "run.toml").write_text("[model]\nn_layer = 2\n[kaggle]\nslug = 'x'\n")
+    with pytest.raises(ConfigError, match="remove n_layer"):
+        load_config(tmp_path / "run.toml", ["script=train.py"])
+    config = load_config(write_job(tmp_path / "job", "train.py", [], extra="[checkpoints]\noutput_budget_gb = 5\n"))
+    assert config.job_config()["output_budget_gb"] == 5
 
 
 def test_sigterm_reaches_the_script_and_the_deadline_stops_it(tmp_path):
@@ -177,6 +190,49 @@ def test_sigterm_reaches_the_script_and_the_deadline_stops_it(tmp_path):
     out, _ = process.communicate(timeout=60)
     state = json.loads((tmp_path / "deadline/working/run_state.json").read_text())
     assert state["reason"] == "time_budget" and "the deadline has come" in out, out  # not its 120 s of sleep
+
+
+def test_a_checkpoint_that_would_pass_the_output_budget_fails_in_one_line_and_hidden_outputs_are_listed(tmp_path):
+    writes = tmp_path / "project" / "writes.py"
+    writes.parent.mkdir(parents=True)
+    writes.write_text("import os, pathlib\n"
+                      "pathlib.Path('.settings').write_text('an output too')\n"
+                      "pathlib.Path(os.environ['KAGGLE_RUNNER_CHECKPOINT_DIR'], 'state').write_bytes(b'x' * 300_000)\n"
+                      "raise SystemExit(75)\n")
+    config = tmp_path / "project" / "job.toml"
+    for budget, work in ((0.001, "fits"), (0.0002, "over")):  # 1 MiB, then about 210 KiB
+        config.write_text(f'[job]\nscript = "writes.py"\noutput_budget_gb = {budget}\n'
+                          + CHAIN.format(route="dataset", timeout=600, margin=60))
+        out, _ = run_job_kernel(config, tmp_path / work).communicate(timeout=60)
+        state = json.loads((tmp_path / work / "working/run_state.json").read_text())
+        manifest = json.loads((tmp_path / work / "working/manifest.json").read_text())["files"]
+        assert ".settings" in manifest, out
+        if work == "fits":
+            assert state["reason"] == "job_resume" and state["newest_checkpoint"], out
+    assert state["reason"] == "output_budget" and state["status"] == "failed" and not state["newest_checkpoint"]
+    assert "would pass output_budget_gb = 0.0002" in state["message"] and not any(
+        rel.endswith(".ckpt") for rel in manifest), out
+
+
+@pytest.mark.slow
+def test_a_trainer_stopped_by_sigterm_saves_a_whole_checkpoint_and_asks_to_be_resumed(tmp_path):
+    # What Kaggle sends before it ends a session, and the job kernel at the deadline: Python's default would
+    # kill the Trainer mid-save; the callback saves at the end of the step instead.
+    project = tmp_path / "project"
+    config = write_job(project, "trainer_job.py", ["--steps", "100000", "--steps-per-session", "0"])
+    process = run_job_kernel(config, tmp_path / "work")
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "'loss'" in line:  # a step has ended: the Trainer is training
+            break
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    state = json.loads((tmp_path / "work/working/run_state.json").read_text())
+    assert state["reason"] == "job_resume" and state["global_step"] == 1, "".join(lines) + out
+    with tarfile.open(tmp_path / "work/working/checkpoints/job_checkpoint_seg1.ckpt") as packed:
+        saved = {Path(name).parts[0] for name in packed.getnames() if name.endswith("trainer_state.json")}
+    assert len(saved) == 1 and saved.pop().startswith("checkpoint-"), out
 
 
 # -- chains through the emulator -----------------------------------------------------------------------
@@ -220,7 +276,7 @@ def test_a_trainer_script_with_the_callback_continues_its_global_step(project, c
     assert "resumes from" in second and "checkpoint-3" in second and "global_step 6" in second, second
     third = cli_runner.invoke(cli, ["logs", "tuned", "--segment", "3"]).output
     assert "checkpoint-6" in third and "global_step 8" in third, third
-    assert (project / "outputs/tuned/final_model/config.json").is_file()
+    assert (project / "outputs/tuned/trainer_out/config.json").is_file()  # its own output_dir, not the carried one
 
 
 @pytest.mark.slow
