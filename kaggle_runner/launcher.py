@@ -34,7 +34,7 @@ from kaggle_runner.job_files import collect as collect_job_files
 from kaggle_runner.job_files import save_snapshot as save_job_snapshot
 from kaggle_runner.kaggle_api import KaggleApiError, KaggleGateway
 from kaggle_runner.local import hub_downloads_offline
-from kaggle_runner.logfollow import checked_event, session_id_from
+from kaggle_runner.logfollow import events_in, session_in
 from kaggle_runner.states import Actor, KaggleStatus, Phase, RunState
 from kaggle_runner.store import Run, Segment, Store
 from kaggle_runner.workspace import remember_workspace
@@ -388,20 +388,9 @@ def _session_from_log(ctx: ChainContext, segment: Segment) -> str | None:
     looking again until it shows or the status-visible window has passed."""
     def look() -> str | None:
         try:
-            text = ctx.gateway.log(segment.kernel_ref, segment.kernel_version or 0)
+            return session_in(events_in(ctx.gateway.log(segment.kernel_ref, segment.kernel_version or 0)))
         except KaggleApiError:
             return None
-        try:
-            records = json.loads(text)
-            lines = "".join(str(r.get("data", "")) for r in records if isinstance(r, dict)).splitlines() \
-                if isinstance(records, list) else text.splitlines()
-        except (ValueError, RecursionError):
-            lines = text.splitlines()
-        for line in lines:
-            event = checked_event(line)
-            if event is not None and event["event"] == "session" and session_id_from(event.get("container")):
-                return session_id_from(event.get("container"))
-        return None
 
     try:
         return waits.poll(look, ctx.pace.poll, ctx.pace.max_poll, ctx.pace.status_visible)

@@ -38,6 +38,17 @@ def log_text(answer: str) -> str:
     return "".join(str(e.get("data", "")) for e in events if isinstance(e, dict))
 
 
+def events_in(answer: str) -> list[dict]:
+    """Every checked event in a version's whole log, as Kaggle answers it (see log_text), in order."""
+    return [event for line in log_text(answer or "").splitlines() if (event := checked_event(line.strip())) is not None]
+
+
+def session_in(events: list[dict]) -> str | None:
+    """The session id the kernel's session event names, if it printed one."""
+    return next((sid for e in events if e["event"] == "session" and (sid := session_id_from(e.get("container")))),
+                None)
+
+
 def checked_event(line: str) -> dict | None:
     """The event a log line holds, with only well-formed fields; None when the line is not one of ours."""
     if not line.startswith('{"event"'):

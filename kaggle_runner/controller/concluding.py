@@ -117,6 +117,6 @@ def settle_seconds(ctx: ChainContext, run: Run) -> float:
     if run.local:  # the local emulator mounts a new version 2 s after it is made (its pin_window)
         return min(settle, LOCAL_SETTLE_SECONDS)
     measured = artifacts.read_json_file(ctx.store.workspace / "doctor.json")
-    if not run.local and isinstance(measured, dict) and isinstance(measured.get("pin_delay_seconds"), int | float):
+    if isinstance(measured, dict) and isinstance(measured.get("pin_delay_seconds"), int | float):
         settle = max(settle, float(measured["pin_delay_seconds"]))
     return settle

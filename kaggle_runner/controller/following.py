@@ -16,7 +16,7 @@ import time
 from kaggle_runner import artifacts, chain, contract, untrusted
 from kaggle_runner.controller.context import ChainContext, Wait, config_of, end_run, kill_point, look_at
 from kaggle_runner.kaggle_api import KaggleApiError
-from kaggle_runner.logfollow import LogFollower, checked_event, log_text, session_id_from
+from kaggle_runner.logfollow import LogFollower, events_in, session_id_from, session_in
 from kaggle_runner.states import KaggleStatus, Phase, RunState
 from kaggle_runner.store import Run, Segment
 
@@ -161,12 +161,12 @@ def _progress_from_log(ctx: ChainContext, run: Run, segment: Segment) -> None:
         text = ctx.gateway.log(segment.kernel_ref, segment.kernel_version or 0)
     except KaggleApiError:
         return  # the log is a nicety here: run_state.json decides
-    events = [event for line in log_text(text or "").splitlines() if (event := checked_event(line.strip())) is not None]
+    events = events_in(text)
     progress = [e for e in events if e["event"] == "progress" and e.get("loss") is not None]
     values: dict = {}
     if progress and segment.train_loss is None:
         values["train_loss"] = progress[-1]["loss"]
-    session = next((session_id_from(e.get("container")) for e in events if e["event"] == "session"), None)
+    session = session_in(events)
     if session and not segment.session_id:
         values["session_id"] = session
     if values:

@@ -33,7 +33,7 @@ def outputs_settle_seconds(ctx: ChainContext, run: Run) -> float:
         return min(settle, LOCAL_SETTLE_SECONDS)
     measured = artifacts.read_json_file(ctx.store.workspace / "doctor.json")
     delay = measured.get("outputs_attach_delay_seconds") if isinstance(measured, dict) else None
-    if not run.local and isinstance(delay, int | float) and not isinstance(delay, bool):
+    if isinstance(delay, int | float) and not isinstance(delay, bool):
         settle = max(settle, float(delay))
     return settle
 

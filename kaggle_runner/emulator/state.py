@@ -165,19 +165,20 @@ class Backend(DatasetBackend):
         with self.lock:
             return self.faults.status_names.pop(0) if self.faults.status_names else None
 
+    def _spend_fault(self, name: str) -> bool:
+        """One use of a counted fault, if any is left; the caller holds the lock."""
+        left = getattr(self.faults, name)
+        if left > 0:
+            setattr(self.faults, name, left - 1)
+        return left > 0
+
     def take_disk_full(self) -> bool:
         with self.lock:
-            if self.faults.disk_full > 0:
-                self.faults.disk_full -= 1
-                return True
-            return False
+            return self._spend_fault("disk_full")
 
     def take_download_drop(self) -> bool:
         with self.lock:
-            if self.faults.drop_downloads > 0:
-                self.faults.drop_downloads -= 1
-                return True
-            return False
+            return self._spend_fault("drop_downloads")
 
     # -- kernels -------------------------------------------------------------------------------------
     def _confined(self, *parts: str) -> Path:
@@ -238,8 +239,7 @@ class Backend(DatasetBackend):
             valid, invalid = [], []
             for source in settings["dataset_sources"]:
                 (valid if self._dataset_ref(source) in self.datasets else invalid).append(source)
-            if settings["dataset_sources"] and self.faults.unattachable > 0:
-                self.faults.unattachable -= 1
+            if settings["dataset_sources"] and self._spend_fault("unattachable"):
                 valid, invalid = [], list(settings["dataset_sources"])
                 if self.faults.unattachable_refused:
                     raise SessionLimitReached(UNATTACHABLE_MESSAGE + ", ".join(invalid))
@@ -260,8 +260,7 @@ class Backend(DatasetBackend):
             pins = {s: self._mountable_version(self.datasets[self._dataset_ref(s)], now) for s in valid}
             kernels, invalid_kernels = self._kernel_sources(ref, settings.get("kernel_sources") or [])
             kernel_pins = {s: self._attachable_version(self.kernels[s], now) for s in kernels}
-            if (valid or kernels) and self.faults.stale_mounts > 0:  # as if pushed inside the pin windows
-                self.faults.stale_mounts -= 1
+            if (valid or kernels) and self._spend_fault("stale_mounts"):  # as if pushed inside the pin windows
                 pins = {s: (len(self.datasets[self._dataset_ref(s)].versions) - 1) or None for s in valid}
                 kernel_pins = {s: self._attachable_version(self.kernels[s], now, skip_newest=True) for s in kernels}
             version = Version(number=len(kernel.versions) + 1, kernel_type=settings["kernel_type"],
