@@ -273,6 +273,21 @@ def over_budget(config: dict, folder: Path) -> str | None:
             "save less in the checkpoint directory or write less to /kaggle/working")
 
 
+def image_facts() -> dict:
+    """The image this session runs on, as kaggle-runner's own kernel reports it, so the launcher says when a
+    later segment landed on another one; package versions read without importing them."""
+    from importlib import metadata
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers"),
+            "build_date": os.environ.get("BUILD_DATE"), "git_commit": os.environ.get("GIT_COMMIT")}
+
+
 def write_manifest(carried: Path | None, generation: int) -> None:
     working = Path.cwd()
     files = {}
@@ -358,7 +373,7 @@ def main(config: dict, files: dict) -> int:
         "epoch": 1, "exit_code": code, "resumed_from": chain and {"file": chain["file"], "sha256": chain["sha256"],
                                                                   "global_step": resumed_generation},
         "newest_checkpoint": carried.relative_to(Path.cwd()).as_posix() if carried else None,
-        "updated_at": time.time()})
+        "image": image_facts(), "updated_at": time.time()})
     emit("end", status=status, reason=reason, global_step=generation)
     log(f"{reason}: {message}")
     return 0 if status != "failed" else 1

@@ -182,6 +182,10 @@ def test_sigterm_reaches_the_script_and_the_deadline_stops_it(tmp_path):
     out, _ = process.communicate(timeout=60)
     state = json.loads((tmp_path / "term/working/run_state.json").read_text())
     assert state["reason"] == "job_resume" and state["global_step"] == 1, out
+    import platform
+
+    import torch  # the image's versions, for the launcher's "another image" note, as the built-in kernel gives them
+    assert state["image"]["python"] == platform.python_version() and state["image"]["torch"] == torch.__version__
     with tarfile.open(tmp_path / "term/working/checkpoints/job_checkpoint_seg1.ckpt") as packed:
         assert packed.extractfile("state").read() == b"saved"
     config.write_text('[job]\nscript = "waits.py"\nargs = ["1"]\n' + CHAIN.format(route="dataset", timeout=4,
